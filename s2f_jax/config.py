@@ -1,0 +1,115 @@
+"""The run configuration (ml_collections) and its validation.
+
+Every key can be overridden on the command line as `--config.KEY=VALUE`. `validate` is the one place that turns
+bad values into `UserError`s (one line naming the value and the valid choices).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from s2f_jax.errors import UserError, choices_error
+
+INPUT_SCALINGS = ('standard', 'raw')
+LR_DECAYS = ('none', 'linear', 'exponential')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Paper settings (spec §1.6, §3): CIFAR-10 RCL, ResNet-4, 100 epochs, the 8-point grid."""
+  c = ml_collections.ConfigDict()
+  c.method = 'erm_fine_tune'  # one method or a comma list; see s2f_jax.methods.METHODS
+  c.seed = 1007
+  c.num_epochs = 100
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'cifar10'  # digits | cifar10 | cifar100 | portraits | tfds:<name>
+  c.data.root = ''  # folder holding the dataset files (not needed for digits)
+  c.data.image_size = 32
+  c.data.shift_sequence = 'rotation:corruption:label_flip'
+  c.data.source_size = 6000  # train+valid examples at t=0
+  c.data.target_sizes = '4000:6000:4000'  # train+valid per target step, or one size for all
+  c.data.test_size = 5000  # final-step test examples
+  c.data.test_all_steps = False  # a test set at every target step (sequential_fine_tune reports each)
+  c.data.input_scaling = 'standard'  # 'raw' = 0–255 floats as the original
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'resnet'  # convnet | resnet | densenet
+  c.model.num_blocks = 4
+  c.model.width = 64  # stem channels; every width scales by width/64 (64 = paper)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 100
+  c.train.eval_batch_size = 1000
+  c.train.patience = 5  # stop after more than this many epochs without a new best valid accuracy
+  c.train.checkpoint_every_s = 60.0
+
+  c.grid = ml_collections.ConfigDict()
+  c.grid.learning_rate = (1e-3, 1e-4)
+  c.grid.weight_decay = (1e-4, 1e-2)
+  c.grid.dropout = (0.0, 0.5)
+
+  c.fine_tune_layers = 'all'
+  c.learning_rate_decay = 'exponential'  # sequential_fine_tune: none | linear | exponential
+
+  c.compat = ml_collections.ConfigDict()
+  c.compat.early_stopping_previous = False  # patience counted against the previous epoch, not the best
+  c.compat.convnet_no_relu = False  # the original ConvNet blocks have no ReLU
+  c.compat.subpop_remainder = False  # the original CIFAR-100 sub-population sizing bug
+  return c
+
+
+def methods_of(config: ml_collections.ConfigDict) -> list[str]:
+  return [m.strip() for m in str(config.method).split(',') if m.strip()]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError for the first invalid value (sequence strings are checked when parsed)."""
+  from s2f_jax.methods import METHODS
+  from s2f_jax.models import MODEL_NAMES
+  from s2f_jax.data.sources import SOURCE_NAMES
+  methods = methods_of(config)
+  if not methods:
+    raise choices_error('method', config.method, sorted(METHODS))
+  for m in methods:
+    if m not in METHODS:
+      raise choices_error('method', m, sorted(METHODS))
+  if config.model.name not in MODEL_NAMES:
+    raise choices_error('model', config.model.name, MODEL_NAMES)
+  name = config.data.name
+  if not (name in SOURCE_NAMES or (name.startswith('tfds:') and len(name) > 5)):
+    raise choices_error('dataset', name, SOURCE_NAMES)
+  if config.data.input_scaling not in INPUT_SCALINGS:
+    raise choices_error('data.input_scaling', config.data.input_scaling, INPUT_SCALINGS)
+  if config.learning_rate_decay not in LR_DECAYS:
+    raise choices_error('learning_rate_decay', config.learning_rate_decay, LR_DECAYS)
+  _positive(config, 'model.num_blocks', 'model.width', 'data.image_size', 'train.batch_size',
+            'train.eval_batch_size')
+  _non_negative(config, 'num_epochs', 'train.patience')
+  for key in ('learning_rate', 'weight_decay', 'dropout'):
+    values = tuple(config.grid[key]) if isinstance(config.grid[key], (tuple, list)) else (config.grid[key],)
+    if not values:
+      raise UserError(f'grid.{key} is empty; give at least one value')
+    if any(not isinstance(v, (int, float)) or v < 0 for v in values):
+      raise UserError(f'grid.{key}={values} must hold non-negative numbers')
+    if key == 'dropout' and any(v >= 1 for v in values):
+      raise UserError(f'grid.dropout={values}: dropout rates must be in [0, 1)')
+
+
+def _lookup(config, dotted: str):
+  value = config
+  for part in dotted.split('.'):
+    value = value[part]
+  return value
+
+
+def _positive(config, *keys: str) -> None:
+  for k in keys:
+    v = _lookup(config, k)
+    if not isinstance(v, int) or v < 1:
+      raise UserError(f'{k}={v!r} must be a positive integer')
+
+
+def _non_negative(config, *keys: str) -> None:
+  for k in keys:
+    v = _lookup(config, k)
+    if not isinstance(v, int) or v < 0:
+      raise UserError(f'{k}={v!r} must be a non-negative integer')

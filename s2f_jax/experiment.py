@@ -1,0 +1,101 @@
+"""One experiment from a config: data → sequence → model → each method → results in its workdir.
+
+Every method writes into `<workdir>/<method>.partial/` and renames it to `<workdir>/<method>/` when finished (with a
+`DONE` marker), so a finished method is skipped on re-run and a killed one resumes from its checkpoints. All user
+errors are raised before anything is written.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+import ml_collections
+
+from s2f_jax import config as config_lib
+from s2f_jax.data.sequence import Sequence, SequenceSpec, build_sequence, split_real_sequence
+from s2f_jax.data.sources import RealSequence, load_source
+from s2f_jax.methods import METHODS, RunContext
+from s2f_jax.models import make_model
+from s2f_jax.results import read_metrics, run_metadata, write_config, write_metrics
+from s2f_jax.training.objective import InputScaling
+
+log = logging.getLogger('s2f_jax')
+
+
+def load_sequence(config: ml_collections.ConfigDict) -> Sequence:
+  """The configured shifted sequence (or real sequence), validated against the base data."""
+  d = config.data
+  spec = None
+  if d.name != 'portraits':
+    spec = SequenceSpec.parse(d.shift_sequence, d.source_size, d.target_sizes, d.test_size, config.seed,
+                              d.test_all_steps)
+  base = load_source(d.name, d.root or None, d.image_size)
+  if isinstance(base, RealSequence):
+    return split_real_sequence(base)
+  return build_sequence(spec, base, compat_subpop_remainder=config.compat.subpop_remainder)
+
+
+def default_workdir(config: ml_collections.ConfigDict, sequence: Sequence) -> str:
+  m = config.model
+  return os.path.join('runs', f'{m.name}_{m.num_blocks}blocks_{config.data.name.replace(":", "_")}',
+                      sequence.setup, f'seed{config.seed}')
+
+
+def prepare(config: ml_collections.ConfigDict) -> tuple[Sequence, RunContext]:
+  """Validates the config and builds the data and model (raises UserError; writes nothing)."""
+  config_lib.validate(config)
+  sequence = load_sequence(config)
+  model = make_model(config.model.name, config.model.num_blocks, sequence.num_classes, config.model.width,
+                     convnet_relu=not config.compat.convnet_no_relu)
+  scaling = (InputScaling.raw() if config.data.input_scaling == 'raw'
+             else InputScaling.standardise(sequence.steps[0].train.images))
+  return sequence, RunContext(config, sequence, '', model, scaling)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> list[dict]:
+  """Runs every method of `config.method` and returns all metrics rows (finished methods are read back)."""
+  sequence, ctx = prepare(config)
+  workdir = workdir or default_workdir(config, sequence)
+  model_name = f'{config.model.name} {config.model.num_blocks} blocks'
+  rows = []
+  for method in config_lib.methods_of(config):
+    final_dir = os.path.join(workdir, method)
+    if os.path.exists(os.path.join(final_dir, 'DONE')):
+      log.info('%s already finished in %s; skipping', method, final_dir)
+      rows += read_metrics(final_dir)
+      continue
+    partial = final_dir + '.partial'
+    fresh = not os.path.exists(partial)
+    os.makedirs(partial, exist_ok=True)
+    try:
+      rows += _run_method(config, method, ctx, partial, final_dir, model_name, sequence)
+    except BaseException:
+      if fresh and not any(os.path.isdir(os.path.join(partial, d)) for d in ('stages', 'checkpoints')):
+        shutil.rmtree(partial, ignore_errors=True)  # nothing to resume from
+      raise
+  return rows
+
+
+def _run_method(config, method, ctx, partial, final_dir, model_name, sequence) -> list[dict]:
+  tic = time.time()
+  method_config = ml_collections.ConfigDict(config.to_dict())
+  method_config.method = method
+  write_config(os.path.join(partial, 'config.json'), method_config.to_dict())
+  method_ctx = RunContext(method_config, sequence, partial, ctx.model, ctx.scaling)
+  rows = METHODS[method].run(method_ctx)
+  meta = run_metadata()
+  eps = method_ctx.examples_per_second
+  for row in rows:
+    row.update({'Model': model_name, 'Shift sequence': sequence.setup, 'Seed': config.seed,
+                'Wall seconds': round(time.time() - tic, 2), 'Train seconds': round(method_ctx.train_seconds, 2),
+                'Examples per second': round(sum(eps) / len(eps), 1) if eps else 0.0,
+                'Device': meta['device'], 'jax version': meta['jax'], 'flax version': meta['flax']})
+  write_metrics(partial, rows)
+  shutil.rmtree(os.path.join(partial, 'checkpoints'), ignore_errors=True)
+  open(os.path.join(partial, 'DONE'), 'w').close()
+  if os.path.exists(final_dir):
+    shutil.rmtree(final_dir)
+  os.replace(partial, final_dir)
+  return rows

@@ -1,0 +1,154 @@
+"""What a method sees: the data sequence, the model, and `train_stage` — a cached, resumable call of the loop.
+
+A method is a few lines that choose which data each stage trains and validates on, where it starts and which
+layers are trainable; all training goes through `RunContext.train_stage` → `training.fit`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from s2f_jax.data.sequence import Sequence, Split
+from s2f_jax.training import checkpoint, grid as grid_lib
+from s2f_jax.training.loop import Examples, FitOptions, Learner, fit, evaluate
+from s2f_jax.training.objective import InputScaling, l2_penalty
+
+PyTree = Any
+Row = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Selection:
+  """Outcome of a stage: the winning run of every group.
+
+  variables: winners' {'params', 'batch_stats'} stacked [G]; hparams: winners' hyper-parameters per group;
+  valid_accuracy: [G] winners' best valid accuracy; runs: one dict per run (hyper-parameters, group, best valid
+  accuracy, best and stop epoch).
+  """
+  variables: PyTree
+  hparams: list[dict]
+  valid_accuracy: np.ndarray
+  runs: list[dict]
+
+  def winner(self, g: int = 0) -> PyTree:
+    return grid_lib.take(self.variables, g)
+
+
+@dataclasses.dataclass
+class RunContext:
+  """Everything a method needs for one (dataset, sequence, model, seed) run in `workdir`."""
+  config: ml_collections.ConfigDict
+  sequence: Sequence
+  workdir: str
+  model: nn.Module
+  scaling: InputScaling
+  train_seconds: float = 0.0
+  examples_per_second: list = dataclasses.field(default_factory=list)
+
+  @property
+  def num_steps(self) -> int:
+    return len(self.sequence.steps)
+
+  @property
+  def key(self) -> jax.Array:
+    return jax.random.PRNGKey(self.config.seed)
+
+  def examples(self, steps, split: str = 'train', weights=None) -> Examples:
+    """Concatenated `split` of the given step indices (optionally with per-step loss weights)."""
+    return Examples.concat([getattr(self.sequence.steps[t], split) for t in steps], weights)
+
+  def init_variables(self) -> PyTree:
+    """Fresh PyTorch-style initialisation, identical for every method of the same seed."""
+    x = jnp.zeros((1,) + self.sequence.steps[0].train.images.shape[1:], jnp.float32)
+    return jax.device_get(self.model.init(jax.random.fold_in(self.key, 0), x, train=False))
+
+  def learner(self, frozen: tuple[str, ...] = ()) -> Learner:
+    return Learner(self.model, self.scaling, (l2_penalty(),), frozen)
+
+  def grid(self, **overrides) -> dict[str, np.ndarray]:
+    """The configured lr × weight decay × dropout grid (spec §3.3 order), with axes replaced by `overrides`."""
+    axes = {k: tuple(np.atleast_1d(self.config.grid[k])) for k in ('learning_rate', 'weight_decay', 'dropout')}
+    axes.update(overrides)
+    return grid_lib.product_grid(axes)
+
+  def train_stage(self, name: str, init: PyTree, grid: dict[str, np.ndarray], train: Examples, valid: Examples,
+                  groups: np.ndarray | None = None, frozen: tuple[str, ...] = (), stacked_init: bool = False
+                  ) -> Selection:
+    """Trains every run of `grid` from `init` and selects the best run per group (cached under stages/<name>).
+
+    init: one set of variables for all runs, or (stacked_init) one per run [R].
+    groups: int [R] group id per run (default: one group).
+    """
+    num_runs = len(next(iter(grid.values())))
+    groups = np.zeros(num_runs, int) if groups is None else np.asarray(groups)
+    stage_dir = os.path.join(self.workdir, 'stages', name)
+    init = init if stacked_init else grid_lib.stack(init, num_runs)
+    done = os.path.join(stage_dir, 'selection.json')
+    if os.path.exists(done):
+      with open(done) as f:
+        meta = json.load(f)
+      like = grid_lib.take(init, np.asarray(meta['winners']))
+      return Selection(checkpoint.load_tree(os.path.join(stage_dir, 'variables'), like), meta['hparams'],
+                       np.asarray(meta['valid_accuracy']), meta['runs'])
+
+    stage_key = jax.random.fold_in(self.key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    c = self.config
+    options = FitOptions(
+        num_epochs=c.num_epochs, patience=c.train.patience, batch_size=c.train.batch_size,
+        eval_batch_size=c.train.eval_batch_size, compat_early_stopping=c.compat.early_stopping_previous,
+        checkpoint_dir=os.path.join(self.workdir, 'checkpoints', name),
+        checkpoint_every_s=c.train.checkpoint_every_s, description=name)
+    result = fit(self.learner(frozen), init, grid, jnp.stack([stage_key] * num_runs), train, valid, options,
+                 describe_run=lambda r: grid_lib.describe(grid, r))
+    self.train_seconds += result.train_seconds
+    self.examples_per_second.append(result.examples_per_second)
+
+    winners = grid_lib.best_per_group(result.best_valid_accuracy, groups)
+    runs = [dict(grid_lib.run_hparams(grid, r), group=int(groups[r]),
+                 valid_accuracy=float(result.best_valid_accuracy[r]), best_epoch=int(result.best_epoch[r]),
+                 stop_epoch=int(result.stop_epoch[r])) for r in range(num_runs)]
+    selection = Selection(grid_lib.take(result.best_variables, winners),
+                          [grid_lib.run_hparams(grid, r) for r in winners],
+                          result.best_valid_accuracy[winners], runs)
+    with open(os.path.join(self.workdir, 'history.jsonl'), 'a') as f:
+      for record in result.history:
+        for r in range(num_runs):
+          f.write(json.dumps(dict(stage=name, run=r, **grid_lib.run_hparams(grid, r), epoch=record['epoch'],
+                                  **{k: v[r] for k, v in record.items() if k != 'epoch'})) + '\n')
+    checkpoint.save_tree(os.path.join(stage_dir, 'variables'), selection.variables)
+    checkpoint.write_json(done, {'winners': winners.tolist(), 'hparams': selection.hparams,
+                                 'valid_accuracy': selection.valid_accuracy.tolist(), 'runs': runs,
+                                 'train_seconds': result.train_seconds})
+    checkpoint.FitCheckpoint(options.checkpoint_dir).clear()
+    return selection
+
+  def test_accuracy(self, variables: PyTree, split: Split | None = None) -> float:
+    """Accuracy of one set of variables on `split` (default: the final step's test set)."""
+    split = self.sequence.steps[-1].test if split is None else split
+    stacked = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], variables)
+    _, acc = evaluate(self.learner(), stacked, Examples.concat([split]), self.config.train.eval_batch_size)
+    return float(acc[0])
+
+
+def result_row(method: str, selection: Selection, test_accuracy: float, group: int = 0, **extra) -> Row:
+  """One metrics.csv row for the selected model of `group`."""
+  return {'Method': method, 'Test accuracy': test_accuracy,
+          'Validation accuracy': float(selection.valid_accuracy[group]),
+          'Hyper-parameters': selection.hparams[group],
+          'Grid validation accuracies': [r['valid_accuracy'] for r in selection.runs], **extra}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A registered method: `run(ctx)` returns its metrics rows."""
+  run: Callable[[RunContext], list[Row]]
+  summary: str

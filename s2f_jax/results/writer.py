@@ -1,0 +1,61 @@
+"""Run outputs: config.json, metrics.csv / metrics.jsonl (the original's columns first, then ours)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+from typing import Any, Sequence
+
+ORIGINAL_COLUMNS = ('Model', 'Method', 'Shift sequence', 'Seed', 'Test accuracy')
+
+
+def run_metadata() -> dict[str, Any]:
+  """Library versions and the devices the run used."""
+  import flax
+  import jax
+  import optax
+  devices = jax.local_devices()
+  return {'jax': jax.__version__, 'flax': flax.__version__, 'optax': optax.__version__,
+          'python': platform.python_version(), 'platform': devices[0].platform,
+          'device': f'{len(devices)}x {devices[0].device_kind}'}
+
+
+def write_config(path: str, config_dict: dict) -> None:
+  with open(path, 'w') as f:
+    json.dump({'config': config_dict, 'metadata': run_metadata()}, f, indent=2, sort_keys=True)
+
+
+def _cell(value: Any) -> Any:
+  return json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+
+
+def write_metrics(directory: str, rows: Sequence[dict]) -> None:
+  """metrics.csv (nested values JSON-encoded) and metrics.jsonl, columns in first-seen order."""
+  columns = list(ORIGINAL_COLUMNS)
+  for row in rows:
+    columns += [k for k in row if k not in columns]
+  with open(os.path.join(directory, 'metrics.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: _cell(v) for k, v in row.items()})
+  with open(os.path.join(directory, 'metrics.jsonl'), 'w') as f:
+    for row in rows:
+      f.write(json.dumps(row) + '\n')
+
+
+def read_metrics(directory: str) -> list[dict]:
+  with open(os.path.join(directory, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def format_table(rows: Sequence[dict]) -> str:
+  """A plain-text results table: method, test and valid accuracy, chosen hyper-parameters, wall time."""
+  header = ('Method', 'Test acc', 'Valid acc', 'Selected hyper-parameters', 'Wall s')
+  body = [(r['Method'] + (f" (t={r['Time step']})" if 'Time step' in r else ''), f"{r['Test accuracy']:.4f}",
+           f"{r['Validation accuracy']:.4f}", ', '.join(f'{k}={v:g}' for k, v in r['Hyper-parameters'].items()),
+           f"{r.get('Wall seconds', 0):.1f}") for r in rows]
+  widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
+  line = lambda cells: '  '.join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+  return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(b) for b in body])

@@ -1,0 +1,48 @@
+"""Hyper-parameter grids as arrays with a leading run axis, and winner selection."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+
+def product_grid(axes: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
+  """Cartesian product in `itertools.product` order over `axes` (dict order), as float32 arrays [R]."""
+  names = list(axes)
+  points = list(itertools.product(*(axes[n] for n in names)))
+  return {n: np.asarray([p[i] for p in points], np.float32) for i, n in enumerate(names)}
+
+
+def concat_grids(grids: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Stacks grids with the same keys one after another along the run axis."""
+  return {k: np.concatenate([g[k] for g in grids]) for k in grids[0]}
+
+
+def run_hparams(grid: Mapping[str, np.ndarray], r: int) -> dict[str, float]:
+  """The hyper-parameters of run r as plain floats (rounded to float32 precision for display)."""
+  return {k: float(f'{float(v[r]):.6g}') for k, v in grid.items()}
+
+
+def describe(grid: Mapping[str, np.ndarray], r: int) -> str:
+  return ', '.join(f'{k}={v:g}' for k, v in run_hparams(grid, r).items())
+
+
+def best_per_group(valid_accuracy: np.ndarray, groups: np.ndarray) -> np.ndarray:
+  """Index of the winning run in each group 0..G-1: highest accuracy, ties to the first in run order."""
+  winners = []
+  for g in range(int(groups.max()) + 1):
+    members = np.flatnonzero(groups == g)
+    winners.append(members[int(np.argmax(valid_accuracy[members]))])
+  return np.asarray(winners)
+
+
+def take(tree: Any, index) -> Any:
+  """Selects entries of the leading axis of every leaf (an int drops the axis, an array keeps it)."""
+  return jax.tree_util.tree_map(lambda x: x[index], tree)
+
+
+def stack(tree: Any, n: int) -> Any:
+  """Repeats a single pytree n times along a new leading axis."""
+  return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)).copy(), tree)

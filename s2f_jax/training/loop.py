@@ -1,0 +1,336 @@
+"""THE training loop: every method trains through `fit`.
+
+A fit trains R independent *runs* at once (grid points × seeds), stacked on a leading run axis and `vmap`ed. One
+epoch is one compiled call that `lax.scan`s over shuffled mini-batches of device-resident data. After every epoch the
+valid split is evaluated in eval mode; the best epoch (strictly higher valid accuracy, epoch 0 included) is kept per
+run, and a run stops after more than `patience` epochs without beating its best (`compat_early_stopping` compares
+with the previous epoch instead, as the original did).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from s2f_jax.errors import TrainingDiverged
+from s2f_jax.training import sharding
+from s2f_jax.training.checkpoint import FitCheckpoint
+from s2f_jax.training.objective import InputScaling, Penalty, cross_entropy, masked_mean
+from s2f_jax.training.progress import progress_bar
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """Training or evaluation examples held in memory.
+
+  images: uint8 [N, H, W, 3]; labels: int32 [N]; weights: float32 [N] per-sample loss weights (1 by default).
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  weights: np.ndarray
+
+  @classmethod
+  def concat(cls, splits: Sequence[Any], weights: Sequence[float] | None = None) -> 'Examples':
+    """Concatenates splits (objects with .images, .labels); `weights[i]` is the weight of every sample of split i."""
+    weights = [1.0] * len(splits) if weights is None else weights
+    return cls(np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits]).astype(np.int32),
+               np.concatenate([np.full(len(s.labels), w, np.float32) for s, w in zip(splits, weights)]))
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Learner:
+  """One model under the loop: forward pass, input scaling, penalties and which top-level layers are frozen.
+
+  Frozen layers get no update (their optax label is 'frozen' → `set_to_zero`) and their BN layers normalise with,
+  and keep, their running statistics.
+  """
+  model: nn.Module
+  scaling: InputScaling = InputScaling()
+  penalties: tuple[Penalty, ...] = ()
+  frozen: tuple[str, ...] = ()
+
+  def apply(self, variables: PyTree, images: jax.Array, *, train: bool, hparams: dict | None = None,
+            rng: jax.Array | None = None, mask: jax.Array | None = None):
+    """Logits [B, C] (and the new batch stats when `train`)."""
+    x = self.scaling(images)
+    if not train:
+      return self.model.apply(variables, x, train=False)
+    logits, updates = self.model.apply(
+        variables, x, train=True, dropout_rate=hparams['dropout'], frozen=self.frozen, mask=mask,
+        rngs={'dropout': rng}, mutable=['batch_stats'])
+    return logits, updates['batch_stats']
+
+  def penalty(self, params: PyTree, hparams: dict, aux: Any) -> jax.Array:
+    return sum((hparams[p.coef_key] * p.fn(params, aux) for p in self.penalties), jnp.zeros((), jnp.float32))
+
+  def optimizer(self, params: PyTree, learning_rate) -> optax.GradientTransformation:
+    """Adam (β 0.9/0.999, ε 1e-8, no decoupled decay) on trainable layers; frozen layers get zero updates."""
+    labels = {name: ('frozen' if name in self.frozen else 'train') for name in params}
+    return optax.multi_transform(
+        {'train': optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate), 'frozen': optax.set_to_zero()},
+        labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+  """Loop settings (not tuned). Sizes in examples, times in seconds."""
+  num_epochs: int = 100
+  patience: int = 5
+  batch_size: int = 100
+  eval_batch_size: int = 1000
+  compat_early_stopping: bool = False
+  checkpoint_dir: str | None = None
+  checkpoint_every_s: float = 60.0
+  description: str = 'fit'
+
+
+@dataclasses.dataclass
+class FitResult:
+  """Per-run outcome; arrays have a leading run axis R.
+
+  best_variables: {'params', 'batch_stats'} of each run's best epoch (stacked).
+  best_valid_accuracy, best_epoch, stop_epoch: [R] numpy.
+  history: one dict per evaluated epoch (0 = before training) of [R] lists: train/valid loss and accuracy.
+  train_seconds: wall time of the fit; examples_per_second: training examples processed per second, summed over
+  the runs that were still training.
+  """
+  best_variables: PyTree
+  best_valid_accuracy: np.ndarray
+  best_epoch: np.ndarray
+  stop_epoch: np.ndarray
+  history: list[dict]
+  train_seconds: float
+  examples_per_second: float
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+  """Per-run best-epoch tracking and patience (host side, arrays [R]).
+
+  A run improves when its valid accuracy is strictly above its best so far (epoch 0 counts). Its counter grows on
+  every epoch that does not improve (compat: every epoch not above the *previous* epoch) and resets otherwise; the
+  run stops once the counter exceeds `patience`.
+  """
+  best_acc: np.ndarray
+  best_epoch: np.ndarray
+  last_acc: np.ndarray
+  counter: np.ndarray
+  active: np.ndarray
+  stop_epoch: np.ndarray
+  patience: int
+  compat_previous: bool = False
+
+  @classmethod
+  def start(cls, epoch0_acc: np.ndarray, patience: int, compat_previous: bool = False) -> 'EarlyStopping':
+    n = len(epoch0_acc)
+    zeros = np.zeros(n, int)
+    return cls(np.asarray(epoch0_acc, float), zeros, np.asarray(epoch0_acc, float), zeros.copy(), np.ones(n, bool),
+               zeros.copy(), patience, compat_previous)
+
+  def update(self, acc: np.ndarray, epoch: int) -> np.ndarray:
+    """Records one epoch's valid accuracy [R]; returns which runs improved."""
+    improved = self.active & (acc > self.best_acc)
+    no_gain = (acc <= self.last_acc) if self.compat_previous else ~improved
+    self.best_acc = np.where(improved, acc, self.best_acc)
+    self.best_epoch = np.where(improved, epoch, self.best_epoch)
+    self.counter = np.where(self.active, np.where(no_gain, self.counter + 1, 0), self.counter)
+    self.last_acc = np.where(self.active, acc, self.last_acc)
+    self.stop_epoch = np.where(self.active, epoch, self.stop_epoch)
+    self.active = self.active & (self.counter <= self.patience)
+    return improved
+
+  def to_json(self) -> dict:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _batch_plan(key: jax.Array, n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """Shuffled indices [nb, B] and validity mask [nb, B] for one epoch; the last partial batch is kept (masked)."""
+  nb = -(-n // batch_size)
+  perm = jax.random.permutation(key, n)
+  perm = jnp.concatenate([perm, jnp.zeros(nb * batch_size - n, perm.dtype)])
+  mask = jnp.arange(nb * batch_size) < n
+  return perm.reshape(nb, batch_size), mask.reshape(nb, batch_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _evaluator(learner: Learner, eval_batch_size: int):
+  """Jitted evaluate(variables [R], images, labels) -> (mean CE [R], accuracy [R]) in eval mode."""
+
+  @jax.jit
+  def evaluate(variables, images, labels):
+    n = labels.shape[0]
+    b = min(eval_batch_size, n)
+    nb = -(-n // b)
+    pad = nb * b - n
+    xb = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)]).reshape(
+        (nb, b) + images.shape[1:])
+    yb = jnp.concatenate([labels, jnp.zeros(pad, labels.dtype)]).reshape(nb, b)
+    mb = (jnp.arange(nb * b) < n).reshape(nb, b)
+
+    def one_run(v):
+      def body(_, xs):
+        x, y, m = xs
+        logits = learner.apply(v, x, train=False)
+        return None, (jnp.sum(cross_entropy(logits, y) * m), jnp.sum((jnp.argmax(logits, -1) == y) & m))
+      _, (losses, corrects) = jax.lax.scan(body, None, (xb, yb, mb))
+      return jnp.sum(losses) / n, jnp.sum(corrects) / n
+    return jax.vmap(one_run)(variables)
+  return evaluate
+
+
+def evaluate(learner: Learner, variables: PyTree, examples: Examples, eval_batch_size: int = 1000
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Mean cross-entropy and accuracy [R] of stacked variables [R, ...] on `examples` (eval mode, unweighted)."""
+  loss, acc = _evaluator(learner, eval_batch_size)(variables, examples.images, examples.labels)
+  return np.asarray(loss), np.asarray(acc)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(learner: Learner, batch_size: int):
+  """Jitted (init_opt, train_epoch, keep_best) for a learner; cached so stages reuse compilations."""
+
+  def loss_fn(params, batch_stats, images, labels, weights, mask, hparams, rng, aux):
+    logits, new_stats = learner.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
+                                      hparams=hparams, rng=rng, mask=mask)
+    ce = cross_entropy(logits, labels)
+    data_term = masked_mean(weights * ce, mask)
+    total = data_term + learner.penalty(params, hparams, aux)
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
+    return total, (new_stats, jnp.sum(ce * mask), correct)
+
+  def one_run_epoch(state, hparams, key, active, aux, data, epoch):
+    images, labels, weights = data
+    params, batch_stats, opt_state = state
+    tx = learner.optimizer(params, 0.0)  # the learning rate lives in opt_state (inject_hyperparams)
+    epoch_key = jax.random.fold_in(key, epoch)
+    idx, mask = _batch_plan(jax.random.fold_in(epoch_key, 0), labels.shape[0], batch_size)
+    drop_key = jax.random.fold_in(epoch_key, 1)
+
+    def step(carry, xs):
+      params, batch_stats, opt_state = carry
+      i, bidx, bmask = xs
+      (total, (new_stats, ce_sum, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, batch_stats, images[bidx], labels[bidx], weights[bidx], bmask, hparams,
+          jax.random.fold_in(drop_key, i), aux)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      return (params, new_stats, opt_state), (total, ce_sum, correct)
+
+    new_state, (totals, ce_sums, corrects) = jax.lax.scan(
+        step, (params, batch_stats, opt_state), (jnp.arange(idx.shape[0]), idx, mask))
+    new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new_state, state)
+    n = labels.shape[0]
+    finite = jnp.all(jnp.isfinite(totals))
+    return new_state, (jnp.sum(ce_sums) / n, jnp.sum(corrects) / n, finite)
+
+  @jax.jit
+  def train_epoch(state, hparams, keys, active, aux, data, epoch):
+    return jax.vmap(one_run_epoch, in_axes=(0, 0, 0, 0, 0, None, None))(
+        state, hparams, keys, active, aux, data, epoch)
+
+  @jax.jit
+  def init_opt(params, learning_rates):
+    return jax.vmap(lambda p, lr: learner.optimizer(p, lr).init(p))(params, learning_rates)
+
+  @jax.jit
+  def keep_best(best, current, improved):
+    return jax.tree_util.tree_map(
+        lambda b, c: jnp.where(improved.reshape((-1,) + (1,) * (c.ndim - 1)), c, b), best, current)
+
+  return init_opt, train_epoch, keep_best
+
+
+def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray], keys: jax.Array,
+        train: Examples, valid: Examples, options: FitOptions = FitOptions(), aux: PyTree = None,
+        describe_run: Callable[[int], str] | None = None) -> FitResult:
+  """Trains R runs in one compiled program and returns each run's best epoch.
+
+  Args:
+    learner: model, scaling, penalties and frozen layers.
+    init_variables: {'params', 'batch_stats'} stacked on a leading run axis [R, ...].
+    hparams: {'learning_rate', 'weight_decay', 'dropout', …} each a float array [R].
+    keys: [R] PRNG keys (shuffling and dropout); a run's results depend only on its own key and hyper-parameters.
+    train, valid: examples (train weights are per-sample loss weights).
+    options: loop settings; with `checkpoint_dir` the fit saves its state periodically and resumes from it.
+    aux: per-run constants for penalties (e.g. reference weights), stacked [R, ...], or None.
+    describe_run: names run r in error messages.
+  """
+  num_runs = len(next(iter(hparams.values())))
+  mesh = sharding.run_mesh()
+  size = sharding.padded_size(num_runs, mesh)
+  init_opt, train_epoch, keep_best = _compiled(learner, options.batch_size)
+  evaluate = _evaluator(learner, options.eval_batch_size)
+  hp = sharding.shard_runs(sharding.pad_runs({k: np.asarray(v, np.float32) for k, v in hparams.items()}, size), mesh)
+  keys = sharding.shard_runs(sharding.pad_runs(keys, size), mesh)
+  aux = sharding.shard_runs(sharding.pad_runs(aux, size), mesh)
+  variables = sharding.shard_runs(sharding.pad_runs(init_variables, size), mesh)
+  data = sharding.replicate((train.images, train.labels, train.weights), mesh)
+  valid_data = sharding.replicate((valid.images, valid.labels), mesh)
+  train_eval = sharding.replicate((train.images, train.labels), mesh)
+
+  state = (variables['params'], variables['batch_stats'], init_opt(variables['params'], hp['learning_rate']))
+  best = variables
+  checkpoint = FitCheckpoint(options.checkpoint_dir) if options.checkpoint_dir else None
+  restored = checkpoint.restore({'state': state, 'best': best}) if checkpoint else None
+  if restored is None:
+    epoch, examples, elapsed = 0, 0, 0.0
+    tr_loss, tr_acc = map(np.asarray, evaluate(variables, *train_eval))
+    va_loss, va_acc = map(np.asarray, evaluate(variables, *valid_data))
+    history = [_record(0, tr_loss, tr_acc, va_loss, va_acc, num_runs)]
+    stopping = EarlyStopping.start(va_acc, options.patience, options.compat_early_stopping)
+  else:
+    epoch, device_state, host = restored
+    state, best = device_state['state'], device_state['best']
+    history, examples, elapsed = host['history'], host['examples'], host['seconds']
+    stopping = EarlyStopping(**{k: np.asarray(v) if isinstance(v, list) else v for k, v in host['stopping'].items()})
+  stopping.active[num_runs:] = False  # padding runs
+  describe_run = describe_run or (lambda r: f'run {r}')
+  last_save = time.time()
+  bar = progress_bar(options.num_epochs, options.description)
+  bar.update(epoch)
+  while epoch < options.num_epochs and stopping.active.any():
+    epoch += 1
+    tic = time.time()
+    active = stopping.active.copy()
+    state, (tr_loss, tr_acc, finite) = train_epoch(state, hp, keys, sharding.shard_runs(active, mesh), aux, data,
+                                                   epoch)
+    va_loss, va_acc = evaluate({'params': state[0], 'batch_stats': state[1]}, *valid_data)
+    tr_loss, tr_acc, finite, va_loss, va_acc = map(np.asarray, (tr_loss, tr_acc, finite, va_loss, va_acc))
+    bad = np.flatnonzero(active & ~finite)
+    if bad.size:
+      raise TrainingDiverged(f'training loss became NaN/inf in epoch {epoch} of {options.description} for '
+                             f'{describe_run(int(bad[0]))}; lower the learning rate or check the inputs')
+    examples += len(train) * int(active.sum())
+    improved = stopping.update(va_acc, epoch)
+    best = keep_best(best, {'params': state[0], 'batch_stats': state[1]}, sharding.shard_runs(improved, mesh))
+    history.append(_record(epoch, tr_loss, tr_acc, va_loss, va_acc, num_runs))
+    elapsed += time.time() - tic
+    bar.update(1)
+    bar.set_postfix(best_valid=f'{stopping.best_acc[:num_runs].max():.3f}', running=int(stopping.active.sum()))
+    if checkpoint and (time.time() - last_save >= options.checkpoint_every_s):
+      host = {'stopping': stopping.to_json(), 'history': history, 'examples': examples, 'seconds': elapsed}
+      checkpoint.save(epoch, {'state': state, 'best': best}, host)
+      last_save = time.time()
+  bar.close()
+  return FitResult(
+      best_variables=jax.tree_util.tree_map(lambda x: x[:num_runs], best),
+      best_valid_accuracy=stopping.best_acc[:num_runs], best_epoch=stopping.best_epoch[:num_runs],
+      stop_epoch=stopping.stop_epoch[:num_runs],
+      history=history, train_seconds=elapsed, examples_per_second=examples / max(elapsed, 1e-9))
+
+
+def _record(epoch: int, tr_loss, tr_acc, va_loss, va_acc, num_runs: int) -> dict:
+  return {'epoch': epoch, 'train_loss': tr_loss[:num_runs].tolist(), 'train_accuracy': tr_acc[:num_runs].tolist(),
+          'valid_loss': va_loss[:num_runs].tolist(), 'valid_accuracy': va_acc[:num_runs].tolist()}

@@ -1,0 +1,75 @@
+"""The training objective: per-sample-weighted cross-entropy plus penalties, and input scaling.
+
+Penalties are pure functions `penalty(params, aux) -> scalar` multiplied by a per-run coefficient taken from the
+hyper-parameters, so regularisers (L2 to zero, L2/L1/Fisher to reference weights, …) compose without new loops.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from s2f_jax.models import weight_decay_mask
+
+PyTree = Any
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example cross-entropy in nats. logits [B, C], labels int [B] → [B]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of `values` [B] over entries where `mask` [B] is True (0 if none)."""
+  mask = mask.astype(values.dtype)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def sum_of_squares(params: PyTree, mask: PyTree) -> jax.Array:
+  """Σ w² over the leaves of `params` where the bool pytree `mask` is True (no ½ factor, as the original)."""
+  leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda p, m: jnp.sum(jnp.square(p)) if m else jnp.zeros((), jnp.float32), params, mask))
+  return sum(leaves, jnp.zeros((), jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Penalty:
+  """A regulariser `coef · fn(params, aux)` whose coefficient is the hyper-parameter `coef_key`."""
+  coef_key: str
+  fn: Callable[[PyTree, Any], jax.Array]
+
+
+def _l2_to_zero(params: PyTree, aux: Any) -> jax.Array:
+  return sum_of_squares(params, weight_decay_mask(params))
+
+
+def l2_penalty() -> Penalty:
+  """Coupled L2 'weight decay' Σ w² over conv/dense weights and the fc bias (no BN), coefficient `weight_decay`
+  (spec §2.6 `compute_param_norm`, §3.1)."""
+  return Penalty('weight_decay', _l2_to_zero)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputScaling:
+  """Maps uint8 images (0–255) to network inputs: (x − mean) / std per channel.
+
+  `raw()` reproduces the original (floats on the 0–255 scale, no normalisation).
+  """
+  mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+  std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+
+  @classmethod
+  def raw(cls) -> 'InputScaling':
+    return cls()
+
+  @classmethod
+  def standardise(cls, images) -> 'InputScaling':
+    """Per-channel mean/std (0–255 units) of uint8 images [N, H, W, 3]."""
+    x = jnp.asarray(images, jnp.float32).reshape(-1, images.shape[-1])
+    return cls(tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in x.std(0) + 1e-6))
