@@ -1,0 +1,76 @@
+"""Model construction by name, parameter masks and counts (spec §2.5–§2.6)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from s2f_jax.errors import UserError, choices_error
+from s2f_jax.models.convnet import ConvNet
+from s2f_jax.models.densenet import DenseNet
+from s2f_jax.models.layers import PAPER_WIDTH
+from s2f_jax.models.resnet import ResNet
+
+MODEL_NAMES = ('convnet', 'resnet', 'densenet')
+PyTree = Any
+
+
+def make_model(name: str, num_blocks: int, num_classes: int, width: int = PAPER_WIDTH,
+               convnet_relu: bool = True) -> nn.Module:
+  """Block model `name` with `num_blocks` blocks; `width` scales every channel count by width/64.
+
+  convnet_relu: ReLU after each ConvNet block's BN (False reproduces the original code, which has none).
+  """
+  if name not in MODEL_NAMES:
+    raise choices_error('model', name, MODEL_NAMES)
+  if num_blocks < 1:
+    raise UserError(f'num_blocks must be at least 1, got {num_blocks}')
+  if width < 2:
+    raise UserError(f'model width must be at least 2, got {width}')
+  if name == 'convnet':
+    return ConvNet(num_blocks, num_classes, width, relu=convnet_relu)
+  return {'resnet': ResNet, 'densenet': DenseNet}[name](num_blocks, num_classes, width)
+
+
+def _leaf_mask(params: PyTree, include_downsample: bool) -> PyTree:
+  """True for conv/Dense kernels and Dense biases (a bias next to a kernel); False for BN scales and biases."""
+  flat = traverse_util.flatten_dict(params)
+  mask = {path: (path[-1] == 'kernel' or (path[-1] == 'bias' and path[:-1] + ('kernel',) in flat))
+          and (include_downsample or not any('downsample' in p for p in path)) for path in flat}
+  return traverse_util.unflatten_dict(mask)
+
+
+def weight_decay_mask(params: PyTree) -> PyTree:
+  """Bool pytree like `params`: the leaves of spec §2.6 `compute_param_norm` (all conv kernels, fc kernel and bias)."""
+  return _leaf_mask(params, include_downsample=True)
+
+
+def param_vec_mask(params: PyTree) -> PyTree:
+  """Bool pytree like `params`: the leaves of spec §2.6 `get_param_vec` (`weight_decay_mask` minus ResNet
+  downsample convs)."""
+  return _leaf_mask(params, include_downsample=False)
+
+
+def count_params(params: PyTree, mask: PyTree | None = None) -> int:
+  """Number of scalars in `params` (arrays or `jax.ShapeDtypeStruct`s), only where `mask` is True if given."""
+  sizes = jax.tree.map(lambda p: math.prod(p.shape), params)
+  if mask is not None:
+    sizes = jax.tree.map(lambda s, m: s if m else 0, sizes, mask)
+  return sum(jax.tree.leaves(sizes))
+
+
+def param_count_table(num_classes: int = 10, max_blocks: int = 4,
+                      image_size: int = 32) -> list[tuple[str, int, int, int]]:
+  """Spec §2.5 rows (model, num_blocks, script count, all trainable) for the paper-width models."""
+  rows = []
+  for name in MODEL_NAMES:
+    for num_blocks in range(1, max_blocks + 1):
+      model = make_model(name, num_blocks, num_classes)
+      x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+      params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)['params']
+      rows.append((name, num_blocks, count_params(params, param_vec_mask(params)), count_params(params)))
+  return rows
