@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 1000
   c.train.patience = 5  # stop after more than this many epochs without a new best valid accuracy
   c.train.checkpoint_every_s = 60.0
+  c.train.parallel_runs = 0  # runs (grid points) trained side by side per device; 0 = auto (CPU 1, GPU/TPU all)
 
   c.grid = ml_collections.ConfigDict()
   c.grid.learning_rate = (1e-3, 1e-4)
@@ -83,7 +84,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise choices_error('learning_rate_decay', config.learning_rate_decay, LR_DECAYS)
   _positive(config, 'model.num_blocks', 'model.width', 'data.image_size', 'train.batch_size',
             'train.eval_batch_size')
-  _non_negative(config, 'num_epochs', 'train.patience')
+  _non_negative(config, 'num_epochs', 'train.patience', 'train.parallel_runs')
   for key in ('learning_rate', 'weight_decay', 'dropout'):
     values = tuple(config.grid[key]) if isinstance(config.grid[key], (tuple, list)) else (config.grid[key],)
     if not values:

@@ -106,7 +106,7 @@ class RunContext:
         num_epochs=c.num_epochs, patience=c.train.patience, batch_size=c.train.batch_size,
         eval_batch_size=c.train.eval_batch_size, compat_early_stopping=c.compat.early_stopping_previous,
         checkpoint_dir=os.path.join(self.workdir, 'checkpoints', name),
-        checkpoint_every_s=c.train.checkpoint_every_s, description=name)
+        checkpoint_every_s=c.train.checkpoint_every_s, parallel_runs=c.train.parallel_runs, description=name)
     result = fit(self.learner(frozen), init, grid, jnp.stack([stage_key] * num_runs), train, valid, options,
                  describe_run=lambda r: grid_lib.describe(grid, r))
     self.train_seconds += result.train_seconds

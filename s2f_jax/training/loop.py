@@ -93,6 +93,7 @@ class FitOptions:
   compat_early_stopping: bool = False
   checkpoint_dir: str | None = None
   checkpoint_every_s: float = 60.0
+  parallel_runs: int = 0
   description: str = 'fit'
 
 
@@ -155,6 +156,22 @@ class EarlyStopping:
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(self).items()}
 
 
+def over_runs(fn: Callable, tree: PyTree, groups: int = 1, chunk: int | None = None) -> PyTree:
+  """Maps `fn` over the leading run axis of `tree`: `groups` slices side by side (one per device, `vmap`), and
+  within each, `chunk` runs at a time `vmap`ed, the chunks in sequence (`lax.map`). chunk=None: all at once."""
+  split = jax.tree_util.tree_map(lambda x: x.reshape((groups, -1) + x.shape[1:]), tree)
+  out = jax.vmap(lambda t: jax.lax.map(fn, t, batch_size=chunk))(split)
+  return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+
+
+def runs_per_chunk(option: int, num_runs: int) -> int | None:
+  """Runs trained side by side per device: `option` if > 0; auto (0): one at a time on CPU, where vmapped
+  activations overflow the caches and run slower than in sequence, and all at once on GPU/TPU."""
+  if option > 0:
+    return min(option, num_runs)
+  return 1 if jax.default_backend() == 'cpu' else None
+
+
 def _batch_plan(key: jax.Array, n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
   """Shuffled indices [nb, B] and validity mask [nb, B] for one epoch; the last partial batch is kept (masked)."""
   nb = -(-n // batch_size)
@@ -168,8 +185,8 @@ def _batch_plan(key: jax.Array, n: int, batch_size: int) -> tuple[jax.Array, jax
 def _evaluator(learner: Learner, eval_batch_size: int):
   """Jitted evaluate(variables [R], images, labels) -> (mean CE [R], accuracy [R]) in eval mode."""
 
-  @jax.jit
-  def evaluate(variables, images, labels):
+  @functools.partial(jax.jit, static_argnames=('groups', 'chunk'))
+  def evaluate(variables, images, labels, groups=1, chunk=None):
     n = labels.shape[0]
     b = min(eval_batch_size, n)
     nb = -(-n // b)
@@ -186,14 +203,16 @@ def _evaluator(learner: Learner, eval_batch_size: int):
         return None, (jnp.sum(cross_entropy(logits, y) * m), jnp.sum((jnp.argmax(logits, -1) == y) & m))
       _, (losses, corrects) = jax.lax.scan(body, None, (xb, yb, mb))
       return jnp.sum(losses) / n, jnp.sum(corrects) / n
-    return jax.vmap(one_run)(variables)
+    return over_runs(one_run, variables, groups, chunk)
   return evaluate
 
 
 def evaluate(learner: Learner, variables: PyTree, examples: Examples, eval_batch_size: int = 1000
              ) -> tuple[np.ndarray, np.ndarray]:
   """Mean cross-entropy and accuracy [R] of stacked variables [R, ...] on `examples` (eval mode, unweighted)."""
-  loss, acc = _evaluator(learner, eval_batch_size)(variables, examples.images, examples.labels)
+  num_runs = len(jax.tree_util.tree_leaves(variables)[0])
+  loss, acc = _evaluator(learner, eval_batch_size)(variables, examples.images, examples.labels,
+                                                   chunk=runs_per_chunk(0, num_runs))
   return np.asarray(loss), np.asarray(acc)
 
 
@@ -235,10 +254,10 @@ def _compiled(learner: Learner, batch_size: int):
     finite = jnp.all(jnp.isfinite(totals))
     return new_state, (jnp.sum(ce_sums) / n, jnp.sum(corrects) / n, finite)
 
-  @jax.jit
-  def train_epoch(state, hparams, keys, active, aux, data, epoch):
-    return jax.vmap(one_run_epoch, in_axes=(0, 0, 0, 0, 0, None, None))(
-        state, hparams, keys, active, aux, data, epoch)
+  @functools.partial(jax.jit, static_argnames=('groups', 'chunk'))
+  def train_epoch(state, hparams, keys, active, aux, data, epoch, groups, chunk):
+    return over_runs(lambda args: one_run_epoch(*args, data, epoch), (state, hparams, keys, active, aux), groups,
+                     chunk)
 
   @jax.jit
   def init_opt(params, learning_rates):
@@ -270,8 +289,11 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   num_runs = len(next(iter(hparams.values())))
   mesh = sharding.run_mesh()
   size = sharding.padded_size(num_runs, mesh)
-  init_opt, train_epoch, keep_best = _compiled(learner, options.batch_size)
-  evaluate = _evaluator(learner, options.eval_batch_size)
+  groups = 1 if mesh is None else mesh.devices.size
+  chunk = runs_per_chunk(options.parallel_runs, size // groups)
+  init_opt, train_epoch_fn, keep_best = _compiled(learner, options.batch_size)
+  train_epoch = functools.partial(train_epoch_fn, groups=groups, chunk=chunk)
+  evaluate = functools.partial(_evaluator(learner, options.eval_batch_size), groups=groups, chunk=chunk)
   hp = sharding.shard_runs(sharding.pad_runs({k: np.asarray(v, np.float32) for k, v in hparams.items()}, size), mesh)
   keys = sharding.shard_runs(sharding.pad_runs(keys, size), mesh)
   aux = sharding.shard_runs(sharding.pad_runs(aux, size), mesh)
