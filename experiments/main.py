@@ -8,19 +8,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from s2f_jax import cli, experiment  # noqa: E402
 from s2f_jax.results import format_table  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file (ml_collections).')
+_CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<model>/<setup>/seed<seed>).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {argv[1:]}; use --config.KEY=VALUE')
-  rows = experiment.run(_CONFIG.value, _WORKDIR.value)
+  rows = experiment.run(cli.config_value(_CONFIG), _WORKDIR.value)
   print(format_table(rows))
 
 

@@ -5,10 +5,12 @@ loss prints one line and exits with code 1. Never a traceback for user error.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Callable
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from s2f_jax.errors import TrainingDiverged, UserError  # noqa: F401 (UserError re-exported for scripts)
 
@@ -25,9 +27,45 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(e, 2)
 
 
+def _last_line(e: BaseException) -> str:
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  last = lines[-1] if lines else type(e).__name__
+  while len(last) > 1 and last[0] == last[-1] and last[0] in '"\'':
+    last = last[1:-1]
+  return last
+
+
+def define_config(default: str = 'configs/default.py') -> flags.FlagHolder:
+  """`--config` (an ml_collections config file) with `--config.KEY=VALUE` overrides; a bad override key is
+  reported (one line, exit 2) right away, because ml_collections inspects the command line here."""
+  try:
+    from ml_collections import config_flags
+    return config_flags.DEFINE_config_file('config', default, 'Config file (ml_collections).')
+  except Exception as e:  # noqa: BLE001 — any failure here is a malformed command line
+    _fail(f'bad --config override: unknown or malformed key {_last_line(e)!r}', 2)
+
+
+def config_value(holder: flags.FlagHolder):
+  """The loaded config; a config file that cannot be loaded is a UserError."""
+  try:
+    value = holder.value
+    value.keys()  # ml_collections loads the file lazily and raises on first access
+    return value
+  except Exception as e:  # noqa: BLE001
+    raise UserError(f'cannot load --config {flags.FLAGS["config"].config_filename!r}: {_last_line(e)}') from e
+
+
 def run_app(main: Callable[[list[str]], None]) -> None:
   """`absl.app.run(main)` with one-line errors: exit 2 for user errors, 1 for a diverged loss."""
   def guarded(argv):
+    absl_logging.set_verbosity(absl_logging.WARNING)  # keep library chatter (orbax) out of the way
+    log = logging.getLogger('s2f_jax')
+    if not log.handlers:
+      handler = logging.StreamHandler(sys.stderr)
+      handler.setFormatter(logging.Formatter('%(message)s'))
+      log.addHandler(handler)
+      log.setLevel(logging.INFO)
+      log.propagate = False
     try:
       main(argv)
     except UserError as e:

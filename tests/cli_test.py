@@ -1,0 +1,96 @@
+"""The command line: bad input → one line + exit 2 + nothing written; a real run's files; skip and resume."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config=configs/default.py', '--config.model.width=8', '--config.num_epochs=2',
+        '--config.data.source_size=200', '--config.data.target_sizes=100', '--config.data.test_size=100']
+
+
+def run_main(args, workdir, script='experiments/main.py'):
+  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, script, f'--workdir={workdir}', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+BAD_INPUTS = {
+    'misspelled shift': (['--config.data.shift_sequence=rotaton:corruption'], ['rotaton', 'rotation_cond']),
+    'unknown method': (['--config.method=erm_finale'], ['erm_finale', 'erm_final', 'sequential_fine_tune']),
+    'unknown model': (['--config.model.name=vgg'], ['vgg', 'convnet', 'resnet', 'densenet']),
+    'zero blocks': (['--config.model.num_blocks=0'], ['model.num_blocks', '0']),
+    'negative size': (['--config.data.source_size=-5'], ['-5']),
+    'oversize': (['--config.data.source_size=100000'], ['source', '10000', '148']),
+    'missing root': (['--config.data.name=cifar10', '--config.data.root=/nonexistent/cifar'], ['/nonexistent/cifar']),
+    'no root': (['--config.data.name=cifar10'], ['data.root']),
+    'unknown dataset': (['--config.data.name=mnist'], ['mnist', 'digits']),
+    'malformed override': (['--config.num_epochs=abc'], ['abc']),
+    'unknown key': (['--config.nonsense=1'], ['nonsense']),
+    'missing config file': (['--config=configs/nope.py'], ['nope.py']),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path):
+  args, must_mention = BAD_INPUTS[case]
+  workdir = tmp_path / 'work'
+  proc = run_main(TINY + args if not args[0].startswith('--config=') else args, workdir)
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith('error: ')
+  for word in must_mention:
+    assert word in lines[0], (word, lines[0])
+  assert 'Traceback' not in proc.stderr
+  assert not workdir.exists()
+
+
+def read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_main_writes_results_then_skips_finished_run(tmp_path):
+  workdir = tmp_path / 'work'
+  proc = run_main(TINY + ['--config.method=erm_final,erm_all'], workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'erm_final_100_samples' in proc.stdout and 'erm_all' in proc.stdout
+  for method, num_steps in (('erm_final', 1), ('erm_all', 4)):
+    d = workdir / method
+    assert (d / 'DONE').exists() and not (workdir / f'{method}.partial').exists()
+    rows = read_csv(d / 'metrics.csv')
+    assert len(rows) == 1
+    row = rows[0]
+    assert list(row)[:5] == ['Model', 'Method', 'Shift sequence', 'Seed', 'Test accuracy']
+    assert row['Model'] == 'convnet 1 blocks' and row['Seed'] == '1007'
+    assert row['Shift sequence'] == 'source200:rotation100:corruption100:label_flip100'
+    assert 0.0 <= float(row['Test accuracy']) <= 1.0
+    grid = json.loads(row['Grid validation accuracies'])
+    assert len(grid) == 8 and max(grid) == pytest.approx(float(row['Validation accuracy']))
+    for key in ('Hyper-parameters', 'Wall seconds', 'Examples per second', 'Device', 'jax version', 'flax version'):
+      assert row[key]
+    config = json.loads((d / 'config.json').read_text())
+    assert config['config']['method'] == method and config['metadata']['jax']
+    history = [json.loads(line) for line in (d / 'history.jsonl').read_text().splitlines()]
+    assert {h['run'] for h in history} == set(range(8))
+    assert all(0 <= h['epoch'] <= 2 for h in history)
+  mtime = (workdir / 'erm_final' / 'metrics.csv').stat().st_mtime
+  again = run_main(TINY + ['--config.method=erm_final'], workdir)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert 'skipping' in again.stderr
+  assert (workdir / 'erm_final' / 'metrics.csv').stat().st_mtime == mtime
+  first = next(line for line in proc.stdout.splitlines() if line.startswith('erm_final'))
+  assert first.split()[:3] == next(line for line in again.stdout.splitlines() if line.startswith('erm_final')).split()[:3]
+
+
+def test_show_sequence_writes_png(tmp_path):
+  out = tmp_path / 'seq.png'
+  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, 'experiments/show_sequence.py', *TINY, f'--out={out}'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
