@@ -1,0 +1,162 @@
+"""Methods route the right data, weights, grids and starting points into the shared loop (spec §3.3–§3.4), and a
+killed run resumes to the same metrics."""
+import numpy as np
+import pytest
+
+from s2f_jax import config as config_lib, experiment
+from s2f_jax.methods import METHODS
+from s2f_jax.methods import base
+from s2f_jax.training import grid as grid_lib
+
+
+def tiny_config(**overrides):
+  c = config_lib.base_config()
+  c.data.name, c.data.image_size = 'digits', 16
+  c.data.source_size, c.data.target_sizes, c.data.test_size = 200, '100:150:100', 100
+  c.model.name, c.model.num_blocks, c.model.width = 'convnet', 1, 8
+  c.num_epochs = 2
+  for k, v in overrides.items():
+    obj = c
+    *path, last = k.split('.')
+    for p in path:
+      obj = obj[p]
+    obj[last] = v
+  return c
+
+
+class Recorder:
+  """Stands in for `RunContext.train_stage`: records each call, returns the last run of every group as winner."""
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, ctx, name, init, grid, train, valid, groups=None, frozen=(), stacked_init=False):
+    n = len(grid['learning_rate'])
+    groups = np.zeros(n, int) if groups is None else np.asarray(groups)
+    self.calls.append(dict(name=name, init=init, grid=grid, train=train, valid=valid, groups=groups,
+                           stacked_init=stacked_init))
+    num_groups = groups.max() + 1
+    one = grid_lib.take(init, 0) if stacked_init else init
+    winners = [int(np.flatnonzero(groups == g)[-1]) for g in range(num_groups)]
+    # Tag the winners' variables with their run index so later stages can be checked to start from them.
+    variables = grid_lib.stack(one, num_groups)
+    variables['params']['fc']['dense']['bias'] = np.asarray(winners, np.float32)[:, None] * np.ones((1, 10))
+    return base.Selection(variables, [grid_lib.run_hparams(grid, r) for r in winners],
+                          np.linspace(0.5, 0.6, num_groups), [{'valid_accuracy': 0.5} for _ in range(n)])
+
+
+@pytest.fixture
+def recorded(monkeypatch, tmp_path):
+  def make(**overrides):
+    recorder = Recorder()
+    monkeypatch.setattr(base.RunContext, 'train_stage', lambda self, *a, **k: recorder(self, *a, **k))
+    monkeypatch.setattr(base.RunContext, 'test_accuracy', lambda self, variables, split=None: 0.25)
+    config = tiny_config(**overrides)
+    sequence, ctx = experiment.prepare(config)
+    ctx.workdir = str(tmp_path)
+    return recorder, sequence, ctx
+  return make
+
+
+def sizes(examples):
+  return len(examples.labels)
+
+
+def test_erm_final_and_erm_all(recorded):
+  rec, seq, ctx = recorded()
+  rows = METHODS['erm_final'].run(ctx)
+  call = rec.calls[-1]
+  assert rows[0]['Method'] == 'erm_final_100_samples'
+  assert sizes(call['train']) == 80 and sizes(call['valid']) == 20
+  np.testing.assert_array_equal(call['train'].images, seq.steps[3].train.images)
+  assert len(call['grid']['learning_rate']) == 8  # lr × weight decay × dropout
+  np.testing.assert_allclose(call['grid']['learning_rate'], [1e-3] * 4 + [1e-4] * 4)
+  np.testing.assert_allclose(call['grid']['dropout'], [0, 0.5] * 4)
+
+  METHODS['erm_all'].run(ctx)
+  call = rec.calls[-1]
+  assert sizes(call['train']) == 160 + 80 + 120 + 80 and sizes(call['valid']) == 20  # final valid only
+  np.testing.assert_array_equal(call['train'].weights, 1.0)
+
+
+def test_erm_all_weighted_uses_one_over_T_minus_t(recorded):
+  rec, _, ctx = recorded()
+  METHODS['erm_all_weighted'].run(ctx)
+  w = rec.calls[-1]['train'].weights
+  expected = np.concatenate([np.full(160, 1 / 4), np.full(80, 1 / 3), np.full(120, 1 / 2), np.full(80, 1.0)])
+  np.testing.assert_allclose(w, expected)
+
+
+def test_erm_fine_tune_stages(recorded):
+  rec, _, ctx = recorded()
+  rows = METHODS['erm_fine_tune'].run(ctx)
+  prev, ft = rec.calls
+  assert prev['name'] == 'erm_all_prev' and ft['name'] == 'fine_tune_all'
+  assert sizes(prev['train']) == 160 + 80 + 120 and sizes(prev['valid']) == 40 + 20 + 30  # steps 0..T-2
+  assert sizes(ft['train']) == 80 and sizes(ft['valid']) == 20
+  # Stage 2 starts from stage 1's winner (run 7 of the 8-point grid).
+  np.testing.assert_array_equal(ft['init']['params']['fc']['dense']['bias'], 7.0)
+  assert rows[0]['Method'] == 'erm_fine_tune' and rows[0]['Test accuracy'] == 0.25
+
+
+@pytest.mark.parametrize('decay,lrs', [
+    ('none', None),
+    ('linear', [[1e-3, 1e-4], [9e-4, 9e-5], [8e-4, 8e-5], [7e-4, 7e-5]]),
+    ('exponential', [[2e-3, 2e-4, 2e-4], [1e-3, 1e-4, 1.5e-4], [5e-4, 5e-5, 1.125e-4], [2.5e-4, 2.5e-5, 8.4375e-5]]),
+])
+def test_sequential_fine_tune_schedules(recorded, decay, lrs):
+  rec, _, ctx = recorded(learning_rate_decay=decay, **{'data.test_all_steps': True})
+  rows = METHODS['sequential_fine_tune'].run(ctx)
+  assert [c['name'] for c in rec.calls] == ['time0', 'time1', 'time2', 'time3']
+  for t, call in enumerate(rec.calls):
+    assert sizes(call['train']) == [160, 80, 120, 80][t]
+    if decay == 'none':
+      assert len(call['grid']['learning_rate']) == 8 and call['groups'].max() == 0
+    else:
+      schedule_lrs = [call['grid']['learning_rate'][call['groups'] == g][0] for g in range(len(lrs[t]))]
+      np.testing.assert_allclose(schedule_lrs, lrs[t], rtol=1e-6)
+      assert len(call['grid']['learning_rate']) == 4 * len(lrs[t])  # weight decay × dropout per schedule
+    if t:  # every run starts from its own schedule's winner of the previous step
+      prev = rec.calls[t - 1]
+      winners = [int(np.flatnonzero(prev['groups'] == g)[-1]) for g in range(prev['groups'].max() + 1)]
+      np.testing.assert_array_equal(call['init']['params']['fc']['dense']['bias'][:, 0],
+                                    np.asarray(winners)[call['groups']])
+  suffix = {'none': '', 'linear': '_linear_lr_decay', 'exponential': '_exponential_lr_decay'}[decay]
+  assert rows[0]['Method'] == 'sequential_fine_tune' + suffix
+  assert sorted(r['Time step'] for r in rows) == [1, 2, 3]
+  if decay == 'exponential':  # the last schedule has the best final valid accuracy in the recorder
+    assert (rows[0]['Starting learning rate'], rows[0]['Learning rate decay factor']) == (2e-4, 0.75)
+
+
+def test_killed_run_resumes_to_same_metrics(monkeypatch, tmp_path):
+  config = tiny_config(method='erm_fine_tune')
+  reference = experiment.run(config, str(tmp_path / 'a'))
+
+  original = base.RunContext.train_stage
+
+  def killed_in_stage_two(self, name, *args, **kwargs):
+    if name == 'fine_tune_all':
+      raise KeyboardInterrupt
+    return original(self, name, *args, **kwargs)
+
+  monkeypatch.setattr(base.RunContext, 'train_stage', killed_in_stage_two)
+  with pytest.raises(KeyboardInterrupt):
+    experiment.run(config, str(tmp_path / 'b'))
+  assert (tmp_path / 'b' / 'erm_fine_tune.partial' / 'stages' / 'erm_all_prev' / 'selection.json').exists()
+  monkeypatch.setattr(base.RunContext, 'train_stage', original)
+  resumed = experiment.run(config, str(tmp_path / 'b'))
+  keys = ('Test accuracy', 'Validation accuracy', 'Hyper-parameters', 'Grid validation accuracies',
+          'All-previous test accuracy')
+  assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in reference]
+  assert (tmp_path / 'b' / 'erm_fine_tune' / 'DONE').exists()
+
+
+def test_digits_reach_high_clean_accuracy(tmp_path):
+  config = tiny_config(method='erm_all', num_epochs=15, **{
+      'data.shift_sequence': 'corruption', 'data.source_size': 800, 'data.target_sizes': '400',
+      'data.test_size': 200, 'model.width': 16, 'grid.weight_decay': (1e-4,), 'grid.dropout': (0.0,),
+      'grid.learning_rate': (1e-3,)})
+  (row,) = experiment.run(config, str(tmp_path))
+  # 10-way digits: chance is 0.1; valid comes from the base train split, test from the held-out writers' images.
+  assert row['Validation accuracy'] >= 0.95
+  assert row['Test accuracy'] >= 0.85
