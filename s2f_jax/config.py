@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grid.weight_decay = (1e-4, 1e-2)
   c.grid.dropout = (0.0, 0.5)
 
-  c.fine_tune_layers = 'all'
+  c.fine_tune_layers = 'all'  # erm_fine_tune's final stage: 'all' or a comma set of layers (e.g. 'layer4,fc')
   c.learning_rate_decay = 'exponential'  # sequential_fine_tune: none | linear | exponential
 
   c.compat = ml_collections.ConfigDict()
@@ -84,6 +84,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise choices_error('learning_rate_decay', config.learning_rate_decay, LR_DECAYS)
   _positive(config, 'model.num_blocks', 'model.width', 'data.image_size', 'train.batch_size',
             'train.eval_batch_size')
+  from s2f_jax.methods.fine_tune import tuned_layers
+  tuned_layers(config.fine_tune_layers, config.model.num_blocks)
   _non_negative(config, 'num_epochs', 'train.patience', 'train.parallel_runs')
   for key in ('learning_rate', 'weight_decay', 'dropout'):
     values = tuple(config.grid[key]) if isinstance(config.grid[key], (tuple, list)) else (config.grid[key],)

@@ -28,6 +28,7 @@ BAD_INPUTS = {
     'missing root': (['--config.data.name=cifar10', '--config.data.root=/nonexistent/cifar'], ['/nonexistent/cifar']),
     'no root': (['--config.data.name=cifar10'], ['data.root']),
     'unknown dataset': (['--config.data.name=mnist'], ['mnist', 'digits']),
+    'unknown layer': (['--config.fine_tune_layers=layer9,fc'], ['layer9', 'conv1', 'layer1', 'fc']),
     'malformed override': (['--config.num_epochs=abc'], ['abc']),
     'unknown key': (['--config.nonsense=1'], ['nonsense']),
     'missing config file': (['--config=configs/nope.py'], ['nope.py']),

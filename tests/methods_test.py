@@ -34,7 +34,7 @@ class Recorder:
     n = len(grid['learning_rate'])
     groups = np.zeros(n, int) if groups is None else np.asarray(groups)
     self.calls.append(dict(name=name, init=init, grid=grid, train=train, valid=valid, groups=groups,
-                           stacked_init=stacked_init))
+                           stacked_init=stacked_init, frozen=frozen))
     num_groups = groups.max() + 1
     one = grid_lib.take(init, 0) if stacked_init else init
     winners = [int(np.flatnonzero(groups == g)[-1]) for g in range(num_groups)]
@@ -97,6 +97,13 @@ def test_erm_fine_tune_stages(recorded):
   # Stage 2 starts from stage 1's winner (run 7 of the 8-point grid).
   np.testing.assert_array_equal(ft['init']['params']['fc']['dense']['bias'], 7.0)
   assert rows[0]['Method'] == 'erm_fine_tune' and rows[0]['Test accuracy'] == 0.25
+
+
+def test_erm_fine_tune_layer_subset_freezes_the_rest(recorded):
+  rec, _, ctx = recorded(fine_tune_layers='layer1,fc')
+  rows = METHODS['erm_fine_tune'].run(ctx)
+  assert rec.calls[0]['frozen'] == () and rec.calls[1]['frozen'] == ('conv1',)
+  assert rows[0]['Method'] == 'erm_fine_tune_layer1_fc'
 
 
 @pytest.mark.parametrize('decay,lrs', [

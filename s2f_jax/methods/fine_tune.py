@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from s2f_jax.errors import UserError
+from s2f_jax.errors import UserError, choices_error
 from s2f_jax.methods.base import Method, RunContext, result_row
+from s2f_jax.models import layer_names
 from s2f_jax.training import grid as grid_lib
 
 # (start learning rate, per-step change) schedules of spec §3.4; linear subtracts, exponential multiplies.
@@ -14,15 +15,31 @@ LR_SCHEDULES = {
 }
 
 
+def tuned_layers(spec: str, num_blocks: int) -> tuple[str, ...]:
+  """Layers trained by a `fine_tune_layers` spec: 'all' or a comma set such as 'layer4,fc'."""
+  names = layer_names(num_blocks)
+  if spec.strip() == 'all':
+    return names
+  chosen = tuple(s.strip() for s in spec.split(','))
+  for name in chosen:
+    if name not in names:
+      raise choices_error('layer in fine_tune_layers', name, ('all',) + names)
+  return chosen
+
+
 def erm_fine_tune(ctx: RunContext) -> list[dict]:
-  """Stage 1: ERM on steps 0..T−2 (validated on their valid sets); stage 2: fine-tune all layers on the final step."""
+  """Stage 1: ERM on steps 0..T−2 (validated on their valid sets); stage 2: fine-tune `fine_tune_layers` on the
+  final step (the other layers frozen: no update, BN with running statistics)."""
   history = range(ctx.num_steps - 1)
   final = ctx.num_steps - 1
+  tuned = tuned_layers(ctx.config.fine_tune_layers, ctx.config.model.num_blocks)
+  frozen = tuple(n for n in layer_names(ctx.config.model.num_blocks) if n not in tuned)
   prev = ctx.train_stage('erm_all_prev', ctx.init_variables(), ctx.grid(), ctx.examples(history),
                          ctx.examples(history, 'valid'))
-  sel = ctx.train_stage('fine_tune_all', prev.winner(), ctx.grid(), ctx.examples([final]),
-                        ctx.examples([final], 'valid'))
-  return [result_row('erm_fine_tune', sel, ctx.test_accuracy(sel.winner()),
+  sel = ctx.train_stage('fine_tune_' + ctx.config.fine_tune_layers.replace(',', '_'), prev.winner(), ctx.grid(),
+                        ctx.examples([final]), ctx.examples([final], 'valid'), frozen=frozen)
+  name = 'erm_fine_tune' if not frozen else f"erm_fine_tune_{ctx.config.fine_tune_layers.replace(',', '_')}"
+  return [result_row(name, sel, ctx.test_accuracy(sel.winner()),
                      **{'All-previous test accuracy': ctx.test_accuracy(prev.winner())})]
 
 
