@@ -1,19 +1,12 @@
-r"""ERM on the final step only (the "4k" baseline; set data.target_sizes=4000:6000:20000 for the "20k" oracle).
+r"""ERM on the final step only: the "4k" baseline (data.target_sizes=4000:6000:20000 gives the "20k" oracle).
 
-Paper settings (spec §1.6, §3): CIFAR-10 rotation:corruption:label_flip, sizes 6000 / 4000:6000:4000 / test 5000,
-ResNet-4, the 8-point grid, up to 100 epochs.
+  python experiments/main.py --config=configs/erm_final.py --config.data.root=/path/to/cifar10
 
-  python experiments/main.py --config=configs/erm_final.py --config.data.root=/path/to/cifar10 \
-      [--config.model.name=convnet --config.model.num_blocks=2]
-
-Expected runtime: hours on 2 CPU cores; minutes per method on one GPU. Add --config.data.name=digits
---config.data.source_size=600 --config.data.target_sizes=300:400:300 --config.data.test_size=200 to try it in
-a few minutes without files.
+Paper settings (s2f_jax.config.base_config): CIFAR-10 RCL, ResNet-4, 8-point grid, up to 100 epochs. Runtime: hours
+on 2 CPU cores, minutes on one GPU; add --config.data.name=digits to try it without files.
 """
 from s2f_jax.config import base_config
 
 
 def get_config():
-  c = base_config()
-  c.method = 'erm_final'
-  return c
+  return base_config('erm_final')

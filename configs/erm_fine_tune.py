@@ -1,19 +1,12 @@
-r"""ERM on steps 0..T-2, then fine-tune all layers on the final step ("FT").
+r"""ERM on steps 0..T-2, then fine-tune on the final step ("FT"; fine_tune_layers picks the layers).
 
-Paper settings (spec §1.6, §3): CIFAR-10 rotation:corruption:label_flip, sizes 6000 / 4000:6000:4000 / test 5000,
-ResNet-4, the 8-point grid, up to 100 epochs.
+  python experiments/main.py --config=configs/erm_fine_tune.py --config.data.root=/path/to/cifar10
 
-  python experiments/main.py --config=configs/erm_fine_tune.py --config.data.root=/path/to/cifar10 \
-      [--config.model.name=convnet --config.model.num_blocks=2]
-
-Expected runtime: hours on 2 CPU cores; minutes per method on one GPU. Add --config.data.name=digits
---config.data.source_size=600 --config.data.target_sizes=300:400:300 --config.data.test_size=200 to try it in
-a few minutes without files.
+Paper settings (s2f_jax.config.base_config): CIFAR-10 RCL, ResNet-4, 8-point grid, up to 100 epochs. Runtime: hours
+on 2 CPU cores, minutes on one GPU; add --config.data.name=digits to try it without files.
 """
 from s2f_jax.config import base_config
 
 
 def get_config():
-  c = base_config()
-  c.method = 'erm_fine_tune'
-  return c
+  return base_config('erm_fine_tune')

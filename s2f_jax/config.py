@@ -13,10 +13,10 @@ INPUT_SCALINGS = ('standard', 'raw')
 LR_DECAYS = ('none', 'linear', 'exponential')
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Paper settings (spec §1.6, §3): CIFAR-10 RCL, ResNet-4, 100 epochs, the 8-point grid."""
+def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
+  """Paper settings (spec §1.6, §3) for `method`: CIFAR-10 RCL, ResNet-4, 100 epochs, the 8-point grid."""
   c = ml_collections.ConfigDict()
-  c.method = 'erm_fine_tune'  # one method or a comma list; see s2f_jax.methods.METHODS
+  c.method = method  # one method or a comma list; see s2f_jax.methods.METHODS
   c.seed = 1007
   c.num_epochs = 100
 
