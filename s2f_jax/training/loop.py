@@ -315,6 +315,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   else:
     epoch, device_state, host = restored
     state, best = device_state['state'], device_state['best']
+    if mesh is None:  # restored arrays come back committed to the device, which would recompile every jitted step
+      state, best = jax.device_put(jax.device_get((state, best)))
     history, examples, elapsed = host['history'], host['examples'], host['seconds']
     stopping = EarlyStopping(**{k: np.asarray(v) if isinstance(v, list) else v for k, v in host['stopping'].items()})
   stopping.active[num_runs:] = False  # padding runs

@@ -1,0 +1,572 @@
+"""Tests of the training loop (`s2f_jax.training.loop`): early stopping, grid/serial/device equivalence, resume,
+divergence, frozen layers, the objective, batching, `over_runs`, `evaluate`, learning sanity and the CPU kernels.
+
+Compilation dominates the runtime, so the fits share one tiny model (convnet, 1 block, width 8, 16×16 digits), one
+learner and a few run counts; each distinct (learner, batch size, run count, chunk) compiles once per session.
+"""
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax import lax
+
+from s2f_jax.data.sources import load_digits
+from s2f_jax.errors import TrainingDiverged
+from s2f_jax.models import make_model
+from s2f_jax.models.layers import max_pool_3x3_s2, patches_conv
+from s2f_jax.training import grid as grid_lib
+from s2f_jax.training import loop
+from s2f_jax.training.loop import EarlyStopping, Examples, FitOptions, Learner, evaluate, fit, over_runs
+from s2f_jax.training.objective import InputScaling, cross_entropy, l2_penalty, masked_mean
+
+IMAGE_SIZE = 16
+NUM_TRAIN = NUM_VALID = 256  # equal sizes: one evaluation compile serves both; 256 = 5·50 + 6 (padded batch)
+BATCH = 50
+# 2 learning rates × 2 dropout rates (weight decay fixed), in product order: run r = (lr index, dropout index).
+GRID = grid_lib.product_grid({'learning_rate': [1e-3, 3e-3], 'weight_decay': [1e-4], 'dropout': [0.0, 0.3]})
+KEY = jax.random.key(7)
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def _digits():
+  return load_digits(IMAGE_SIZE)
+
+
+def _examples(start: int, n: int, weights: np.ndarray | None = None, dither: bool = True) -> Examples:
+  """Train-split digits [start, start + n).
+
+  dither: adds uniform noise 0..39 to every pixel. Clean digits have large constant backgrounds whose exactly tied
+  activations make a trajectory sensitive to float rounding: vmapped and serial fits (different matmul kernels,
+  ~1e-7 apart after one step) drift ~1e-3 apart within an epoch; with dithering they stay ~1e-6 apart.
+  """
+  ds = _digits()
+  images = ds.train_images[start:start + n]
+  if dither:
+    noise = np.random.default_rng(start * 100_003 + n).integers(0, 40, images.shape)
+    images = np.clip(images.astype(np.int32) + noise, 0, 255).astype(np.uint8)
+  w = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
+  return Examples(images, ds.train_labels[start:start + n].astype(np.int32), w)
+
+
+@functools.cache
+def _data() -> tuple[Examples, Examples]:
+  return _examples(0, NUM_TRAIN), _examples(NUM_TRAIN, NUM_VALID)
+
+
+@functools.cache
+def _model():
+  return make_model('convnet', 1, 10, width=8)
+
+
+@functools.cache
+def _learner(frozen: tuple[str, ...] = ()) -> Learner:
+  return Learner(_model(), InputScaling.standardise(_data()[0].images), (l2_penalty(),), frozen)
+
+
+@functools.cache
+def _jitted_init(model):
+  return jax.jit(lambda key: model.init(key, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32), train=False))
+
+
+@functools.cache
+def _init(seed: int = 0):
+  return jax.device_get(_jitted_init(_model())(jax.random.key(seed)))
+
+
+@functools.cache
+def _jitted_logits(learner: Learner):
+  """Eval-mode logits of one run's variables, straight from `model.apply` (not through the loop)."""
+  return jax.jit(lambda v, images: learner.model.apply(v, learner.scaling(images), train=False))
+
+
+def _grid_rows(grid, rows) -> dict:
+  return {k: np.asarray(v)[rows] for k, v in grid.items()}
+
+
+def _fit(grid, learner=None, train=None, valid=None, init_seed=0, **options) -> loop.FitResult:
+  """Fits all runs of `grid` from the same init and key (as the methods do)."""
+  num_runs = len(grid['learning_rate'])
+  train_default, valid_default = _data()
+  options = dict(num_epochs=3, patience=10, batch_size=BATCH) | options
+  return fit(learner or _learner(), grid_lib.stack(_init(init_seed), num_runs), grid, jnp.stack([KEY] * num_runs),
+             train or train_default, valid or valid_default, FitOptions(**options),
+             describe_run=lambda r: grid_lib.describe(grid, r))
+
+
+def _leaves(tree) -> dict:
+  return {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _np_cross_entropy(logits, labels) -> np.ndarray:
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  return -logp[np.arange(len(labels)), labels]
+
+
+def _assert_trees_close(a, b, atol):
+  la, lb = _leaves(a), _leaves(b)
+  assert la.keys() == lb.keys()
+  for k in la:
+    np.testing.assert_allclose(la[k], lb[k], atol=atol, rtol=0, err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------------ 1. early stopping
+
+
+def _run_stopping(accs, patience, compat=False):
+  """Feeds one run's accuracies (epoch 0 first) while it is active, as `fit` does; returns the rule and the
+  epochs on which it reported an improvement."""
+  stop = EarlyStopping.start(np.array([accs[0]]), patience, compat)
+  improved_epochs = []
+  for epoch, acc in enumerate(accs[1:], 1):
+    if not stop.active.any():
+      break
+    if stop.update(np.array([acc]), epoch)[0]:
+      improved_epochs.append(epoch)
+  return stop, improved_epochs
+
+
+def test_early_stopping_fixed_rule_counts_against_best():
+  # 0.55, 0.58, 0.59 never beat 0.6: counter 1, 2, 3 > patience 2 → stop after epoch 4; 0.7 at epoch 5 is never seen.
+  stop, improved = _run_stopping([0.5, 0.6, 0.55, 0.58, 0.59, 0.7, 0.8], patience=2)
+  assert improved == [1]
+  assert stop.best_epoch.tolist() == [1] and stop.best_acc.tolist() == [0.6]
+  assert stop.stop_epoch.tolist() == [4] and stop.active.tolist() == [False]
+  # A later improvement resets the counter.
+  stop, improved = _run_stopping([0.5, 0.6, 0.55, 0.58, 0.61, 0.6, 0.6, 0.6, 0.9], patience=2)
+  assert improved == [1, 4] and stop.best_epoch.tolist() == [4] and stop.stop_epoch.tolist() == [7]
+  # Equal to the best is no improvement (strictly higher needed); patience 0 stops at the first non-improvement.
+  stop, improved = _run_stopping([0.5, 0.6, 0.6, 0.9], patience=0)
+  assert improved == [1] and stop.best_epoch.tolist() == [1] and stop.stop_epoch.tolist() == [2]
+
+
+def test_early_stopping_compat_counts_against_previous_epoch():
+  # Creeping up after the dip keeps the run going although it stays below the best (0.6 at epoch 1).
+  accs = [0.5, 0.6, 0.55, 0.56, 0.57, 0.58, 0.59, 0.595, 0.59, 0.58, 0.57, 0.99]
+  stop, improved = _run_stopping(accs, patience=2, compat=True)
+  assert improved == [1]
+  assert stop.best_epoch.tolist() == [1] and stop.best_acc.tolist() == [0.6]
+  # Epochs 8, 9, 10 do not beat their previous epoch: counter 1, 2, 3 → stop after epoch 10.
+  assert stop.stop_epoch.tolist() == [10] and stop.active.tolist() == [False]
+  # The fixed rule stops the same sequence after epoch 4.
+  fixed, _ = _run_stopping(accs, patience=2)
+  assert fixed.stop_epoch.tolist() == [4] and fixed.best_epoch.tolist() == [1]
+  # A plateau (equal to the previous epoch) counts as no gain in compat mode too.
+  flat, improved = _run_stopping([0.5, 0.5, 0.5, 0.5, 0.5], patience=2, compat=True)
+  assert improved == [] and flat.stop_epoch.tolist() == [3] and flat.best_epoch.tolist() == [0]
+
+
+def test_early_stopping_epoch0_best_and_independent_runs():
+  stop, improved = _run_stopping([0.7, 0.6, 0.65, 0.69, 0.9], patience=2)
+  assert improved == [] and stop.best_epoch.tolist() == [0] and stop.best_acc.tolist() == [0.7]
+  assert stop.stop_epoch.tolist() == [3]
+  # Vectorised over runs: a stopped run is frozen while the others continue.
+  stop = EarlyStopping.start(np.array([0.5, 0.5]), patience=1)
+  seq = [(0.4, 0.6), (0.4, 0.7), (0.9, 0.65), (0.95, 0.8)]
+  improved = [stop.update(np.array(a), e).tolist() for e, a in enumerate(seq, 1)]
+  assert improved == [[False, True], [False, True], [False, False], [False, True]]
+  assert stop.best_epoch.tolist() == [0, 4] and stop.best_acc.tolist() == [0.5, 0.8]
+  assert stop.stop_epoch.tolist() == [2, 4] and stop.active.tolist() == [False, True]
+  assert stop.counter.tolist() == [2, 0]
+  # The state survives a JSON round trip (as a checkpoint stores it).
+  back = EarlyStopping(**{k: np.asarray(v) if isinstance(v, list) else v
+                          for k, v in json.loads(json.dumps(stop.to_json())).items()})
+  assert back.update(np.array([0.99, 0.7]), 5).tolist() == [False, False]
+  assert back.best_acc.tolist() == [0.5, 0.8] and back.counter.tolist() == [2, 1]
+
+
+def test_fit_that_never_improves_returns_initial_model():
+  # Valid labels = the initial model's own predictions: epoch 0 scores 1.0, which no later epoch can beat.
+  _, valid = _data()
+  learner = _learner()
+  logits = _jitted_logits(learner)(_init(0), valid.images)
+  own = Examples(valid.images, np.asarray(np.argmax(logits, -1), np.int32), valid.weights)
+  result = _fit(_grid_rows(GRID, [1]), valid=own, num_epochs=10, patience=2)
+  assert result.history[0]['valid_accuracy'] == [1.0]
+  assert [h['valid_accuracy'][0] < 1.0 for h in result.history[1:]] == [True] * 3  # training did change the model
+  assert result.best_epoch.tolist() == [0] and result.stop_epoch.tolist() == [3]
+  assert result.best_valid_accuracy.tolist() == [1.0] and len(result.history) == 4
+  _assert_trees_close(result.best_variables, grid_lib.stack(_init(0), 1), atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- 2. grid vs serial
+
+
+@functools.cache
+def _serial_results() -> list[loop.FitResult]:
+  return [_fit(_grid_rows(GRID, [r])) for r in range(4)]
+
+
+@pytest.mark.parametrize('parallel_runs', [4, 1])
+def test_grid_equals_serial_runs(parallel_runs):
+  grid_result = _fit(GRID, parallel_runs=parallel_runs)
+  for r, single in enumerate(_serial_results()):
+    assert grid_result.best_valid_accuracy[r] == single.best_valid_accuracy[0], r
+    assert grid_result.best_epoch[r] == single.best_epoch[0], r
+    np.testing.assert_allclose([h['valid_loss'][r] for h in grid_result.history],
+                               [h['valid_loss'][0] for h in single.history], rtol=1e-5)
+    _assert_trees_close(grid_lib.take(grid_result.best_variables, slice(r, r + 1)), single.best_variables, atol=1e-5)
+  # The runs really differ (learning rate and dropout matter), so equality above is per run.
+  finals = [_leaves(s.best_variables)['params/fc/dense/kernel'] for s in _serial_results()]
+  assert all(np.abs(finals[0] - f).max() > 1e-3 for f in finals[1:])
+  assert all(s.best_epoch[0] > 0 for s in _serial_results())
+
+
+# ---------------------------------------------------------------------------------------------- 3. 1 vs 2 devices
+
+
+def _device_summary() -> dict:
+  """A 3-run fit (odd, so 2 devices pad the run axis) summarised as JSON-able numbers."""
+  grid = _grid_rows(GRID, [0, 1, 3])
+  result = _fit(grid, num_epochs=2)
+  leaves = _leaves(result.best_variables)
+  checksum = [[float(np.sum(v[r], dtype=np.float64)) for v in leaves.values()] +
+              [float(np.sum(np.square(v[r], dtype=np.float64))) for v in leaves.values()] for r in range(3)]
+  return {'devices': jax.device_count(), 'best_valid_accuracy': result.best_valid_accuracy.tolist(),
+          'best_epoch': result.best_epoch.tolist(), 'checksum': checksum,
+          'valid_loss': [h['valid_loss'] for h in result.history]}
+
+
+_CHILD = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import loop_test
+print('SUMMARY ' + json.dumps(loop_test._device_summary()))
+"""
+
+
+@functools.cache
+def _two_device_child() -> tuple[subprocess.Popen, Any, Any]:
+  """The subprocess (2 forced host devices) running `_device_summary`, with its stdout and stderr files."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2').strip())
+  out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
+  child = subprocess.Popen([sys.executable, '-c', _CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)))],
+                           env=env, stdout=out, stderr=err, text=True)
+  return child, out, err
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _start_two_device_child_early(request):
+  """Starts the 2-device subprocess at the beginning of the module when its test is selected, so that its
+  compilation overlaps with the other tests (compilation is mostly single-threaded)."""
+  if _single_cpu() and any(item.name == 'test_two_devices_equal_one_device' for item in request.session.items):
+    _two_device_child()
+  yield
+  if _two_device_child.cache_info().currsize:
+    child, out, err = _two_device_child()
+    if child.poll() is None:
+      child.kill()
+      child.wait()
+    out.close()
+    err.close()
+
+
+def _single_cpu() -> bool:
+  return jax.default_backend() == 'cpu' and jax.device_count() == 1
+
+
+def test_two_devices_equal_one_device():
+  if not _single_cpu():
+    pytest.skip('the in-process reference needs a single CPU device')
+  child, out, err = _two_device_child()
+  child.wait(timeout=600)
+  out.seek(0)
+  err.seek(0)
+  stdout, stderr = out.read(), err.read()
+  assert child.returncode == 0, stderr[-3000:]
+  lines = [l for l in stdout.splitlines() if l.startswith('SUMMARY ')]
+  assert lines, stdout[-3000:] + stderr[-3000:]
+  two = json.loads(lines[-1][len('SUMMARY '):])
+  one = _device_summary()
+  assert two['devices'] == 2 and one['devices'] == 1
+  np.testing.assert_allclose(two['best_valid_accuracy'], one['best_valid_accuracy'], rtol=1e-4)
+  assert two['best_epoch'] == one['best_epoch']
+  np.testing.assert_allclose(two['valid_loss'], one['valid_loss'], rtol=1e-4)
+  np.testing.assert_allclose(two['checksum'], one['checksum'], rtol=1e-4, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------------------- 4. resume
+
+
+@pytest.fixture
+def trained_epochs(monkeypatch):
+  """Records the epoch argument of every compiled training-epoch call made by `fit`."""
+  epochs = []
+  original = loop._compiled
+
+  def spy(learner, batch_size):
+    init_opt, train_epoch, keep_best = original(learner, batch_size)
+
+    def counted(*args, **kwargs):
+      epochs.append(int(args[6]))
+      return train_epoch(*args, **kwargs)
+    counted.compiled = train_epoch
+    return init_opt, counted, keep_best
+  monkeypatch.setattr(loop, '_compiled', spy)
+  return epochs
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_fit(tmp_path, trained_epochs):
+  grid = _grid_rows(GRID, [1])
+  full = _fit(grid, num_epochs=4)
+  assert trained_epochs == [1, 2, 3, 4]
+  trained_epochs.clear()
+  ckpt = str(tmp_path / 'ckpt')
+  first = _fit(grid, num_epochs=2, checkpoint_dir=ckpt, checkpoint_every_s=0)
+  assert trained_epochs == [1, 2] and len(first.history) == 3
+  with open(os.path.join(ckpt, 'progress.json')) as f:
+    assert json.load(f)['epoch'] == 2
+  trained_epochs.clear()
+  compiled = loop._compiled(_learner(), BATCH)[1].compiled
+  programs = compiled._cache_size()
+  resumed = _fit(grid, num_epochs=4, checkpoint_dir=ckpt, checkpoint_every_s=3600)
+  assert trained_epochs == [3, 4]  # resumed, not restarted
+  assert compiled._cache_size() == programs  # the restored state reuses the compiled epoch (no recompilation)
+  assert len(resumed.history) == 5 and [h['epoch'] for h in resumed.history] == [0, 1, 2, 3, 4]
+  assert resumed.history == full.history
+  assert resumed.best_valid_accuracy.tolist() == full.best_valid_accuracy.tolist()
+  assert resumed.best_epoch.tolist() == full.best_epoch.tolist()
+  assert resumed.stop_epoch.tolist() == full.stop_epoch.tolist() == [4]
+  _assert_trees_close(resumed.best_variables, full.best_variables, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- 5. divergence
+
+
+def test_infinite_loss_weight_raises_with_epoch_and_run():
+  train, _ = _data()
+  weights = train.weights.copy()
+  weights[17] = np.inf
+  bad = Examples(train.images, train.labels, weights)
+  num_runs = 1
+  with pytest.raises(TrainingDiverged) as info:
+    fit(_learner(), grid_lib.stack(_init(0), num_runs), _grid_rows(GRID, [0]), jnp.stack([KEY]), bad, _data()[1],
+        FitOptions(num_epochs=3, batch_size=BATCH, description='stage X'), describe_run=lambda r: f'my run #{r}')
+  message = str(info.value)
+  assert 'epoch 1 ' in message and 'my run #0' in message and 'stage X' in message
+
+
+def test_divergence_after_resume_names_later_epoch_and_the_bad_run(tmp_path):
+  ckpt = str(tmp_path / 'ckpt')
+  _fit(GRID, num_epochs=1, parallel_runs=4, checkpoint_dir=ckpt, checkpoint_every_s=0)
+  grid = {k: v.copy() for k, v in GRID.items()}
+  grid['weight_decay'][2] = np.inf  # only run 2 blows up: inf · Σw²
+  with pytest.raises(TrainingDiverged) as info:
+    _fit(grid, num_epochs=4, parallel_runs=4, checkpoint_dir=ckpt, checkpoint_every_s=3600)
+  message = str(info.value)
+  assert 'epoch 2 ' in message
+  assert grid_lib.describe(grid, 2) in message and 'weight_decay=inf' in message
+  assert grid_lib.describe(grid, 0) not in message
+
+
+# ---------------------------------------------------------------------------------------------- 6. frozen layers
+
+
+def test_frozen_layer_params_and_stats_unchanged():
+  result = _fit(_grid_rows(GRID, [1]), learner=_learner(('conv1',)), num_epochs=2)
+  assert result.best_epoch[0] > 0
+  before, after = _leaves(grid_lib.stack(_init(0), 1)), _leaves(result.best_variables)
+  frozen = [k for k in before if k.split('/')[1] == 'conv1']
+  assert sorted(frozen) == ['batch_stats/conv1/bn/mean', 'batch_stats/conv1/bn/var', 'params/conv1/bn/bias',
+                            'params/conv1/bn/scale', 'params/conv1/conv/kernel']
+  for k in before:
+    if k in frozen:
+      np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    else:
+      assert np.abs(after[k] - before[k]).max() > 1e-4, k
+
+
+# ------------------------------------------------------------------------------------------------ 7. the objective
+
+
+def test_loss_and_first_step_match_numpy_reference(monkeypatch):
+  n, batch, lam, lr = 64, 80, 0.05, 1e-3
+  rng = np.random.default_rng(3)
+  train = _examples(500, n, rng.uniform(0.2, 2.0, n))
+  learner = _learner()
+  variables = jax.tree_util.tree_map(jnp.asarray, _init(3))
+  params = variables['params']
+
+  # numpy reference: mean_i w_i·CE_i + λ Σ w² over conv kernels and the fc kernel and bias, chosen by name.
+  logits, ref_updates = jax.jit(lambda v, x: learner.model.apply(v, learner.scaling(x), train=True,
+                                                                  mutable=['batch_stats']))(variables, train.images)
+  flat = {'/'.join(k): np.asarray(v, np.float64) for k, v in traverse_util.flatten_dict(params).items()}
+  decayed = ['conv1/conv/kernel', 'layer1/conv/kernel', 'fc/dense/kernel', 'fc/dense/bias']
+  assert sorted(k for k in flat if '/bn/' not in k) == sorted(decayed)
+  ce = _np_cross_entropy(logits, train.labels)
+  ref = np.mean(train.weights * ce) + lam * sum(np.sum(flat[k] ** 2) for k in decayed)
+
+  # The library's pieces, on a batch padded the way `_batch_plan` pads it (index 0, masked out).
+  def lib_loss(params, images, labels, weights, mask, coef):
+    lgt, _ = learner.apply({'params': params, 'batch_stats': variables['batch_stats']}, images, train=True,
+                           hparams={'dropout': jnp.float32(0.0)}, rng=jax.random.key(0), mask=mask)
+    return masked_mean(weights * cross_entropy(lgt, labels), mask) + learner.penalty(params, {'weight_decay': coef},
+                                                                                     None)
+  pad = np.zeros(batch - n, int)
+  padded = (np.concatenate([train.images, train.images[pad]]), np.concatenate([train.labels, train.labels[pad]]),
+            np.concatenate([train.weights, train.weights[pad]]), np.arange(batch) < n)
+  loss_and_grad = jax.jit(jax.value_and_grad(lib_loss))
+  loss, grads = loss_and_grad(params, *padded, np.float32(lam))
+  np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+
+  # One Adam step of the loop (one padded batch of 80 holding the 64 examples): the first Adam update is
+  # -lr·g/(|g| + ε). Take the state after the step, whatever its valid accuracy.
+  original = loop._compiled
+
+  def last_epoch(learner, batch_size):
+    init_opt, train_epoch, _ = original(learner, batch_size)
+    return init_opt, train_epoch, jax.jit(lambda best, current, improved: current)
+  monkeypatch.setattr(loop, '_compiled', last_epoch)
+  hp = {'learning_rate': np.array([lr], np.float32), 'weight_decay': np.array([lam], np.float32),
+        'dropout': np.array([0.0], np.float32)}
+  result = fit(learner, grid_lib.stack(_init(3), 1), hp, jnp.stack([KEY]), train, _examples(NUM_TRAIN, n),
+               FitOptions(num_epochs=1, batch_size=batch))
+  after = _leaves(grid_lib.take(result.best_variables, 0))
+  g = {k: np.asarray(v) for k, v in _leaves(grads).items()}
+  without_penalty = _leaves(loss_and_grad(params, *padded, np.float32(0.0))[1])
+  flips = 0
+  for k, gk in g.items():
+    p0 = np.asarray(flat[k], np.float32)
+    big = np.abs(gk) > 1e-5
+    assert big.mean() > 0.9, k
+    expected = p0 - lr * gk / (np.abs(gk) + 1e-8)
+    np.testing.assert_allclose(after['params/' + k][big], expected[big], atol=2e-6, rtol=0, err_msg=k)
+    flips += int(np.sum(np.sign(gk) != np.sign(without_penalty[k])))
+  assert flips > 10  # the penalty matters for the step, so the check above sees it
+  # BN running statistics after the step: momentum 0.9 towards the statistics of the 64 real examples only.
+  for k, v in _leaves(ref_updates['batch_stats']).items():
+    np.testing.assert_allclose(after['batch_stats/' + k], v, atol=2e-5, rtol=1e-4, err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------------- 8. batch plan
+
+
+def test_batch_plan_keeps_padded_last_batch():
+  idx, mask = loop._batch_plan(jax.random.key(5), 7, 3)
+  idx, mask = np.asarray(idx), np.asarray(mask)
+  assert idx.shape == mask.shape == (3, 3)
+  assert mask.sum() == 7 and (~mask).sum() == 2
+  assert mask.ravel().tolist() == [True] * 7 + [False] * 2
+  assert sorted(idx[mask].tolist()) == list(range(7))
+  other, _ = loop._batch_plan(jax.random.key(6), 7, 3)
+  assert np.asarray(other)[mask].tolist() != idx[mask].tolist()  # shuffled by the key
+  full_idx, full_mask = map(np.asarray, loop._batch_plan(jax.random.key(5), 6, 3))
+  assert full_idx.shape == (2, 3) and full_mask.all() and sorted(full_idx.ravel().tolist()) == list(range(6))
+
+
+# ---------------------------------------------------------------------------------------------------- 9. over_runs
+
+
+@pytest.mark.parametrize('groups, chunk', [(1, None), (1, 1), (1, 3), (2, None), (2, 1), (3, 1)])
+def test_over_runs_equals_python_loop(groups, chunk):
+  rng = np.random.default_rng(0)
+  tree = {'a': rng.normal(size=(6, 3, 4)).astype(np.float32), 'b': rng.normal(size=(6, 4, 2)).astype(np.float32)}
+
+  def fn(t):
+    h = jnp.tanh(t['a'] @ t['b'])
+    return {'rows': h.sum(0), 'total': jnp.sum(t['a'] ** 2) + jnp.max(h)}
+  got = jax.jit(lambda t: over_runs(fn, t, groups, chunk))(tree)
+  for r in range(6):
+    want = fn({k: v[r] for k, v in tree.items()})
+    np.testing.assert_allclose(got['rows'][r], want['rows'], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got['total'][r], want['total'], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------- 10. evaluate
+
+
+def test_evaluate_matches_numpy_argmax():
+  learner = _learner()
+  examples = _data()[1]
+  # Two different models, with perturbed BN statistics so eval mode (running statistics) matters.
+  runs = [_init(1), _init(2)]
+  runs[1] = jax.tree_util.tree_map(np.asarray, runs[1])
+  runs[1]['batch_stats']['layer1']['bn']['mean'] = np.linspace(-0.5, 0.5, 64).astype(np.float32)
+  stacked = jax.tree_util.tree_map(lambda *v: np.stack(v), *runs)
+  loss, acc = evaluate(learner, stacked, examples, eval_batch_size=100)  # 100 does not divide 256
+  assert loss.shape == acc.shape == (2,)
+  for r, v in enumerate(runs):
+    logits = np.asarray(_jitted_logits(learner)(v, examples.images))
+    np.testing.assert_allclose(acc[r], np.mean(np.argmax(logits, -1) == examples.labels), atol=1e-6)
+    np.testing.assert_allclose(loss[r], np.mean(_np_cross_entropy(logits, examples.labels)), rtol=1e-5)
+  assert 0 < acc.min() and acc.max() < 0.5  # untrained: the comparison is not trivially 0 or 1
+
+
+# ------------------------------------------------------------------------------------------------- 11. learning
+
+
+def test_learns_digits():
+  ds = _digits()
+  train = _examples(0, 1000, dither=False)
+  valid = _examples(1000, len(ds.train_labels) - 1000, dither=False)
+  model = make_model('convnet', 1, 10, width=16)
+  variables = jax.device_get(_jitted_init(model)(jax.random.key(0)))
+  learner = Learner(model, InputScaling.standardise(train.images), (l2_penalty(),))
+  hp = {'learning_rate': np.array([1e-3], np.float32), 'weight_decay': np.array([0.0], np.float32),
+        'dropout': np.array([0.0], np.float32)}
+  result = fit(learner, grid_lib.stack(variables, 1), hp, jnp.stack([KEY]), train, valid,
+               FitOptions(num_epochs=10, patience=10, batch_size=50))
+  assert result.best_valid_accuracy[0] >= 0.9, result.history
+  assert result.history[0]['valid_accuracy'][0] < 0.3
+
+
+# --------------------------------------------------------------------------------------------------- 12. kernels
+
+
+@pytest.mark.parametrize('size, kernel, stride', [(9, 3, 1), (8, 3, 1), (9, 3, 2), (8, 3, 2), (16, 7, 2),
+                                                  (15, 7, 2)])
+def test_patches_conv_equals_xla_conv(size, kernel, stride):
+  rng = np.random.default_rng(size * 100 + kernel * 10 + stride)
+  x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)) / kernel, jnp.float32)
+  pad = kernel // 2
+  padding = ((pad, pad), (pad, pad))
+
+  @jax.jit
+  def xla(x, w):
+    return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                    precision=lax.Precision.HIGHEST)
+
+  @jax.jit
+  def ours(x, w):
+    return patches_conv(x, w, (stride, stride), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  want, got = xla(x, w), ours(x, w)
+  assert got.shape == want.shape == (2, math.ceil(size / stride), math.ceil(size / stride), 5)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  cot = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  g_want = jax.jit(jax.grad(lambda x, w: jnp.sum(xla(x, w) * cot), argnums=(0, 1)))(x, w)
+  g_got = jax.jit(jax.grad(lambda x, w: jnp.sum(ours(x, w) * cot), argnums=(0, 1)))(x, w)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize('size', [16, 15, 9, 8, 5, 2])
+def test_max_pool_equals_flax(size):
+  rng = np.random.default_rng(size)
+  x = jnp.asarray(rng.normal(size=(2, size, size + 1, 4)), jnp.float32)
+
+  def flax_pool(x):
+    return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+  want, got = jax.jit(flax_pool)(x), jax.jit(max_pool_3x3_s2)(x)
+  assert got.shape == want.shape
+  np.testing.assert_array_equal(got, want)
+  cot = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  g_want = jax.jit(jax.grad(lambda x: jnp.sum(flax_pool(x) * cot)))(x)
+  g_got = jax.jit(jax.grad(lambda x: jnp.sum(max_pool_3x3_s2(x) * cot)))(x)
+  np.testing.assert_allclose(g_got, g_want, atol=1e-6)
