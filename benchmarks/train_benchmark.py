@@ -1,0 +1,210 @@
+"""Training speed: per-architecture throughput, the 8-point grid trained three ways, and the CPU conv/pool kernels.
+
+1. Throughput: one run, batch 100, 32×32 random uint8 images, 10 classes, width 64; a 1-epoch `fit` compiles, then
+   a timed `fit` of `--epochs` epochs (its `train_seconds`: train epochs plus a 10-example valid pass each).
+2. Grid: lr {1e-3,1e-4} × weight decay {1e-4,1e-2} × dropout {0,0.5} on digits (1300 train / 197 valid, 16×16,
+   batch 50), trained (a) as one fit with all 8 runs vmapped, (b) one fit with the runs in sequence inside the
+   compiled program, (c) 8 serial fits of one run. Wall seconds after a warm-up fit of each. (b) and (c) run the
+   same per-run program and must give the same best valid accuracies (asserted); (a)'s batched matmuls round
+   differently in the last bits, which can move a run's accuracy by an example (printed).
+3. Kernels (on CPU): `patches_conv` vs `lax.conv_general_dilated` and `max_pool_3x3_s2` vs `nn.max_pool`,
+   forward+backward, single and vmapped over 8 runs.
+
+Waits (at most 10 min) for the 1-minute load average to drop below 1.2 before measuring. Prints markdown tables.
+Run: python benchmarks/train_benchmark.py [--quick] [--sections throughput,grid,kernels]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from s2f_jax.data.sources import load_digits
+from s2f_jax.models import make_model
+from s2f_jax.models.layers import max_pool_3x3_s2, patches_conv
+from s2f_jax.training import grid as grid_lib
+from s2f_jax.training.loop import Examples, FitOptions, Learner, fit
+from s2f_jax.training.objective import InputScaling, l2_penalty
+
+REPEATS = 3
+GRID = {'learning_rate': (1e-3, 1e-4), 'weight_decay': (1e-4, 1e-2), 'dropout': (0.0, 0.5)}
+GRID_MODELS = {'tiny': ('convnet', 1, 8), 'default': ('convnet', 1, 16), 'resnet1': ('resnet', 1, 16)}
+
+
+def wait_for_quiet(limit: float = 1.2, poll_s: float = 15, max_s: float = 600) -> float:
+  """Polls the 1-minute load average until it is below `limit` (or `max_s` passed); returns the last reading."""
+  start = time.time()
+  while os.getloadavg()[0] >= limit and time.time() - start < max_s:
+    time.sleep(poll_s)
+  return os.getloadavg()[0]
+
+
+def best_time(fn: Callable[[], object], target_s: float = 0.1) -> float:
+  """Per-call wall time of `fn` (outputs blocked on): after a warm-up call, the best of `REPEATS` timings, the first
+  of one call, the others of enough calls to take about `target_s`."""
+  jax.block_until_ready(fn())
+  times, number = [], 1
+  for _ in range(REPEATS):
+    start = time.perf_counter()
+    for _ in range(number):
+      jax.block_until_ready(fn())
+    times.append((time.perf_counter() - start) / number)
+    number = max(1, round(target_s / times[0]))
+  return min(times)
+
+
+def random_examples(n: int, size: int, seed: int) -> Examples:
+  rng = np.random.default_rng(seed)
+  return Examples(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                  rng.integers(0, 10, n).astype(np.int32), np.ones(n, np.float32))
+
+
+def setup(name: str, num_blocks: int, width: int, train: Examples, runs: int) -> tuple[Learner, dict]:
+  """Learner (standardised inputs, L2 penalty) and one PyTorch-style init stacked `runs` times."""
+  model = make_model(name, num_blocks, 10, width)
+  init = model.init(jax.random.key(0), jnp.zeros((1,) + train.images.shape[1:], jnp.float32), train=False)
+  return (Learner(model, InputScaling.standardise(train.images), (l2_penalty(),)),
+          grid_lib.stack(jax.device_get(init), runs))
+
+
+def throughput(models: list[str], blocks: list[int], epochs: int, n: int) -> None:
+  train, valid = random_examples(n, 32, 0), random_examples(10, 32, 1)
+  hp = {'learning_rate': np.array([1e-3], np.float32), 'weight_decay': np.array([1e-4], np.float32),
+        'dropout': np.array([0.0], np.float32)}
+  keys = jax.random.split(jax.random.key(0), 1)
+  steps = -(-n // 100)
+  print(f'\n## Train throughput (1 run, batch 100, 32×32, width 64, {n} examples, {epochs} timed epochs)\n')
+  print('| model | blocks | warm-up fit incl. compile (s) | examples/s | ms / train step |')
+  print('|---|---:|---:|---:|---:|')
+  for name in models:
+    for num_blocks in blocks:
+      learner, init = setup(name, num_blocks, 64, train, 1)
+      tic = time.perf_counter()
+      fit(learner, init, hp, keys, train, valid, FitOptions(num_epochs=1, patience=1000, batch_size=100))
+      warm = time.perf_counter() - tic
+      result = fit(learner, init, hp, keys, train, valid, FitOptions(num_epochs=epochs, patience=1000,
+                                                                     batch_size=100))
+      per_epoch = result.train_seconds / epochs
+      print(f'| {name} | {num_blocks} | {warm:.1f} | {result.examples_per_second:.0f} | '
+            f'{1000 * per_epoch / steps:.1f} |', flush=True)
+
+
+def digits_split(size: int = 16, num_train: int = 1300) -> tuple[Examples, Examples]:
+  base = load_digits(size)
+  x, y, w = base.train_images, base.train_labels.astype(np.int32), np.ones(len(base.train_labels), np.float32)
+  return Examples(x[:num_train], y[:num_train], w[:num_train]), Examples(x[num_train:], y[num_train:], w[num_train:])
+
+
+def grid_three_ways(names: list[str], epochs: int) -> bool:
+  """Prints the grid table; returns whether (b) and (c) agree for every model ((a) may differ by float rounding)."""
+  train, valid = digits_split()
+  hp = grid_lib.product_grid(GRID)
+  keys = jax.random.split(jax.random.key(1), 8)
+  print(f'\n## 8-point grid, three ways ({len(train)} train / {len(valid)} valid digits, 16×16, batch 50, '
+        f'{epochs} epochs; wall s after warm-up)\n')
+  print('| model | (a) vmap 8 (s) | (b) in sequence (s) | (c) 8 serial fits (s) | (c)/(a) | (c)/(b) '
+        '| max Δ best valid acc (a)−(c) | (b)−(c) | max Δ epoch-0 valid loss (a)−(c) |')
+  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+  agree = True
+  for label in names:
+    name, num_blocks, width = GRID_MODELS[label]
+    learner, init = setup(name, num_blocks, width, train, 8)
+
+    def runs(r: slice, parallel_runs: int = 0, num_epochs: int = epochs) -> tuple[np.ndarray, np.ndarray]:
+      """Best valid accuracy and epoch-0 valid loss of the runs `r` trained in one fit."""
+      options = FitOptions(num_epochs=num_epochs, patience=1000, batch_size=50, parallel_runs=parallel_runs)
+      result = fit(learner, grid_lib.take(init, r), grid_lib.take(hp, r), keys[r], train, valid, options)
+      return result.best_valid_accuracy, np.asarray(result.history[0]['valid_loss'])
+
+    ways = [lambda: runs(slice(0, 8), 8), lambda: runs(slice(0, 8), 1),
+            lambda: tuple(map(np.concatenate, zip(*(runs(slice(r, r + 1)) for r in range(8)))))]
+    runs(slice(0, 8), 8, 1), runs(slice(0, 8), 1, 1), runs(slice(0, 1), 0, 1)  # compile
+    seconds, outs = [], []
+    for way in ways:
+      tic = time.perf_counter()
+      outs.append(way())
+      seconds.append(time.perf_counter() - tic)
+    (acc_a, loss_a), (acc_b, _), (acc_c, loss_c) = outs
+    delta_a, delta_b = float(np.abs(acc_a - acc_c).max()), float(np.abs(acc_b - acc_c).max())
+    agree &= delta_b <= 1e-3
+    a, b, c = seconds
+    print(f'| {name}-{num_blocks} w{width} | {a:.2f} | {b:.2f} | {c:.2f} | {c / a:.2f}x | {c / b:.2f}x '
+          f'| {delta_a:.4f} | {delta_b:.4f} | {np.abs(loss_a - loss_c).max():.1e} |', flush=True)
+  return agree
+
+
+def kernels() -> None:
+  """Forward+backward (grads w.r.t. input and kernel) of the CPU conv and pool kernels against XLA's."""
+  rng = np.random.default_rng(0)
+  cases = [('conv 3×3 s1, [100,8,8,64]→64', (100, 8, 8, 64), (3, 3, 64, 64), 1),
+           ('stem conv 7×7 s2, [100,32,32,3]→64', (100, 32, 32, 3), (7, 7, 3, 64), 2)]
+  print('\n## CPU kernels, forward+backward (ms, best of 3)\n')
+  print('| op | runs | ours (ms) | XLA (ms) | XLA / ours |')
+  print('|---|---:|---:|---:|---:|')
+
+  def row(label, ours, xla, args, runs):
+    argnums = tuple(range(len(args)))
+    ours, xla = jax.grad(ours, argnums), jax.grad(xla, argnums)
+    if runs > 1:
+      ours, xla = jax.vmap(ours), jax.vmap(xla)
+      args = tuple(np.broadcast_to(a, (runs,) + a.shape).copy() for a in args)
+    ours, xla, args = jax.jit(ours), jax.jit(xla), jax.device_put(args)
+    t_ours, t_xla = best_time(lambda: ours(*args)), best_time(lambda: xla(*args))
+    print(f'| {label} | {runs} | {1000 * t_ours:.2f} | {1000 * t_xla:.2f} | {t_xla / t_ours:.2f}x |', flush=True)
+
+  for label, x_shape, w_shape, stride in cases:
+    pad = ((w_shape[0] // 2,) * 2,) * 2
+    dims = ('NHWC', 'HWIO', 'NHWC')
+
+    def loss(impl):
+      return lambda x, w: jnp.sum(impl(x, w, (stride, stride), pad, dimension_numbers=dims) ** 2)
+    args = (rng.standard_normal(x_shape, np.float32), rng.standard_normal(w_shape, np.float32) * 0.1)
+    for runs in (1, 8):
+      row(label, loss(patches_conv), loss(jax.lax.conv_general_dilated), args, runs)
+  x = (rng.standard_normal((100, 16, 16, 64), np.float32),)
+  for runs in (1, 8):
+    row('max-pool 3×3 s2, [100,16,16,64]', lambda x: jnp.sum(max_pool_3x3_s2(x) ** 2),
+        lambda x: jnp.sum(nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))) ** 2), x, runs)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--sections', default='throughput,grid,kernels', help='any of these, in order')
+  parser.add_argument('--models', default='convnet,resnet,densenet')
+  parser.add_argument('--blocks', default='1,4')
+  parser.add_argument('--grid-models', default='tiny,default', help='of ' + ','.join(GRID_MODELS))
+  parser.add_argument('--epochs', type=int, default=1, help='timed epochs per throughput fit')
+  parser.add_argument('--grid-epochs', type=int, default=4)
+  parser.add_argument('--examples', type=int, default=400, help='throughput training examples')
+  parser.add_argument('--quick', action='store_true', help='throughput of 1-block models only')
+  args = parser.parse_args()
+  sections = args.sections.split(',')
+  if not set(sections) <= {'throughput', 'grid', 'kernels'}:
+    parser.error(f'--sections: {args.sections!r}; choose from throughput, grid, kernels')
+  blocks = [1] if args.quick else [int(b) for b in args.blocks.split(',')]
+  load = wait_for_quiet()
+  print(f'{datetime.datetime.now():%Y-%m-%d %H:%M}; devices: {jax.devices()}; {os.cpu_count()} CPUs; '
+        f'load average before measuring: {load:.2f}')
+  agree = True
+  for section in sections:
+    tic = time.perf_counter()
+    if section == 'throughput':
+      throughput(args.models.split(','), blocks, args.epochs, args.examples)
+    elif section == 'grid':
+      agree = grid_three_ways(args.grid_models.split(','), args.grid_epochs)
+    elif section == 'kernels':
+      with jax.default_device(jax.devices('cpu')[0]):
+        kernels()
+    print(f'\n{section}: {time.perf_counter() - tic:.0f} s; load average after: {os.getloadavg()[0]:.2f}')
+  assert agree, 'best valid accuracies differ between runs in sequence (b) and serial fits (c)'
+
+
+if __name__ == '__main__':
+  main()
