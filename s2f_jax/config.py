@@ -11,7 +11,8 @@ from s2f_jax.errors import UserError, choices_error
 
 INPUT_SCALINGS = ('standard', 'raw')
 LR_DECAYS = ('none', 'linear', 'exponential')
-FINE_TUNE_MODES = ('standard', 'side_tune', 'low_rank_adapt')
+FINE_TUNE_MODES = ('standard', 'side_tune', 'low_rank_adapt', 'standard_using_joint', 'standard_using_joint_with_init',
+                   'standard_using_joint_with_prev_reg', 'standard_using_joint_with_init_and_prev_reg')
 ADAPTER_MODES = ('add', 'multiply')
 
 
@@ -53,7 +54,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
 
   # Fine-tuning (erm/irm/dro_fine_tune, sequential_fine_tune): see s2f_jax/methods/layers_spec.py for the grammar.
   c.fine_tune_layers = 'all'  # all | comma set | dash stages | shortcut | search | surgical_rgn | surgical_snr
-  c.fine_tune_mode = 'standard'  # standard | side_tune | low_rank_adapt
+  c.fine_tune_mode = 'standard'  # standard | side_tune | low_rank_adapt | standard_using_joint[_with_init][_and_prev_reg]…
   c.regularization = 'standard'  # standard | previous | previous_l1 | fisher | fisher_all (EWC, sequential)
   c.ablate_init = False  # start fine-tuning from a fresh initialisation
   c.side_layer_sizes = ''  # side_tune modules: '' = one 3x3 conv + BN, 'block' = a copy of the block, '8,16' = widths
@@ -65,11 +66,16 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   # Joint model (joint_model, spec §4).
   c.joint = ml_collections.ConfigDict()
   c.joint.separate_layers = 'all'  # 'all' or per-target-step comma groups separated by ':' (e.g. 'conv1,layer1:fc')
-  c.joint.adjacent_reg_type = 'l2'  # none | l2 | l1 | l2_high | l2_very_high (β grid per type, spec §4.2)
+  c.joint.adjacent_reg_type = 'l2'  # none | l2 | l1 | l2_fisher | l2_high | l2_very_high (β grid per type, §4.2)
   c.joint.last_step_loss_weight = 3.0  # α of the final step (1 for the others)
   c.joint.loss_weight_increasing = False  # α_t = 1/(T - t) instead
   c.joint.weight_l2_by_time = False  # ω_t = 1/(t+1) on the L2 term and ν_t = 1/(T-t) on the adjacent term
   c.joint.loss_samples = 'all'  # all | nearest neighbors | optimal matching (historical samples chained from the final)
+  c.joint.mode = 'separate'  # separate | side_tune | low_rank_adapt (side_layer_sizes, all_layers_efficient, adapter_*)
+  c.joint.adjacent = ()  # β grid; empty = adjacent_reg_type's (spec §4.2)
+  c.joint.ablate = False  # every step runs step 0's model: ERM on all steps with the joint batch plan
+  c.joint.sweep_efficient_reg = False  # side_tune/low_rank_adapt: β = 0.1, side/adapter L2 over 1e-5..1, best per value
+  c.joint.resume_epochs = 0  # continue the selected model for this many more epochs (patience 10)
 
   # Robust objectives (dro_*, irm_*).
   c.dro_eta = 0.01  # Group DRO step size of the exponentiated-gradient group weights
@@ -119,6 +125,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from s2f_jax.data.loss_samples import MODES as LOSS_SAMPLES
   if config.joint.loss_samples not in LOSS_SAMPLES:
     raise choices_error('joint.loss_samples', config.joint.loss_samples, LOSS_SAMPLES)
+  _validate_joint(config)
   _non_negative(config, 'num_epochs', 'train.patience', 'train.parallel_runs', 'irm_anneal_steps')
   for key in ('dro_eta', 'irm_penalty'):
     if not isinstance(config[key], (int, float)) or config[key] < 0:
@@ -131,6 +138,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UserError(f'grid.{key}={values} must hold non-negative numbers')
     if key == 'dropout' and any(v >= 1 for v in values):
       raise UserError(f'grid.dropout={values}: dropout rates must be in [0, 1)')
+
+
+def _validate_joint(config: ml_collections.ConfigDict) -> None:
+  from s2f_jax.methods.joint import ADJACENT_GRIDS, MODES
+  j = config.joint
+  if j.mode not in MODES:
+    raise choices_error('joint.mode', j.mode, MODES)
+  if j.adjacent_reg_type not in ADJACENT_GRIDS:
+    raise choices_error('joint.adjacent_reg_type', j.adjacent_reg_type, tuple(ADJACENT_GRIDS))
+  betas = tuple(j.adjacent) if isinstance(j.adjacent, (tuple, list)) else (j.adjacent,)
+  if any(not isinstance(v, (int, float)) or v < 0 for v in betas):
+    raise UserError(f'joint.adjacent={betas} must hold non-negative numbers')
+  _non_negative(config, 'joint.resume_epochs')
 
 
 def _validate_fine_tuning(config: ml_collections.ConfigDict, methods: list[str]) -> None:
@@ -151,10 +171,11 @@ def _validate_fine_tuning(config: ml_collections.ConfigDict, methods: list[str])
                                                     for m in methods):
     raise UserError('regularization=fisher_all (EWC over earlier steps) applies to sequential_fine_tune only; '
                     'erm/irm/dro_fine_tune take standard, previous, previous_l1 or fisher')
+  if config.fine_tune_mode.startswith('standard_using_joint') and any(
+      m.endswith('_fine_tune') and m != 'erm_fine_tune' for m in methods):
+    raise UserError(f'fine_tune_mode={config.fine_tune_mode} (a debug mirror through the frozen joint model) applies '
+                    'to erm_fine_tune only')
   if config.fine_tune_mode != 'standard':
-    if 'sequential_fine_tune' in methods:
-      raise UserError(f'fine_tune_mode={config.fine_tune_mode} applies to erm/irm/dro_fine_tune, not '
-                      'sequential_fine_tune')
     changed = [k for k, default in (('fine_tune_layers', 'all'), ('regularization', 'standard'),
                                     ('ablate_init', False)) if config[k] != default]
     if changed:

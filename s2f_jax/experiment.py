@@ -20,6 +20,7 @@ from s2f_jax.data.sequence import Sequence, SequenceSpec, build_sequence, split_
 from s2f_jax.data.sources import RealSequence, load_source
 from s2f_jax.methods import METHODS, RunContext, method_name
 from s2f_jax.methods.adapted import check_adapted
+from s2f_jax.methods.joint import check_joint
 from s2f_jax.models import make_model
 from s2f_jax.results import read_metrics, run_metadata, write_config, write_metrics
 from s2f_jax.training.objective import InputScaling
@@ -57,6 +58,8 @@ def prepare(config: ml_collections.ConfigDict) -> tuple[Sequence, RunContext]:
              else InputScaling.standardise(sequence.steps[0].train.images))
   ctx = RunContext(config, sequence, '', model, scaling)
   check_adapted(ctx)
+  if 'joint_model' in config_lib.methods_of(config):
+    check_joint(ctx)
   return sequence, ctx
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from s2f_jax.errors import UserError
 from s2f_jax.models import make_model, weight_decay_mask
-from s2f_jax.models.joint import (adjacent_penalty, all_steps, init_joint, joint_apply, l2_by_time, module_path,
-                                  num_modules, parse_separate_layers, step_variables)
+from s2f_jax.models.joint import (JointLayout, adjacent_penalty, all_steps, init_joint, joint_apply, l2_by_time,
+                                  module_path, num_modules, parse_separate_layers, step_variables)
 from s2f_jax.training.objective import cross_entropy
 
 NUM_CLASSES = 3
@@ -21,7 +21,7 @@ COUNTED = [('conv1', 'conv', 'kernel'), ('layer1', 'conv', 'kernel'), ('fc', 'de
 
 
 # Jitted so that the tests stay fast on CPU; `path` is concrete (closed over) for init_joint, traced elsewhere.
-JOINT_APPLY = jax.jit(joint_apply, static_argnums=0, static_argnames='train')
+JOINT_APPLY = jax.jit(joint_apply, static_argnums=(0, 1), static_argnames='train')
 MODEL_INIT = jax.jit(MODEL.init)
 EVAL_APPLY = jax.jit(MODEL.apply)
 ADJACENT = jax.jit(adjacent_penalty, static_argnums=2)
@@ -120,7 +120,7 @@ def test_joint_apply_matches_loop(train):
   path = _path('all', 3)
   joint = _joint(path)
   x, _ = _data(3)
-  logits, stats = JOINT_APPLY(MODEL, joint, path, x, train=train)
+  logits, stats = JOINT_APPLY(MODEL, JointLayout.separate(path), joint, x, train=train)
   ref = _loop_apply(joint, path, x, train)
   assert logits.shape == (3, 4, NUM_CLASSES)
   _close(logits, np.stack([r[0] for r in ref]))
@@ -129,7 +129,7 @@ def test_joint_apply_matches_loop(train):
     return
   _close(stats, jax.tree.map(lambda *a: np.stack(a), *(r[1] for r in ref)))  # every module updated by its step
   rng = jax.random.key(7)
-  dropped, _ = JOINT_APPLY(MODEL, joint, path, x, train=True, dropout_rate=0.5, rng=rng)
+  dropped, _ = JOINT_APPLY(MODEL, JointLayout.separate(path), joint, x, train=True, dropout_rate=0.5, rng=rng)
   keys = jax.random.split(rng, 3)
   for t in range(3):
     expected, _ = _train_apply(step_variables(joint, path, t), x[t], 0.5, keys[t])
@@ -142,7 +142,7 @@ def test_batch_stats_of_shared_module_are_mean_of_step_updates():
   joint = _joint(path)
   x, _ = _data(2)
   (_, u0), (_, u1) = _loop_apply(joint, path, x, train=True)
-  _, stats = JOINT_APPLY(MODEL, joint, path, x, train=True)
+  _, stats = JOINT_APPLY(MODEL, JointLayout.separate(path), joint, x, train=True)
   _close(jax.tree.map(lambda a: a[0], stats['conv1']), jax.tree.map(lambda a, b: (a + b) / 2, u0['conv1'], u1['conv1']))
   _close(jax.tree.map(lambda a: a[0], stats['layer1']), u0['layer1'])
   _close(jax.tree.map(lambda a: a[1], stats['layer1']), u1['layer1'])
@@ -152,7 +152,7 @@ def test_batch_stats_of_shared_module_are_mean_of_step_updates():
   # Step 1 excluded (by index, flag or an empty mask): only step 0 updates; layer1's module 1 keeps its stats.
   full, empty = np.ones((2, 4), bool), np.array([[True] * 4, [False] * 4])
   for used, mask in (([0], full), ([True, False], full), ([True, True], empty)):
-    logits, stats = JOINT_APPLY(MODEL, joint, path, x, train=True, steps_used=np.array(used), mask=mask)
+    logits, stats = JOINT_APPLY(MODEL, JointLayout.separate(path), joint, x, train=True, steps_used=np.array(used), mask=mask)
     assert np.isfinite(logits).all()
     _close(jax.tree.map(lambda a: a[0], stats['conv1']), u0['conv1'])
     _close(jax.tree.map(lambda a: a[1], stats['layer1']), jax.tree.map(lambda a: a[1], joint['batch_stats']['layer1']),
@@ -165,7 +165,7 @@ def test_shared_module_gradient_is_sum_of_step_gradients():
   x, y = _data(2)
 
   def joint_loss(params):
-    logits, _ = JOINT_APPLY(MODEL, {'params': params, 'batch_stats': joint['batch_stats']}, path, x, train=True)
+    logits, _ = JOINT_APPLY(MODEL, JointLayout.separate(path), {'params': params, 'batch_stats': joint['batch_stats']}, x, train=True)
     return sum(cross_entropy(logits[t], y[t]).mean() for t in range(2))
 
   @jax.jit
@@ -188,15 +188,15 @@ def test_separate_modules_are_independent():
   path = _path('all', 3)
   joint = _joint(path)
   x, y = _data(3)
-  logits, _ = JOINT_APPLY(MODEL, joint, path, x)
+  logits, _ = JOINT_APPLY(MODEL, JointLayout.separate(path), joint, x)
   perturbed = x.copy()
   perturbed[1] += 1.0
-  logits2, _ = JOINT_APPLY(MODEL, joint, path, perturbed)
+  logits2, _ = JOINT_APPLY(MODEL, JointLayout.separate(path), joint, perturbed)
   np.testing.assert_allclose(logits2[::2], logits[::2], rtol=1e-6, atol=1e-6)
   assert not np.allclose(logits2[1], logits[1])
 
   def step0_loss(params):
-    out, _ = JOINT_APPLY(MODEL, {**joint, 'params': params}, path, x, train=True)
+    out, _ = JOINT_APPLY(MODEL, JointLayout.separate(path), {**joint, 'params': params}, x, train=True)
     return cross_entropy(out[0], y[0]).mean()
 
   grad = jax.jit(jax.grad(step0_loss))(joint['params'])

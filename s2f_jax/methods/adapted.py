@@ -22,12 +22,14 @@ from s2f_jax.methods.base import RunContext, Selection, result_row
 from s2f_jax.models import LowRank, adapter_ranks, layer_names, make_side_tuned
 from s2f_jax.models.adapters import check_ranks
 from s2f_jax.training import grid as grid_lib
+from s2f_jax.training.loop import Learner
 from s2f_jax.training.objective import l2_penalty, reference_penalty
 
 
-def adapted_name(config, kind: str = 'erm') -> str:
-  """erm_side_tune[_block|_<k>layers_size<a>_<b>], erm_low_rank_adapt_<mode>_rank<r>[_all_layers_efficient]."""
-  if config.fine_tune_mode == 'side_tune':
+def adapted_name(config, kind: str = 'erm', mode: str | None = None) -> str:
+  """erm_side_tune[_block|_<k>layers_size<a>_<b>], erm_low_rank_adapt_<mode>_rank<r>[_all_layers_efficient];
+  mode: side_tune or low_rank_adapt (default: `fine_tune_mode`)."""
+  if (mode or config.fine_tune_mode) == 'side_tune':
     sizes = config_lib.side_layer_sizes(config)
     suffix = '_block' if sizes == 'block' else (
         f"_{len(sizes)}layers_size{'_'.join(map(str, sizes))}" if sizes else '')
@@ -53,30 +55,33 @@ def adapted_grid(ctx: RunContext, pulls_separate_layers: bool) -> dict[str, np.n
                                 'dropout': tuple(g.dropout)})
 
 
-def side_tune_setup(ctx: RunContext, history: dict):
+def side_tune_setup(ctx: RunContext, history: dict, num_sides: int = 1, salt: int = 1):
   """(model, frozen layers, initial variables, reference for the adjacent term or None) of side-tuning from
-  `history`."""
+  `history` (a block model, or a side-tuned one with num_sides − 1 side modules per layer): every layer of the
+  history is carried over and frozen except conv1 and fc, which are new (fresh, init `salt`) unless
+  `all_layers_efficient`; one new side module per layer is trained."""
   c = ctx.config
   model = make_side_tuned(c.model.name, c.model.num_blocks, ctx.sequence.num_classes, c.model.width,
-                          config_lib.side_layer_sizes(c), c.all_layers_efficient, not c.compat.convnet_no_relu)
-  fresh = ctx.init_variables(model, salt=1)
-  names = layer_names(c.model.num_blocks)
-  carried = names if c.all_layers_efficient else names[1:-1]  # loaded from the history model and frozen
+                          config_lib.side_layer_sizes(c), c.all_layers_efficient,
+                          not c.compat.convnet_no_relu).clone(num_sides=num_sides)
+  fresh = ctx.init_variables(model, salt=salt)
+  separate = () if c.all_layers_efficient else ('conv1', 'fc')
+  carried = tuple(n for n in model.layer_names() if n in history['params'] and n not in separate)
   variables = {col: {**fresh[col], **{k: history[col][k] for k in carried if k in history[col]}}
                for col in ('params', 'batch_stats')}
-  separate = [n for n in names if n not in carried]
   reference = {n: history['params'][n] for n in separate} or None
   return model, carried, variables, reference
 
 
-def low_rank_setup(ctx: RunContext, history: dict):
-  """(reparam, initial variables, reference for the adjacent term or None) of low-rank adapters on `history`."""
+def low_rank_setup(ctx: RunContext, history: dict, salt: int = 1):
+  """(reparam, initial variables, reference for the adjacent term or None) of low-rank adapters on `history`
+  (fresh parts from init `salt`)."""
   c = ctx.config
   low_rank = LowRank(c.adapter_mode)
   fc_in = history['params']['fc']['dense']['kernel'].shape[0]
   ranks = adapter_ranks(c.model.num_blocks, c.adapter_rank, c.all_layers_efficient, fc_in, ctx.sequence.num_classes)
-  fresh = ctx.init_variables(salt=1)  # new BN statistics, and the separate (rank 0) layers' weights
-  adapter = low_rank.init(jax.random.fold_in(ctx.key, 2), history['params'], ranks, 1,
+  fresh = ctx.init_variables(salt=salt)  # new BN statistics, and the separate (rank 0) layers' weights
+  adapter = low_rank.init(jax.random.fold_in(ctx.key, 2 * salt), history['params'], ranks, 1,
                           init_params=grid_lib.stack(fresh['params'], 1))
   variables = {'params': {'base': history['params'], 'adapter': jax.device_get(adapter)},
                'batch_stats': fresh['batch_stats']}
@@ -99,23 +104,44 @@ def check_adapted(ctx: RunContext) -> None:
                                       params['fc']['dense']['kernel'].shape[0], ctx.sequence.num_classes))
 
 
-def adapted_fine_tune(ctx: RunContext, prev: Selection, kind: str) -> list[dict]:
-  """Side-tune or low-rank-adapt the history model `prev` on the final step (24-point grid)."""
+def adapted_stage(ctx: RunContext, history: dict, step: int, name: str, num_sides: int = 1, salt: int = 1
+                  ) -> tuple[Selection, Learner, dict]:
+  """Side-tunes or low-rank-adapts `history` on `step` (24-point grid). Returns the selection, its learner and the
+  winner as the next step's history (side-tune: the side-tuned variables; low-rank: the merged block model)."""
   c = ctx.config
-  history = prev.winner()
   if c.fine_tune_mode == 'side_tune':
-    model, frozen, variables, reference = side_tune_setup(ctx, history)
+    model, frozen, variables, reference = side_tune_setup(ctx, history, num_sides, salt)
     learner_kwargs = {'model': model}
   else:
-    reparam, variables, reference = low_rank_setup(ctx, history)
+    reparam, variables, reference = low_rank_setup(ctx, history, salt)
     frozen, learner_kwargs = ('base',), {'reparam': reparam}
   penalties = (l2_penalty(),) + ((reference_penalty(coef_key='adjacent'),) if reference else ())
   learner = ctx.learner(tuple(frozen), penalties, **learner_kwargs)
   grid = adapted_grid(ctx, reference is not None)
   num_runs = len(grid['learning_rate'])
   aux = {'reference': grid_lib.stack(grid_lib.stack(reference, 1), num_runs)} if reference else None
-  final = [ctx.num_steps - 1]
-  sel = ctx.train_stage(c.fine_tune_mode, variables, grid, ctx.examples(final), ctx.examples(final, 'valid'),
+  sel = ctx.train_stage(name, variables, grid, ctx.examples([step]), ctx.examples([step], 'valid'),
                         learner=learner, aux=aux)
-  return [result_row(adapted_name(c, kind), sel, ctx.test_accuracy(sel.winner(), learner=learner),
+  winner = sel.winner()
+  if learner.reparam is not None:
+    winner = {'params': learner.reparam(winner['params']), 'batch_stats': winner['batch_stats']}
+  return sel, learner, jax.device_get(winner)
+
+
+def adapted_fine_tune(ctx: RunContext, prev: Selection, kind: str) -> list[dict]:
+  """Side-tune or low-rank-adapt the history model `prev` on the final step."""
+  history = prev.winner()
+  sel, learner, _ = adapted_stage(ctx, history, ctx.num_steps - 1, ctx.config.fine_tune_mode)
+  return [result_row(adapted_name(ctx.config, kind), sel, ctx.test_accuracy(sel.winner(), learner=learner),
                      **{'All-previous test accuracy': ctx.test_accuracy(history)})]
+
+
+def sequential_adapted(ctx: RunContext, time0: Selection) -> list[dict]:
+  """`sequential_side_tune` / `sequential_low_rank_adapt` (spec §3.4): from the source model `time0`, every target
+  step t side-tunes (one more side module per layer, earlier ones frozen; new conv1/fc pulled toward step t−1's) or
+  adapts (step t−1's merged weights frozen as the base of new adapters) on step t's data, selected on step t."""
+  history = time0.winner()
+  for t in range(1, ctx.num_steps):
+    sel, learner, history = adapted_stage(ctx, history, t, f'{ctx.config.fine_tune_mode}_time{t}', num_sides=t,
+                                          salt=t)
+  return [result_row(adapted_name(ctx.config, 'sequential'), sel, ctx.test_accuracy(sel.winner(), learner=learner))]

@@ -89,13 +89,15 @@ class RunContext:
 
   def train_stage(self, name: str, init: PyTree, grid: dict[str, np.ndarray], train: Examples, valid: Examples,
                   groups: np.ndarray | None = None, stacked_init: bool = False, learner: Learner | None = None,
-                  aux: PyTree = None, shared: bool = False) -> Selection:
+                  aux: PyTree = None, shared: bool = False, num_epochs: int | None = None,
+                  patience: int | None = None) -> Selection:
     """Trains every run of `grid` from `init` and selects the best run per group (cached under stages/<name>).
 
     init: one set of variables for all runs, or (stacked_init) one per run [R].
     groups: int [R] group id per run (default: one group).
     learner: default `self.learner()`; aux: per-run penalty constants stacked [R, ...].
     shared: cache the stage in `shared_dir` (stages that several methods start from, e.g. ERM on the history).
+    num_epochs, patience: override the config's.
     """
     num_runs = len(next(iter(grid.values())))
     groups = np.zeros(num_runs, int) if groups is None else np.asarray(groups)
@@ -113,7 +115,8 @@ class RunContext:
     stage_key = jax.random.fold_in(self.key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
     c = self.config
     options = FitOptions(
-        num_epochs=c.num_epochs, patience=c.train.patience, batch_size=c.train.batch_size,
+        num_epochs=c.num_epochs if num_epochs is None else num_epochs,
+        patience=c.train.patience if patience is None else patience, batch_size=c.train.batch_size,
         eval_batch_size=c.train.eval_batch_size, compat_early_stopping=c.compat.early_stopping_previous,
         checkpoint_dir=os.path.join(root, 'checkpoints', name),
         checkpoint_every_s=c.train.checkpoint_every_s, parallel_runs=c.train.parallel_runs, description=name)

@@ -40,14 +40,20 @@ def variant_suffix(config) -> str:
 
 def fine_tune_name(config, kind: str = 'erm') -> str:
   """e.g. erm_fine_tune, erm_linear_probe_then_fine_tune, dro_fine_tune_search_reg_previous_fisher."""
-  if config.fine_tune_mode != 'standard':
+  if config.fine_tune_mode in ('side_tune', 'low_rank_adapt'):
     from s2f_jax.methods.adapted import adapted_name
     return adapted_name(config, kind)
+  if config.fine_tune_mode != 'standard':
+    from s2f_jax.methods.joint import FROZEN_JOINT_MODES
+    return FROZEN_JOINT_MODES[config.fine_tune_mode][0]
   lp = config.fine_tune_layers.strip() == 'linear_probe_fine_tune'
   return f"{kind}_{'linear_probe_then_fine_tune' if lp else 'fine_tune'}{variant_suffix(config)}"
 
 
 def sequential_name(config) -> str:
+  if config.fine_tune_mode != 'standard':
+    from s2f_jax.methods.adapted import adapted_name
+    return adapted_name(config, 'sequential')
   decay = config.learning_rate_decay
   return 'sequential_fine_tune' + variant_suffix(config) + ('' if decay == 'none' else f'_{decay}_lr_decay')
 
@@ -140,9 +146,12 @@ def tune(ctx: RunContext, name: str, start, stacked: bool, plan, train: Examples
 def fine_tune_after(ctx: RunContext, prev: Selection, kind: str) -> list[dict]:
   """Stage 2 of `<kind>_fine_tune`: ERM on the final step from the history model `prev`, per the config."""
   c = ctx.config
-  if c.fine_tune_mode != 'standard':
+  if c.fine_tune_mode in ('side_tune', 'low_rank_adapt'):
     from s2f_jax.methods.adapted import adapted_fine_tune
     return adapted_fine_tune(ctx, prev, kind)
+  if c.fine_tune_mode != 'standard':
+    from s2f_jax.methods.joint import frozen_joint_fine_tune
+    return frozen_joint_fine_tune(ctx, prev)
   history, final = range(ctx.num_steps - 1), [ctx.num_steps - 1]
   plan = layers_spec.layer_plan(c.fine_tune_layers, c.model.num_blocks)
   reference = prev.winner()
@@ -189,10 +198,16 @@ def sequential_fine_tune(ctx: RunContext) -> list[dict]:
   and regularisation toward the previous step's model (or, `fisher_all` = EWC, toward every earlier one).
 
   With a decay schedule every schedule runs through the whole sequence (vmapped side by side) and the schedule with
-  the best final-step valid accuracy is kept. `data.test_all_steps` adds a row per target step.
+  the best final-step valid accuracy is kept. `data.test_all_steps` adds a row per target step. With
+  `fine_tune_mode` side_tune / low_rank_adapt: sequential side-tuning / adapters (`adapted.sequential_adapted`).
   """
   c = ctx.config
   decay, reg = c.learning_rate_decay, c.regularization
+  if c.fine_tune_mode != 'standard':
+    from s2f_jax.methods.adapted import sequential_adapted
+    time0 = ctx.train_stage('sequential_time0_none', ctx.init_variables(), ctx.grid(), ctx.examples([0]),
+                            ctx.examples([0], 'valid'), shared=True)
+    return sequential_adapted(ctx, time0)
   name = sequential_name(c)
   plans = layers_spec.step_plans(c.fine_tune_layers, ctx.num_steps, c.model.num_blocks)
   grid, groups = schedule_grid(ctx, decay, 0)

@@ -70,6 +70,9 @@ class Learner:
     their BNs use batch statistics and their running statistics drift).
   reparam: optional pure map from the trained parameter tree to the model's parameters (low-rank adapters:
     {'base', 'adapter'} → merged weights); None = the model's own tree.
+  tracker: optional statistic of the gradients carried through training (e.g. `EpochFisher`): `init(params)`,
+    `update(state, grads, num_examples)` after every step, `finish_epoch(state)`, and `exposed(state)`, a dict
+    merged into the penalties' `aux`.
   Penalties see only the non-frozen top-level entries of the trained tree.
   """
   model: nn.Module
@@ -79,6 +82,7 @@ class Learner:
   objective: Any = ERM()
   reparam: Callable[[PyTree], PyTree] | None = None
   frozen_bn_train: bool = False
+  tracker: Any = None
 
   def model_params(self, params: PyTree) -> PyTree:
     return params if self.reparam is None else self.reparam(params)
@@ -96,7 +100,10 @@ class Learner:
         rngs={'dropout': rng}, mutable=['batch_stats'])
     return logits, updates['batch_stats']
 
-  def penalty(self, params: PyTree, hparams: dict, aux: Any) -> jax.Array:
+  def penalty(self, params: PyTree, hparams: dict, aux: Any, tracked: PyTree = ()) -> jax.Array:
+    """Σ coefficient · penalty of the trainable entries; `tracked`: the tracker's state."""
+    if self.tracker is not None:
+      aux = {**(aux or {}), **self.tracker.exposed(tracked)}
     trained = {k: v for k, v in params.items() if k not in self.frozen}
     return sum((hparams[p.coef_key] * p.fn(trained, aux) for p in self.penalties), jnp.zeros((), jnp.float32))
 
@@ -265,41 +272,45 @@ def evaluate(learner: Learner, variables: PyTree, examples: Examples, eval_batch
 def _compiled(learner: Learner, batch_size: int):
   """Jitted (init_opt, train_epoch, keep_best) for a learner; cached so stages reuse compilations.
 
-  The per-run training state is (params, batch_stats, opt_state, objective_state).
+  The per-run training state is (params, batch_stats, opt_state, objective_state, tracker_state).
   """
+  tracker = learner.tracker
 
-  def loss_fn(params, batch_stats, obj_state, images, labels, weights, mask, hparams, rng, aux, iteration):
+  def loss_fn(params, batch_stats, obj_state, tracked, images, labels, weights, mask, hparams, rng, aux, iteration):
     g, b = labels.shape
     logits, new_stats = learner.apply({'params': params, 'batch_stats': batch_stats},
                                       images.reshape((g * b,) + images.shape[2:]), train=True, hparams=hparams,
                                       rng=rng, mask=mask.ravel())
     logits = logits.reshape(g, b, -1)
     data_term, obj_state = learner.objective(logits, labels, weights, mask, obj_state, hparams, iteration)
-    total = data_term + learner.penalty(params, hparams, aux)
+    total = data_term + learner.penalty(params, hparams, aux, tracked)
     ce = cross_entropy(logits.reshape(g * b, -1), labels.ravel())
     correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
     return total, (new_stats, obj_state, jnp.sum(ce * mask.ravel()), correct)
 
   def one_run_epoch(state, hparams, key, active, aux, data, epoch, sizes):
     images, labels, weights = data
-    params, batch_stats, opt_state, obj_state = state
-    tx = learner.optimizer(params, 0.0)  # the learning rate lives in opt_state (inject_hyperparams)
+    tx = learner.optimizer(state[0], 0.0)  # the learning rate lives in opt_state (inject_hyperparams)
     epoch_key = jax.random.fold_in(key, epoch)
     idx, mask = _batch_plan(jax.random.fold_in(epoch_key, 0), sizes, batch_size)
     drop_key = jax.random.fold_in(epoch_key, 1)
     nb = idx.shape[0]
 
     def step(carry, xs):
-      params, batch_stats, opt_state, obj_state = carry
+      params, batch_stats, opt_state, obj_state, tracked = carry
       i, bidx, bmask = xs
       (total, (new_stats, obj_state, ce_sum, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, batch_stats, obj_state, images[bidx], labels[bidx], weights[bidx], bmask, hparams,
+          params, batch_stats, obj_state, tracked, images[bidx], labels[bidx], weights[bidx], bmask, hparams,
           jax.random.fold_in(drop_key, i), aux, (epoch - 1) * nb + i)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
-      return (params, new_stats, opt_state, obj_state), (total, ce_sum, correct)
+      if tracker is not None:
+        tracked = tracker.update(tracked, grads, jnp.sum(bmask))
+      return (params, new_stats, opt_state, obj_state, tracked), (total, ce_sum, correct)
 
     new_state, (totals, ce_sums, corrects) = jax.lax.scan(step, state, (jnp.arange(nb), idx, mask))
+    if tracker is not None:
+      new_state = (*new_state[:4], tracker.finish_epoch(new_state[4]))
     new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new_state, state)
     seen = jnp.sum(mask)
     finite = jnp.all(jnp.isfinite(totals))
@@ -314,7 +325,8 @@ def _compiled(learner: Learner, batch_size: int):
   def init_state(params, learning_rates, num_groups):
     opt = jax.vmap(lambda p, lr: learner.optimizer(p, lr).init(p))(params, learning_rates)
     obj = jnp.full((learning_rates.shape[0], num_groups), 1.0 / num_groups, jnp.float32)  # uniform group weights
-    return opt, obj
+    tracked = () if tracker is None else jax.vmap(tracker.init)(params)
+    return opt, obj, tracked
 
   @jax.jit
   def keep_best(best, current, improved):

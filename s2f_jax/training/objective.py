@@ -107,6 +107,28 @@ def reference_penalty(l1: bool = False, coef_key: str = 'weight_decay') -> Penal
 
 
 @dataclasses.dataclass(frozen=True)
+class EpochFisher:
+  """A `Learner.tracker`: F = Σ_batches (∇θ total loss)² / (real examples seen), over the previous epoch (F = 1
+  during the first), exposed to penalties as aux['fisher'] (no gradient flows through it). State: {'fisher',
+  'sum'} like the params and the example count."""
+
+  def init(self, params: PyTree) -> dict:
+    return {'fisher': jax.tree.map(jnp.ones_like, params), 'sum': jax.tree.map(jnp.zeros_like, params),
+            'count': jnp.zeros((), jnp.float32)}
+
+  def update(self, state: dict, grads: PyTree, num_examples: jax.Array) -> dict:
+    return {'fisher': state['fisher'], 'sum': jax.tree.map(lambda s, g: s + jnp.square(g), state['sum'], grads),
+            'count': state['count'] + num_examples}
+
+  def finish_epoch(self, state: dict) -> dict:
+    fisher = jax.tree.map(lambda s: s / jnp.maximum(state['count'], 1.0), state['sum'])
+    return {'fisher': fisher, 'sum': jax.tree.map(jnp.zeros_like, state['sum']), 'count': jnp.zeros_like(state['count'])}
+
+  def exposed(self, state: dict) -> dict:
+    return {'fisher': jax.lax.stop_gradient(state['fisher'])}
+
+
+@dataclasses.dataclass(frozen=True)
 class InputScaling:
   """Maps uint8 images (0–255) to network inputs: (x − mean) / std per channel.
 
