@@ -11,20 +11,7 @@ from s2f_jax.methods import METHODS
 from s2f_jax.methods import base
 from s2f_jax.training import grid as grid_lib
 
-
-def tiny_config(**overrides):
-  c = config_lib.base_config()
-  c.data.name, c.data.image_size = 'digits', 16
-  c.data.source_size, c.data.target_sizes, c.data.test_size = 200, '100:150:100', 100
-  c.model.name, c.model.num_blocks, c.model.width = 'convnet', 1, 8
-  c.num_epochs = 2
-  for k, v in overrides.items():
-    obj = c
-    *path, last = k.split('.')
-    for p in path:
-      obj = obj[p]
-    obj[last] = v
-  return c
+from conftest import tiny_config
 
 
 class Recorder:
@@ -34,7 +21,7 @@ class Recorder:
     self.calls = []
 
   def __call__(self, ctx, name, init, grid, train, valid, groups=None, stacked_init=False, learner=None, aux=None,
-               shared=False):
+               shared=False, **unused):
     n = len(grid['learning_rate'])
     groups = np.zeros(n, int) if groups is None else np.asarray(groups)
     learner = learner or ctx.learner()
@@ -307,20 +294,6 @@ def test_methods_run_and_beat_chance(tmp_path, method, overrides):
       'grid.learning_rate': (1e-3,), 'grid.weight_decay': (1e-4,), 'grid.dropout': (0.0,)})
   (row,) = experiment.run(config, str(tmp_path))
   assert row['Test accuracy'] > 0.3  # 10 classes
-
-
-@pytest.fixture
-def captured(monkeypatch):
-  """Real training, with every stage's selection and learner recorded."""
-  stages = {}
-  original = base.RunContext.train_stage
-
-  def capture(self, name, *args, **kwargs):
-    sel = original(self, name, *args, **kwargs)
-    stages[name] = (sel, kwargs.get('learner'), kwargs.get('aux'))
-    return sel
-  monkeypatch.setattr(base.RunContext, 'train_stage', capture)
-  return stages
 
 
 @pytest.mark.parametrize('mode,overrides,name', [

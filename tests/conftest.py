@@ -1,0 +1,45 @@
+"""Shared test helpers: a tiny run configuration and a fixture recording every stage of real training."""
+import pytest
+
+from s2f_jax import config as config_lib, experiment
+from s2f_jax.methods import base
+
+# Two steps (rotation, then corruption) and a one-point grid: quick end-to-end runs.
+SMALL = {'data.shift_sequence': 'rotation:corruption', 'data.target_sizes': '150:150', 'grid.learning_rate': (1e-3,),
+         'grid.weight_decay': (1e-4,), 'grid.dropout': (0.0,)}
+
+
+def tiny_config(**overrides):
+  """The base config on 16x16 digits, 4 steps (200 source, 100:150:100 targets), a width-8 1-block ConvNet and 2
+  epochs; overrides: dotted keys."""
+  c = config_lib.base_config()
+  c.data.name, c.data.image_size = 'digits', 16
+  c.data.source_size, c.data.target_sizes, c.data.test_size = 200, '100:150:100', 100
+  c.model.name, c.model.num_blocks, c.model.width = 'convnet', 1, 8
+  c.num_epochs = 2
+  for k, v in overrides.items():
+    obj = c
+    *path, last = k.split('.')
+    for p in path:
+      obj = obj[p]
+    obj[last] = v
+  return c
+
+
+def run_small(tmp_path, **overrides) -> list[dict]:
+  """`experiment.run` of `tiny_config` with `SMALL` and `overrides` in `tmp_path`."""
+  return experiment.run(tiny_config(**{**SMALL, **overrides}), str(tmp_path))
+
+
+@pytest.fixture
+def captured(monkeypatch):
+  """Real training, with every stage's selection and learner recorded."""
+  stages = {}
+  original = base.RunContext.train_stage
+
+  def capture(self, name, *args, **kwargs):
+    sel = original(self, name, *args, **kwargs)
+    stages[name] = (sel, kwargs.get('learner'), kwargs.get('aux'))
+    return sel
+  monkeypatch.setattr(base.RunContext, 'train_stage', capture)
+  return stages
