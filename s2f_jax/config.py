@@ -54,7 +54,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
 
   # Fine-tuning (erm/irm/dro_fine_tune, sequential_fine_tune): see s2f_jax/methods/layers_spec.py for the grammar.
   c.fine_tune_layers = 'all'  # all | comma set | dash stages | shortcut | search | surgical_rgn | surgical_snr
-  c.fine_tune_mode = 'standard'  # standard | side_tune | low_rank_adapt | standard_using_joint[_with_init][_and_prev_reg]…
+  c.fine_tune_mode = 'standard'  # standard | side_tune | low_rank_adapt | standard_using_joint* (debug mirrors)
   c.regularization = 'standard'  # standard | previous | previous_l1 | fisher | fisher_all (EWC, sequential)
   c.ablate_init = False  # start fine-tuning from a fresh initialisation
   c.side_layer_sizes = ''  # side_tune modules: '' = one 3x3 conv + BN, 'block' = a copy of the block, '8,16' = widths

@@ -152,7 +152,8 @@ def test_batch_stats_of_shared_module_are_mean_of_step_updates():
   # Step 1 excluded (by index, flag or an empty mask): only step 0 updates; layer1's module 1 keeps its stats.
   full, empty = np.ones((2, 4), bool), np.array([[True] * 4, [False] * 4])
   for used, mask in (([0], full), ([True, False], full), ([True, True], empty)):
-    logits, stats = JOINT_APPLY(MODEL, JointLayout.separate(path), joint, x, train=True, steps_used=np.array(used), mask=mask)
+    logits, stats = JOINT_APPLY(MODEL, JointLayout.separate(path), joint, x, train=True, steps_used=np.array(used),
+                                mask=mask)
     assert np.isfinite(logits).all()
     _close(jax.tree.map(lambda a: a[0], stats['conv1']), u0['conv1'])
     _close(jax.tree.map(lambda a: a[1], stats['layer1']), jax.tree.map(lambda a: a[1], joint['batch_stats']['layer1']),
@@ -165,7 +166,8 @@ def test_shared_module_gradient_is_sum_of_step_gradients():
   x, y = _data(2)
 
   def joint_loss(params):
-    logits, _ = JOINT_APPLY(MODEL, JointLayout.separate(path), {'params': params, 'batch_stats': joint['batch_stats']}, x, train=True)
+    variables = {'params': params, 'batch_stats': joint['batch_stats']}
+    logits, _ = JOINT_APPLY(MODEL, JointLayout.separate(path), variables, x, train=True)
     return sum(cross_entropy(logits[t], y[t]).mean() for t in range(2))
 
   @jax.jit

@@ -147,9 +147,9 @@ def joint_setup(ctx: RunContext, separate_layers: str) -> tuple[nn.Module, Joint
   if j.mode == 'separate':
     path = module_path(parse_separate_layers(separate_layers, steps, blocks), steps, blocks)
     return ctx.model, JointLayout.separate(path, ablate=j.ablate)
-  if ctx.config.joint.separate_layers != 'all':
-    raise UserError(f'joint.separate_layers={ctx.config.joint.separate_layers!r} applies to joint.mode=separate; {j.mode} makes every '
-                    "layer new at every step (use 'all')")
+  if j.separate_layers != 'all':
+    raise UserError(f'joint.separate_layers={j.separate_layers!r} applies to joint.mode=separate; '
+                    f"{j.mode} makes every layer new at every step (use 'all')")
   if steps < 2:
     raise UserError(f'joint.mode={j.mode} needs at least 2 time steps; the sequence has {steps}')
   if j.mode == 'side_tune':
