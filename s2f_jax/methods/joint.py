@@ -204,9 +204,10 @@ def joint_learner(ctx: RunContext, model: nn.Module, layout: JointLayout | LowRa
 
 
 def adjacent_values(config) -> tuple[float, ...]:
-  """The β grid: `joint.adjacent` if given, else `adjacent_reg_type`'s (0 for 'none')."""
+  """The β grid: `joint.adjacent` if given, else `adjacent_reg_type`'s (0 for 'none' and under `ablate`, where
+  the term vanishes)."""
   j = config.joint
-  if j.adjacent_reg_type == 'none':
+  if j.adjacent_reg_type == 'none' or j.ablate:
     return (0.0,)
   return tuple(float(b) for b in j.adjacent) or ADJACENT_GRIDS[j.adjacent_reg_type]
 
