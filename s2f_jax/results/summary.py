@@ -255,10 +255,10 @@ def summarize(rows: Iterable[dict], metric: str = 'test', compat_select_by_test:
   for dataset, setup in keys:
     base, size = split_setup(setup)
     native = by_setup[(dataset, setup)]
-    larger = [(d, s) for d, s in keys if d == dataset and size is not None and split_setup(s)[0] == base
-              and split_setup(s)[1] > size]
-    smaller = [(d, s) for d, s in keys if d == dataset and size is not None and split_setup(s)[0] == base
-               and split_setup(s)[1] < size]
+    siblings = [(k, split_setup(k[1])[1]) for k in keys if k[0] == dataset and split_setup(k[1])[0] == base]
+    siblings = [(k, n) for k, n in siblings if size is not None and n is not None]
+    larger = [k for k, n in siblings if n > size]
+    smaller = [k for k, n in siblings if n < size]
     if smaller and all(_final_size(str(r['Method'])) is not None for r in native):
       continue  # an oracle-only setup: its rows join the smaller setup's table
     imported = [r for k in larger for r in by_setup[k] if (_final_size(str(r['Method'])) or 0) > (size or 0)]
@@ -301,7 +301,7 @@ def _table(name, setup, dataset, native, imported, size, metric, compat) -> Tabl
   cells = {}
   for (model, column), entries in per_cell.items():
     entries.sort(key=lambda e: _seed_order(e[0]))
-    values = [float(e[1][value_key]) for e in entries]
+    values = [_value(e[1], value_key) for e in entries]
     cells[(architecture_label(model), column)] = Cell(
         mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else None,
         seeds=tuple(e[0] for e in entries), wall_seconds=statistics.fmean(e[2] for e in entries),
@@ -317,6 +317,14 @@ def _table(name, setup, dataset, native, imported, size, metric, compat) -> Tabl
   _mark_rows(cells, architectures, columns, other_columns)
   mean, std_dev = _summary_rows(cells, architectures, columns, other_columns)
   return Table(name, setup, dataset, metric, columns, other_columns, architectures, cells, mean, std_dev, compat)
+
+
+def _value(row: dict, key: str) -> float:
+  try:
+    return float(row[key])
+  except (KeyError, TypeError, ValueError):
+    where = row.get('Folder') or f"method {row.get('Method')!r}"
+    raise UserError(f'{where}: no number in {key!r} ({row.get(key)!r})') from None
 
 
 def _number(value) -> float:
