@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from s2f_jax import config as config_lib, experiment
+from s2f_jax import experiment
 from s2f_jax.methods import METHODS
 from s2f_jax.methods import base
 from s2f_jax.training import grid as grid_lib

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: renders with Agg and leaves the global backend alone
 
+from s2f_jax.analysis.figures import save_figure
 from s2f_jax.errors import UserError
 from s2f_jax.training import loop
 
@@ -104,9 +104,13 @@ def interpolate(init_vars: PyTree, final_vars: PyTree, alphas) -> PyTree:
     if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
       raise UserError(f'interpolation: leaf {name} has non-floating dtype {jnp.result_type(a)}')
 
+  return _mix(init_vars, final_vars, jnp.asarray(alphas, jnp.float32))
+
+
+@jax.jit
+def _mix(init_vars: PyTree, final_vars: PyTree, alphas: jax.Array) -> PyTree:
   def mix(a, b):
-    a, b = jnp.asarray(a), jnp.asarray(b)
-    w = jnp.asarray(alphas, a.dtype).reshape((-1,) + (1,) * a.ndim)
+    w = alphas.astype(a.dtype).reshape((-1,) + (1,) * a.ndim)
     return (1 - w) * a[None] + w * b[None]
   return jax.tree_util.tree_map(mix, init_vars, final_vars)
 
@@ -212,15 +216,6 @@ def merged_interpolation_figure(panels: Mapping[str, Mapping[str, Sequence]], ti
     fig.suptitle(title)
   fig.tight_layout()
   return fig
-
-
-def save_figure(fig: Figure, path: str | os.PathLike, what: str = 'figure') -> None:
-  """Writes `fig` to `path` as PDF or PNG, by its extension (UserError for another); creates the folder."""
-  fmt = Path(path).suffix.lower().lstrip('.')
-  if fmt not in ('pdf', 'png'):
-    raise UserError(f'{what} path must end in .pdf or .png; got {str(path)!r}')
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, format=fmt)
 
 
 def save_interpolation(curves: Mapping[str, Sequence], path: str | os.PathLike, title: str = '',

@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure  # no pyplot: renders with Agg and leaves the global backend alone
 from matplotlib.ticker import NullLocator
 
+from s2f_jax.analysis.figures import save_figure
 from s2f_jax.errors import UserError
 
 
@@ -140,18 +141,9 @@ def adjacent_reg_figure(betas: Sequence[float], valid_accuracy: Sequence[float],
   return fig
 
 
-def _save(fig: Figure, path: str | os.PathLike, what: str) -> None:
-  """Writes `fig` to `path` as PDF or PNG, by its extension (UserError for another)."""
-  fmt = Path(path).suffix.lower().lstrip('.')
-  if fmt not in ('pdf', 'png'):
-    raise UserError(f'{what} path must end in .pdf or .png; got {str(path)!r}')
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, format=fmt)
-
-
 def save_weight_differences(diffs: Mapping[str, np.ndarray], path: str | os.PathLike, title: str = '') -> None:
   """Saves `weight_differences_figure(diffs, title)` to `path` (.pdf or .png)."""
-  _save(weight_differences_figure(diffs, title), path, 'weight differences plot')
+  save_figure(weight_differences_figure(diffs, title), path, 'weight differences plot')
 
 
 def save_adjacent_reg_effect(betas: Sequence[float], valid_accuracy: Sequence[float],
@@ -160,7 +152,7 @@ def save_adjacent_reg_effect(betas: Sequence[float], valid_accuracy: Sequence[fl
                              zero_placeholder: float = 1e-3, xlabel: str = 'adjacent regularisation β') -> None:
   """Saves `adjacent_reg_figure(...)` (same arguments) to `path` (.pdf or .png)."""
   fig = adjacent_reg_figure(betas, valid_accuracy, norms, erm_final, erm_all, zero_placeholder, xlabel)
-  _save(fig, path, 'adjacent regularisation plot')
+  save_figure(fig, path, 'adjacent regularisation plot')
 
 
 def adjacent_reg_results(workdir: str | os.PathLike, pattern: str = 'joint_model_adjacent_reg_*') -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 from matplotlib.figure import Figure  # no pyplot: renders with Agg and leaves the global backend alone
 
-from s2f_jax.analysis.interpolation import save_figure
+from s2f_jax.analysis.figures import save_figure
 from s2f_jax.errors import UserError
 from s2f_jax.models.registry import param_vec_mask
 
@@ -109,8 +109,11 @@ def projection_coordinates(points, oracle, historical, limited, where: str = 'we
   p = np.asarray(points, dtype=np.float64)
   single = p.ndim == 1
   p = np.atleast_2d(p)
-  if p.ndim != 2 or p.shape[1] != len(o):
+  if p.ndim != 2:
     raise UserError(f'{where}: points must be [M, {len(o)}] weight vectors; got shape {np.shape(points)}')
+  if p.shape[1] != len(o):
+    raise UserError(f'{where}: the points have {p.shape[1]} weights but the oracle has {len(o)}; models must share '
+                    'an architecture')
   if not np.isfinite(p).all():
     raise UserError(f'{where}: points have NaN/inf weights')
   coords = (p - o) @ np.stack([u1, u2], axis=1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence as Seq
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -123,10 +122,8 @@ def usage_counts(indices: Seq[np.ndarray], sizes: Seq[int]) -> list[np.ndarray]:
 def save_usage_histogram(counts: Seq[np.ndarray], path: str | os.PathLike) -> None:
   """Saves, one panel per step in `counts` (e.g. `usage_counts(...)[:-1]` for the historical steps), the number of
   samples used 0, 1, 2, ... times. The format (PDF or PNG) follows the extension of `path`."""
-  fmt = Path(path).suffix.lower().lstrip('.')
-  if fmt not in ('pdf', 'png'):
-    raise UserError(f'usage histogram path must end in .pdf or .png; got {str(path)!r}')
-  from matplotlib.figure import Figure  # no pyplot: renders with Agg and leaves the global backend alone
+  from matplotlib.figure import Figure
+  from s2f_jax.analysis.figures import save_figure
   fig = Figure(figsize=(4.0, 1.6 * max(1, len(counts))))
   axes = fig.subplots(max(1, len(counts)), 1, squeeze=False)[:, 0]
   for t, (ax, c) in enumerate(zip(axes, counts)):
@@ -136,5 +133,4 @@ def save_usage_histogram(counts: Seq[np.ndarray], path: str | os.PathLike) -> No
     ax.set_ylabel('samples', fontsize=7)
   axes[-1].set_xlabel('times used', fontsize=7)
   fig.tight_layout()
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, format=fmt)
+  save_figure(fig, path, 'usage histogram')

@@ -19,7 +19,7 @@ import numpy as np
 
 from s2f_jax import config as config_lib
 from s2f_jax.methods.base import RunContext, Selection, result_row
-from s2f_jax.models import LowRank, adapter_ranks, layer_names, make_side_tuned
+from s2f_jax.models import LowRank, adapter_ranks, make_side_tuned
 from s2f_jax.models.adapters import check_ranks
 from s2f_jax.training import grid as grid_lib
 from s2f_jax.training.loop import Learner
