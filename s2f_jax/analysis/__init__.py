@@ -1,1 +1,2 @@
-"""Analysis tools: representation similarity and the studies built on it."""
+"""Analysis tools: representation similarity, shift quantities (W2), interpolation paths, weight projections and
+the joint model's weight changes."""
