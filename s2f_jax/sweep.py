@@ -49,7 +49,7 @@ from s2f_jax.training.progress import progress_bar
 log = logging.getLogger('s2f_jax')
 
 KEY_FIELDS = ('sequence', 'model', 'blocks', 'variant', 'method', 'seed')
-SWEEP_ARGS = ('full', 'quick')  # get_config(arg) of the configs in configs/sweeps/
+SWEEP_ARGS = ('full', 'quick', 'quick_all')  # get_config(arg) of the configs in configs/sweeps/
 ORACLE = 'oracle'
 STATUS_FILE = 'sweep_status.jsonl'
 FAILURES_FILE = 'failures.jsonl'
@@ -84,6 +84,7 @@ PAPER_MODELS = ('convnet', 'densenet', 'resnet')  # table row order: Conv-1..4, 
 PAPER_BLOCKS = (1, 2, 3, 4)
 PAPER_SEEDS = (1007,)
 PAPER_ORACLE_SIZE = 20000
+QUICK_VARIANTS = ('4k', 'ERM', 'FT', 'SFT', 'JM')  # one or two per method class; ':quick_all' runs all
 QUICK_SCALE = 40  # quick variants: every sample size divided by this (6000 → 150, 4000 → 100, 20000 → 500)
 
 
@@ -200,7 +201,7 @@ def _make_job(sweep, sequence: dict, model: tuple[str, int], seed: int, label: s
 
 def jobs(sweep: ml_collections.ConfigDict) -> list[Job]:
   """Every job of a sweep config, validated (UserError before anything runs). Order: sequences, models, seeds,
-  then the variants of that run folder and its oracle, so one task runs a folder's jobs back to back."""
+  then the variants of that run folder and its oracle (a single task runs a folder's jobs back to back)."""
   if not isinstance(sweep, ml_collections.ConfigDict) or 'base' not in sweep or 'sequences' not in sweep:
     raise UserError('not a sweep config: it needs base, sequences, models, seeds and methods or variants '
                     '(see configs/sweeps/)')
@@ -323,14 +324,26 @@ def _duration(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
+def check_data(selected: list[Job]) -> None:
+  """UserError (before anything runs) when a dataset that needs files has no data.root or a missing one."""
+  for name, root in sorted({(j.config.data.name, j.config.data.root) for j in selected}):
+    if name != 'digits' and not root:
+      raise UserError(f"dataset {name!r} needs data.root; add --config.base.data.root=DIR (the folder holding its "
+                      'files)')
+    if root and not os.path.exists(root):
+      raise UserError(f'data.root {root!r} (dataset {name!r}) does not exist')
+
+
 def run_sweep(selected: list[Job], root: str, task: tuple[int, int] = (0, 1)) -> dict[str, int]:
   """Runs `selected` jobs one after another with `experiment.run` in their workdirs under `root`.
 
   A job whose methods are all finished is skipped; an interrupted one resumes (experiment.run). An exception in a job
   (not KeyboardInterrupt) is appended to `<root>/failures.jsonl` and the sweep goes on. Every job appends a line
   (key, workdir, status done/skipped/failed, seconds) to `<root>/sweep_status.jsonl`. A job whose shared stage is
-  being trained by another task is put off to the end of this task's list. Returns the count per status.
+  being trained by another task is put off to the end of this task's list. Returns the count per status. A dataset
+  without its files configured is a UserError before anything runs.
   """
+  check_data(selected)
   os.makedirs(root, exist_ok=True)
   counts = {'done': 0, 'skipped': 0, 'failed': 0}
   ran_seconds: list[float] = []
@@ -414,13 +427,13 @@ def available_sweeps(folder: str | None = None) -> list[str]:
           if f.endswith('.py') and not f.startswith('_')]
 
 
-def check_arg(name: str, arg: str | None) -> bool:
-  """True for 'quick', False for none/'full'; ValueError (one line, the valid choices) otherwise."""
-  if arg in (None, '', 'full'):
-    return False
-  if arg == 'quick':
-    return True
-  raise ValueError(f"unknown variant {arg!r} of sweep {name!r}; valid choices: {', '.join(SWEEP_ARGS)}")
+def check_arg(name: str, arg: str | None) -> str:
+  """The variant a sweep config's `get_config(arg)` builds: 'full' (no arg), 'quick' or 'quick_all'; ValueError
+  (one line with the valid choices) otherwise."""
+  arg = arg or 'full'
+  if arg not in SWEEP_ARGS:
+    raise ValueError(f"unknown variant {arg!r} of sweep {name!r}; valid choices: {', '.join(SWEEP_ARGS)}")
+  return arg
 
 
 def sequence(name: str, shift_sequence: str = '', source_size: int = 6000, target_sizes: str = '4000:6000:4000',
@@ -447,25 +460,32 @@ def quick_base() -> ml_collections.ConfigDict:
   return c
 
 
-def paper_sweep(name: str, quick: bool, sequences: list[dict], quick_sequences: list[dict], dataset: str = 'cifar10',
-                variants=PAPER_VARIANTS, quick_variants=None, oracle: bool = True) -> ml_collections.ConfigDict:
-  """A sweep of the paper's settings (spec §1.6, §5.6): `variants` × Conv/Dense/Res × 1..4 blocks × `sequences` ×
-  seed 1007, 100 epochs, the 8-point grid, plus the 20000-example oracle; or, `quick`, `quick_sequences` on the
-  embedded digits with one 1-block ConvNet (`quick_variants`, default all)."""
+def paper_sweep(name: str, arg: str | None, sequences: list[dict], quick_sequences: list[dict],
+                dataset: str = 'cifar10', oracle: bool = True) -> ml_collections.ConfigDict:
+  """A sweep of the paper's settings (spec §1.6, §5.6) for `get_config(arg)`:
+
+  full (no arg): PAPER_VARIANTS × Conv/Dense/Res × 1..4 blocks × `sequences` on `dataset` × seed 1007 (100 epochs,
+    the 8-point grid), plus the 20000-example oracle per (sequence, model) if `oracle`;
+  'quick': QUICK_VARIANTS on `quick_sequences` (the embedded digits, sizes / QUICK_SCALE) with one width-8 1-block
+    ConvNet, 2 epochs and one grid point, plus the oracle at 20000 / QUICK_SCALE;
+  'quick_all': the same with every PAPER_VARIANTS entry.
+  """
+  arg = check_arg(name, arg)
   c = ml_collections.ConfigDict()
-  c.name = name + (':quick' if quick else '')
-  if quick:
-    c.base = quick_base()
-    c.sequences = tuple(quick_sequences)
-    c.models, c.num_blocks, c.seeds = ('convnet',), (1,), PAPER_SEEDS
-    c.variants = tuple(variants if quick_variants is None else quick_variants)
-    c.oracle_final_size = PAPER_ORACLE_SIZE // QUICK_SCALE if oracle else 0
-  else:
+  c.name = name if arg == 'full' else f'{name}:{arg}'
+  if arg == 'full':
     c.base = config_lib.base_config()
     c.base.data.name = dataset
     c.sequences = tuple(sequences)
-    c.models, c.num_blocks, c.seeds = PAPER_MODELS, PAPER_BLOCKS, PAPER_SEEDS
-    c.variants = tuple(variants)
+    c.models, c.num_blocks = PAPER_MODELS, PAPER_BLOCKS
+    c.variants = PAPER_VARIANTS
     c.oracle_final_size = PAPER_ORACLE_SIZE if oracle else 0
+  else:
+    c.base = quick_base()
+    c.sequences = tuple(quick_sequences)
+    c.models, c.num_blocks = ('convnet',), (1,)
+    c.variants = PAPER_VARIANTS if arg == 'quick_all' else tuple(v for v in PAPER_VARIANTS if v[0] in QUICK_VARIANTS)
+    c.oracle_final_size = PAPER_ORACLE_SIZE // QUICK_SCALE if oracle else 0
+  c.seeds = PAPER_SEEDS
   c.methods = ()
   return c

@@ -10,11 +10,9 @@ KEYS = ('Test accuracy', 'Validation accuracy', 'Grid validation accuracies')
 
 
 def test_frozen_joint_modes_reproduce_the_methods_they_mirror(tmp_path):
-  common = {'num_epochs': 2, 'grid.weight_decay': (1e-4, 1e-2)}
+  common = {'num_epochs': 1, 'grid.weight_decay': (1e-4, 1e-2)}  # equality needs no convergence
+  # The two other modes combine the same pieces (fresh or copied start; L2 or the adjacent term).
   mirrors = [({'method': 'erm_final'}, 'standard_using_joint'),
-             ({'method': 'erm_fine_tune'}, 'standard_using_joint_with_init'),
-             ({'method': 'erm_fine_tune', 'regularization': 'previous', 'ablate_init': True},
-              'standard_using_joint_with_prev_reg'),
              ({'method': 'erm_fine_tune', 'regularization': 'previous'}, 'standard_using_joint_with_init_and_prev_reg')]
   for single, mode in mirrors:
     (expected,) = _run(tmp_path, **common, **single)
@@ -29,8 +27,9 @@ def test_ablated_joint_is_one_model_in_every_mode(tmp_path, captured):
   """Ablated, the three modes train the same single model (the base modules, on every step's batches)."""
   rows = {}
   for mode in ('separate', 'side_tune', 'low_rank_adapt'):
-    (rows[mode],) = _run(tmp_path / mode, method='joint_model', num_epochs=2, **{
-        'joint.mode': mode, 'joint.ablate': True, 'joint.last_step_loss_weight': 1.0})
+    (rows[mode],) = _run(tmp_path / mode, method='joint_model', num_epochs=1, **{
+        'joint.mode': mode, 'joint.ablate': True, 'joint.last_step_loss_weight': 1.0,
+        'data.shift_sequence': 'rotation', 'data.target_sizes': '150'})
     assert rows[mode]['Method'].endswith('_ablate_adjacent_reg_l2')
     sel = captured['joint'][0]
     if mode == 'separate':

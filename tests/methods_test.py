@@ -360,7 +360,9 @@ def test_joint_model_trains_one_module_per_step(tmp_path, captured):
   assert kernel.shape[0] == 3 and not np.allclose(kernel[0], kernel[2])  # 3 steps, separate modules
 
 
-def test_joint_loss_samples_replace_history(recorded):
+def test_joint_loss_samples_replace_history(recorded, monkeypatch):
+  from s2f_jax.methods import joint
+  monkeypatch.setattr(joint, 'record_weight_analysis', lambda *args: None)  # the recorder's winners are not joint
   rec, seq, ctx = recorded(method='joint_model', **{'joint.loss_samples': 'nearest neighbors'})
   rows = METHODS['joint_model'].run(ctx)
   assert rows[0]['Method'] == 'joint_model_nearest_neighbors_loss_adjacent_reg_l2'
