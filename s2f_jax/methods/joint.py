@@ -274,9 +274,10 @@ def record_weight_analysis(ctx: RunContext, layout, sel: Selection, key: str, va
                            file_stem: str) -> None:
   """Writes <file_stem>.json/.pdf (per value of hyper-parameter `key`: best valid accuracy, per-layer change
   norms) and weight_differences.pdf of the overall winner."""
-  records = []
+  records, per_group = [], []
   for g, value in enumerate(values):
     params = per_step_params(layout, sel.winner(g))
+    per_group.append(params)
     records.append({key: value, 'valid_accuracy': float(sel.valid_accuracy[g]), 'hparams': sel.hparams[g],
                     'change_norms': change_norms(params)})
   with open(os.path.join(ctx.workdir, f'{file_stem}.json'), 'w') as f:
@@ -286,7 +287,7 @@ def record_weight_analysis(ctx: RunContext, layout, sel: Selection, key: str, va
                            [r['change_norms'] for r in records], os.path.join(ctx.workdir, f'{file_stem}.pdf'),
                            xlabel=xlabel)
   best = int(np.argmax(sel.valid_accuracy))
-  diffs = adjacent_differences(per_step_params(layout, sel.winner(best)))
+  diffs = adjacent_differences(per_group[best])
   save_weight_differences(diffs, os.path.join(ctx.workdir, 'weight_differences.pdf'),
                           title=f'{key} = {values[best]:g}')
 
