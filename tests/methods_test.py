@@ -34,7 +34,8 @@ class Recorder:
     variables = grid_lib.stack(one, num_groups)
     variables['params']['fc']['dense']['bias'] = np.asarray(winners, np.float32)[:, None] * np.ones((1, 10))
     return base.Selection(variables, [grid_lib.run_hparams(grid, r) for r in winners],
-                          np.linspace(0.5, 0.6, num_groups), [{'valid_accuracy': 0.5} for _ in range(n)])
+                          np.linspace(0.5, 0.6, num_groups), [{'valid_accuracy': 0.5} for _ in range(n)],
+                          [f'stages/{name}'] * num_groups)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from s2f_jax import config as config_lib
-from s2f_jax.methods.base import RunContext, Selection, result_row
+from s2f_jax.methods.base import RunContext, Selection, result_row, stage_of
 from s2f_jax.models import LowRank, adapter_ranks, make_side_tuned
 from s2f_jax.models.adapters import check_ranks
 from s2f_jax.training import grid as grid_lib
@@ -133,7 +133,7 @@ def adapted_fine_tune(ctx: RunContext, prev: Selection, kind: str) -> list[dict]
   history = prev.winner()
   sel, learner, _ = adapted_stage(ctx, history, ctx.num_steps - 1, ctx.config.fine_tune_mode)
   return [result_row(adapted_name(ctx.config, kind), sel, ctx.test_accuracy(sel.winner(), learner=learner),
-                     **{'All-previous test accuracy': ctx.test_accuracy(history)})]
+                     **{'All-previous test accuracy': ctx.test_accuracy(history), 'Start stage': stage_of(prev)})]
 
 
 def sequential_adapted(ctx: RunContext, time0: Selection) -> list[dict]:

@@ -32,12 +32,14 @@ class Selection:
 
   variables: winners' {'params', 'batch_stats'} stacked [G]; hparams: winners' hyper-parameters per group;
   valid_accuracy: [G] winners' best valid accuracy; runs: one dict per run (hyper-parameters, group, best valid
-  accuracy, best and stop epoch).
+  accuracy, best and stop epoch); stages: per group, where the winner is stored — `<stage location>` relative to the
+  run's workdir (`RunContext.location`), the winner of group g being entry g of that stage's stacked variables.
   """
   variables: PyTree
   hparams: list[dict]
   valid_accuracy: np.ndarray
   runs: list[dict]
+  stages: list[str] = dataclasses.field(default_factory=list)
 
   def winner(self, g: int = 0) -> PyTree:
     return grid_lib.take(self.variables, g)
@@ -62,6 +64,13 @@ class RunContext:
   @property
   def key(self) -> jax.Array:
     return jax.random.PRNGKey(self.config.seed)
+
+  def location(self, stage_dir: str) -> str:
+    """`stage_dir` relative to the run's workdir (the parent of this method's directory), naming the method
+    directory by its final name (without `.partial`); `results.stored` reads stages back from it."""
+    parts = os.path.relpath(stage_dir, os.path.dirname(os.path.abspath(self.workdir))).split(os.sep)
+    parts[0] = parts[0].removesuffix('.partial')
+    return '/'.join(parts)
 
   def examples(self, steps, split: str = 'train', weights=None) -> Examples:
     """Concatenated `split` of the given step indices (optionally with per-step loss weights)."""
@@ -110,7 +119,7 @@ class RunContext:
         meta = json.load(f)
       like = grid_lib.take(init, np.asarray(meta['winners']))
       return Selection(checkpoint.load_tree(os.path.join(stage_dir, 'variables'), like), meta['hparams'],
-                       np.asarray(meta['valid_accuracy']), meta['runs'])
+                       np.asarray(meta['valid_accuracy']), meta['runs'], [self.location(stage_dir)] * len(meta['winners']))
 
     stage_key = jax.random.fold_in(self.key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
     c = self.config
@@ -126,12 +135,13 @@ class RunContext:
     self.examples_per_second.append(result.examples_per_second)
 
     winners = grid_lib.best_per_group(result.best_valid_accuracy, groups)
+    location = self.location(stage_dir)
     runs = [dict(grid_lib.run_hparams(grid, r), group=int(groups[r]),
                  valid_accuracy=float(result.best_valid_accuracy[r]), best_epoch=int(result.best_epoch[r]),
                  stop_epoch=int(result.stop_epoch[r])) for r in range(num_runs)]
     selection = Selection(grid_lib.take(result.best_variables, winners),
                           [grid_lib.run_hparams(grid, r) for r in winners],
-                          result.best_valid_accuracy[winners], runs)
+                          result.best_valid_accuracy[winners], runs, [location] * len(winners))
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, 'history.jsonl'), 'a') as f:
       for record in result.history:
@@ -153,12 +163,18 @@ class RunContext:
     return float(acc[0])
 
 
+def stage_of(selection: Selection, group: int = 0) -> list:
+  """[stage location, index] of group `group`'s winner (see `Selection.stages`; read back by `results.stored`)."""
+  return [selection.stages[group], group]
+
+
 def result_row(method: str, selection: Selection, test_accuracy: float, group: int = 0, **extra) -> Row:
-  """One metrics.csv row for the selected model of `group`."""
+  """One metrics.csv row for the selected model of `group` ('Stage': where that model is stored)."""
   return {'Method': method, 'Test accuracy': test_accuracy,
           'Validation accuracy': float(selection.valid_accuracy[group]),
           'Hyper-parameters': selection.hparams[group],
-          'Grid validation accuracies': [r['valid_accuracy'] for r in selection.runs], **extra}
+          'Grid validation accuracies': [r['valid_accuracy'] for r in selection.runs],
+          'Stage': stage_of(selection, group), **extra}
 
 
 @dataclasses.dataclass(frozen=True)

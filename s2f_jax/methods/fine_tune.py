@@ -14,7 +14,7 @@ import numpy as np
 from s2f_jax.data.sequence import Split
 from s2f_jax.errors import UserError
 from s2f_jax.methods import layers_spec
-from s2f_jax.methods.base import Method, RunContext, Selection, result_row
+from s2f_jax.methods.base import Method, RunContext, Selection, result_row, stage_of
 from s2f_jax.models import layer_names
 from s2f_jax.training import grid as grid_lib
 from s2f_jax.training.loop import Examples
@@ -105,7 +105,8 @@ def best_candidate(selections: list[Selection]) -> tuple[Selection, np.ndarray]:
   variables = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(xs[k])[g] for g, k in zip(groups, choice)]),
                                      *[s.variables for s in selections])
   return Selection(variables, [selections[k].hparams[g] for g, k in zip(groups, choice)],
-                   accs[choice, list(groups)], [r for s in selections for r in s.runs]), choice
+                   accs[choice, list(groups)], [r for s in selections for r in s.runs],
+                   [selections[k].stages[g] for g, k in zip(groups, choice)]), choice
 
 
 def tune(ctx: RunContext, name: str, start, stacked: bool, plan, train: Examples, valid: Examples, grid, groups,
@@ -165,7 +166,8 @@ def fine_tune_after(ctx: RunContext, prev: Selection, kind: str) -> list[dict]:
   sel, extra = tune(ctx, 'fine_tune', start, False, plan, ctx.examples(final), ctx.examples(final, 'valid'), grid,
                     None, penalties, aux, ctx.sequence.final.test)
   return [result_row(fine_tune_name(c, kind), sel, ctx.test_accuracy(sel.winner()),
-                     **{'All-previous test accuracy': ctx.test_accuracy(reference)}, **extra)]
+                     **{'All-previous test accuracy': ctx.test_accuracy(reference), 'Start stage': stage_of(prev)},
+                     **extra)]
 
 
 def erm_fine_tune(ctx: RunContext) -> list[dict]:
@@ -230,7 +232,7 @@ def sequential_fine_tune(ctx: RunContext) -> list[dict]:
     per_step.append(sel)
     extras.append(extra)
   best = int(np.argmax(sel.valid_accuracy))
-  info = {'Learning rate decay': decay}
+  info = {'Learning rate decay': decay, 'Step stages': [stage_of(s, best) for s in per_step]}
   if decay != 'none':
     start_lr, change = LR_SCHEDULES[decay][best]
     info.update({'Starting learning rate': start_lr, 'Learning rate decay factor': change})
