@@ -160,11 +160,17 @@ def weight_projection(models: Mapping[str, PyTree | Sequence[PyTree]], oracle: P
   return out
 
 
+WEIGHT_AXES = ('historical shift', 'limited final sample size')
+
+
 def projection_figure(coords: Mapping[str, Mapping[str, np.ndarray]], panels: Sequence[str] | None = None,
-                      title: str = '', ncols: int = 2) -> Figure:
+                      title: str = '', ncols: int = 2, axes_labels: tuple[str, str] = WEIGHT_AXES,
+                      oracle_at: tuple[float, float] = (0.0, 0.0), limits: tuple[float, float] | None = None
+                      ) -> Figure:
   """One panel per layer of `weight_projection` output (only `panels`, in order, if given): the oracle as a black
-  star at (0, 0); per label a point (K = 1), an arrow (K = 2) or a path with an arrowhead on every non-zero segment
-  (K > 2), in a colour kept across panels. Axes: historical shift (x), limited final sample size (y)."""
+  star at `oracle_at`; per label a point (K = 1), an arrow (K = 2) or a path with an arrowhead on every non-zero
+  segment (K > 2), in a colour kept across panels. Axes: `axes_labels` (x, y), both over `limits` if given (the SVCCA
+  plot of `activations.cca_coordinates` uses the oracle at (1, 1) and limits (−0.05, 1.05))."""
   names = list(coords) if panels is None else list(panels)
   missing = [n for n in names if n not in coords]
   if missing or not names:
@@ -176,7 +182,7 @@ def projection_figure(coords: Mapping[str, Mapping[str, np.ndarray]], panels: Se
   fig = Figure(figsize=(4.2 * cols, 3.6 * rows))
   axes = fig.subplots(rows, cols, squeeze=False).ravel()
   for ax, name in zip(axes, names):
-    ax.plot([0.0], [0.0], marker='*', markersize=12, color='k', linestyle='none', label='oracle')
+    ax.plot([oracle_at[0]], [oracle_at[1]], marker='*', markersize=12, color='k', linestyle='none', label='oracle')
     for label, c in coords[name].items():
       c = np.asarray(c, dtype=np.float64).reshape(-1, 2)
       if len(c) == 1:
@@ -188,8 +194,11 @@ def projection_figure(coords: Mapping[str, Mapping[str, np.ndarray]], panels: Se
           ax.annotate('', xy=tuple(end), xytext=tuple(start),
                       arrowprops={'arrowstyle': '->', 'color': colors[label], 'shrinkA': 0, 'shrinkB': 0})
     ax.set_title(name)
-    ax.set_xlabel('historical shift')
-    ax.set_ylabel('limited final sample size')
+    ax.set_xlabel(axes_labels[0])
+    ax.set_ylabel(axes_labels[1])
+    if limits is not None:
+      ax.set_xlim(*limits)
+      ax.set_ylim(*limits)
   for ax in axes[len(names):]:
     ax.set_visible(False)
   axes[0].legend(fontsize=7)
@@ -200,6 +209,6 @@ def projection_figure(coords: Mapping[str, Mapping[str, np.ndarray]], panels: Se
 
 
 def save_projection(coords: Mapping[str, Mapping[str, np.ndarray]], path: str | os.PathLike,
-                    panels: Sequence[str] | None = None, title: str = '', ncols: int = 2) -> None:
-  """Saves `projection_figure(coords, panels, title, ncols)` to `path` (.pdf or .png)."""
-  save_figure(projection_figure(coords, panels, title, ncols), path, 'weight projection plot')
+                    panels: Sequence[str] | None = None, title: str = '', ncols: int = 2, **figure_kwargs) -> None:
+  """Saves `projection_figure(coords, panels, title, ncols, **figure_kwargs)` to `path` (.pdf or .png)."""
+  save_figure(projection_figure(coords, panels, title, ncols, **figure_kwargs), path, 'projection plot')

@@ -26,6 +26,12 @@ def write_config(path: str, config_dict: dict) -> None:
     json.dump({'config': config_dict, 'metadata': run_metadata()}, f, indent=2, sort_keys=True)
 
 
+def read_config(path: str) -> dict:
+  """The run config dict written by `write_config`."""
+  with open(path) as f:
+    return json.load(f)['config']
+
+
 def _cell(value: Any) -> Any:
   return json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
 

@@ -1,0 +1,58 @@
+"""Per-layer activations of a block model and the SVCCA coordinates of spec §5.3.
+
+Activations are each top-level layer's output (conv1, layer1..N, fc logits) in eval mode (running BN statistics;
+the original ran single models with batch statistics, deviation 36), flattened per example to [n, C·H·W].
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from s2f_jax.analysis.projection import ENTIRE
+from s2f_jax.analysis.similarity import svcca
+from s2f_jax.models.layers import layer_names
+from s2f_jax.training.objective import InputScaling
+
+PyTree = Any
+CCA_LEVELS = (0.5, 0.9)  # variance kept before CCA: the x and y coordinates of the plot
+
+
+def layer_activations(model: nn.Module, variables: PyTree, images: np.ndarray, scaling: InputScaling,
+                      batch_size: int = 500) -> dict[str, np.ndarray]:
+  """{layer: float32 [n, features]} of `model` (a block model with conv1, layer1..N, fc) on uint8 images [n, H, W, 3].
+  """
+  names = layer_names(model.num_blocks)
+
+  @jax.jit
+  def run(x):
+    _, state = model.apply(variables, scaling(x), train=False, mutable=['intermediates'],
+                           capture_intermediates=lambda m, method: method == '__call__' and m.name in names
+                           and m.scope.parent is not None and m.scope.parent.parent is None)
+    inter = state['intermediates']
+    return {n: inter[n]['__call__'][0].reshape(x.shape[0], -1) for n in names}
+
+  chunks = [jax.device_get(run(jnp.asarray(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)]
+  return {n: np.concatenate([c[n] for c in chunks]) for n in names}
+
+
+def cca_coordinates(models: Mapping[str, Sequence[Mapping[str, np.ndarray]]], oracle: Mapping[str, np.ndarray],
+                    levels: Sequence[float] = CCA_LEVELS, variance_from_squares: bool = True
+                    ) -> dict[str, dict[str, np.ndarray]]:
+  """{panel: {label: float64 [K, 2]}} (the `projection.weight_projection` layout): per layer and `ENTIRE`, the mean
+  SVCCA coefficient between each model's activations and the oracle's, at the two variance levels.
+
+  models: {label: a path of K activation dicts (`layer_activations`)}; ENTIRE is the mean over layers (the original
+  averaged the per-layer values, although its README said concatenated outputs).
+  """
+  out: dict[str, dict[str, np.ndarray]] = {n: {} for n in oracle}
+  for label, path in models.items():
+    for name in oracle:
+      out[name][label] = np.array([[svcca(acts[name], oracle[name], level, variance_from_squares)['mean']
+                                    for level in levels] for acts in path])
+  out[ENTIRE] = {label: np.mean([out[n][label] for n in oracle], axis=0) for label in models}
+  return out
