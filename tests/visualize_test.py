@@ -128,3 +128,16 @@ def test_cli_writes_figures_and_rejects_bad_input(runs, tmp_path):
     done = subprocess.run(cmd + [bad, f'--out={tmp_path / "bad"}'], capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / 'bad').exists()
+
+
+def test_notebook_runs_top_to_bottom(runs, monkeypatch):
+  nbformat = pytest.importorskip('nbformat')
+  nbclient = pytest.importorskip('nbclient')
+  monkeypatch.setenv('S2F_RUN_ROOT', runs[0])
+  monkeypatch.setenv('CI', '1')
+  notebook = nbformat.read(os.path.join(ROOT, 'notebooks', 'weight_space_analysis.ipynb'), as_version=4)
+  nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
+                          resources={'metadata': {'path': ROOT}}).execute()
+  text = ''.join(o.get('text', '') for o in notebook.cells[-1].outputs)
+  rows = [line.split()[1:] for line in text.splitlines()[1:]]
+  assert len(rows) == 3 and all(float(r[i]) == pytest.approx(1.0, abs=1e-3) for i, r in enumerate(rows))

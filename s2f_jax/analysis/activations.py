@@ -1,7 +1,7 @@
 """Per-layer activations of a block model and the SVCCA coordinates of spec §5.3.
 
 Activations are each top-level layer's output (conv1, layer1..N, fc logits) in eval mode (running BN statistics;
-the original ran single models with batch statistics, deviation 36), flattened per example to [n, C·H·W].
+the original ran single models with batch statistics, deviation 34), flattened per example to [n, C·H·W].
 """
 from __future__ import annotations
 
