@@ -7,7 +7,7 @@ r"""Weight-space visualisations of finished runs: linear interpolation, weight p
 Figures and JSON go to `<root>/visualizations/` (or --out). weight_proj and cca need each run's erm_final and
 erm_fine_tune and an oracle run (a sweep's `oracle` job); see `s2f_jax.analysis.visualize`.
 """
-from absl import app, flags
+from absl import flags
 
 from s2f_jax import cli
 from s2f_jax.analysis import visualize
@@ -17,6 +17,7 @@ REPRESENTATION = flags.DEFINE_string('representation', 'linear_interpolate',
                                      f'one of {", ".join(visualize.REPRESENTATIONS)}')
 OUT = flags.DEFINE_string('out', None, 'output folder (default <root>/visualizations)')
 NUM_POINTS = flags.DEFINE_integer('num_points', 101, 'linear_interpolate: points α in [0, 1]')
+FORMAT = flags.DEFINE_string('format', 'pdf', 'figure format: pdf or png')
 COMPAT_CCA = flags.DEFINE_bool('compat_cca_variance', False,
                                'cca: variance from singular values, not their squares (the original)')
 
@@ -26,7 +27,8 @@ def main(argv):
     raise cli.UserError(f'unexpected arguments {argv[1:]}')
   if not ROOT.value:
     raise cli.UserError('--root is required: the folder holding finished runs')
-  paths = visualize.visualize(ROOT.value, REPRESENTATION.value, OUT.value, NUM_POINTS.value, COMPAT_CCA.value)
+  paths = visualize.visualize(ROOT.value, REPRESENTATION.value, OUT.value, NUM_POINTS.value, COMPAT_CCA.value,
+                                FORMAT.value)
   print('\n'.join(paths))
 
 

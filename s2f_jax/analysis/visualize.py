@@ -249,12 +249,14 @@ def _to_json(obj):
 
 
 def visualize(root: str, representation: str, out: str | None = None, num_points: int = 101,
-              compat_cca_variance: bool = False) -> list[str]:
-  """Computes `representation` for every run under `root` and writes figures and JSON to `out` (default
-  `<root>/visualizations`), each run's files as `<run path>_<representation>.{pdf,json}`, and for
+              compat_cca_variance: bool = False, fmt: str = 'pdf') -> list[str]:
+  """Computes `representation` for every run under `root` and writes figures (`fmt`: pdf or png) and JSON to `out`
+  (default `<root>/visualizations`), each run's files as `<run path>_<representation>.{fmt,json}`, and for
   linear_interpolate one merged figure per (setup, seed) over architectures. Returns the written paths."""
   if representation not in REPRESENTATIONS:
     raise UserError(f'unknown representation {representation!r}; valid choices: {", ".join(REPRESENTATIONS)}')
+  if fmt not in ('pdf', 'png'):
+    raise UserError(f'unknown figure format {fmt!r}; valid choices: pdf, png')
   run_dirs = stored.find_runs(root)
   out = out or os.path.join(root, 'visualizations')
   results, merged = [], {}
@@ -284,16 +286,16 @@ def visualize(root: str, representation: str, out: str | None = None, num_points
     path = os.path.join(out, f'{_stem(root, run.directory)}_{representation}')
     if representation == 'linear_interpolate':
       if data:
-        save_interpolation({k: (v['alpha'], v['accuracy']) for k, v in data.items()}, path + '.pdf', run.title)
-        written.append(path + '.pdf')
+        save_interpolation({k: (v['alpha'], v['accuracy']) for k, v in data.items()}, f'{path}.{fmt}', run.title)
+        written.append(f'{path}.{fmt}')
     else:
       panels = list(PAPER_PANELS) if all(p in data for p in PAPER_PANELS) else None
       kwargs = {} if representation == 'weight_proj' else {
           'axes_labels': ('mean SVCCA, 50% variance', 'mean SVCCA, 90% variance'), 'oracle_at': (1.0, 1.0),
           'limits': (-0.05, 1.05)}
-      save_projection(data, path + '.pdf', panels or [*[p for p in data if p != ENTIRE], ENTIRE], run.title,
+      save_projection(data, f'{path}.{fmt}', panels or [*[p for p in data if p != ENTIRE], ENTIRE], run.title,
                       **kwargs)
-      written.append(path + '.pdf')
+      written.append(f'{path}.{fmt}')
     with open(path + '.json', 'w') as f:
       json.dump({'run': run.directory, 'representation': representation, 'data': _to_json(data),
                  'skipped': skipped}, f, indent=1)
@@ -301,7 +303,7 @@ def visualize(root: str, representation: str, out: str | None = None, num_points
   for (setup, seed), panels in merged.items():
     if len(panels) > 1 and any(panels.values()):
       path = os.path.join(out, f'{re.sub(r"[^A-Za-z0-9_.-]+", "_", setup)}_seed{seed}_all_architectures'
-                               '_linear_interpolate.pdf')
+                               f'_linear_interpolate.{fmt}')
       save_merged_interpolation({a: {k: (v['alpha'], v['accuracy']) for k, v in c.items()} for a, c in
                                  panels.items()}, path, f'{setup}, seed {seed}')
       written.append(path)
