@@ -51,7 +51,7 @@ def mlp(x64):
   x = np.repeat(rng.normal(size=(6, 3)), 2, axis=0)
   y = np.array([c for i in range(6) for c in (i % 3, (i + 1) % 3)])
   module = MLP()
-  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), jax.jit(module.init)(jax.random.key(0), x)['params'])
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), jax.jit(module.init)(jax.random.key(2), x)['params'])
   apply_fn = lambda p, images: module.apply({'params': p}, images)  # noqa: E731 (one function object: one compile)
   names = hs.select_layers(params)
   sel = hs.select_leaves(params, names)
@@ -161,7 +161,7 @@ def test_layer_traces_match_exact_diagonal_blocks(mlp):
 
 
 def test_stopping_rule_is_pyhessians_and_independent_of_probe_batching(mlp):
-  runs = [hs.hutchinson_traces(mlp.loss, mlp.sel, jax.random.key(2), tol=0.02, max_iter=60, probes_per_round=p)
+  runs = [hs.hutchinson_traces(mlp.loss, mlp.sel, jax.random.key(2), tol=0.05, max_iter=60, probes_per_round=p)
           for p in (1, 7)]
   count = int(runs[0]['num_probes'][0])
   assert 2 < count < 60 and runs[1]['num_probes'][0] == count
@@ -171,7 +171,7 @@ def test_stopping_rule_is_pyhessians_and_independent_of_probe_batching(mlp):
   previous = 0.0  # replay: stop after the first probe whose running mean moved by less than tol relatively
   for t in range(1, count + 1):
     mean = totals[:t].mean()
-    assert (abs(mean - previous) / (abs(previous) + 1e-6) < 0.02) == (t == count)
+    assert (abs(mean - previous) / (abs(previous) + 1e-6) < 0.05) == (t == count)
     previous = mean
 
 
@@ -199,14 +199,14 @@ def test_quadratic_forms_match_dense_references(mlp):
   for mode, values in expected.items():
     out = hs.quadratic_form(mlp.loss, mlp.sel, v, mode, steps=12)
     np.testing.assert_allclose(out['value'], values, rtol=1e-9, err_msg=mode)
-  assert expected['block_psd'][0] > expected['block'][0] + 0.01
+  assert expected['block_psd'][0] > expected['block'][0] + 0.1
   np.testing.assert_allclose(out['sq_distance'], [vf[i] @ vf[i] for i in b], rtol=1e-14)
   ce = np.asarray(_reference_ce(_flat(mlp.sel, mlp.names), mlp.params, mlp.x, mlp.y))
   np.testing.assert_allclose([out['max_loss'], out['max_batch_loss']], [ce.max(), ce.mean()], rtol=1e-13)
-  backwards = {n: mlp.sel[n] for n in reversed(mlp.names)}  # per-layer results follow the order of params_sel
-  out = hs.quadratic_form(mlp.loss, backwards, {n: v[n] for n in backwards}, 'block', steps=12)
-  assert out['layers'] == mlp.names[::-1]
-  np.testing.assert_allclose(out['value'], expected['block'][::-1], rtol=1e-9)
+  backwards = {n: mlp.sel[n] for n in reversed(mlp.names)}  # per-layer results are in model order, whatever the dicts'
+  out = hs.quadratic_form(mlp.loss, backwards, v, 'block', steps=12)
+  assert out['layers'] == mlp.names
+  np.testing.assert_allclose(out['value'], expected['block'], rtol=1e-9)
 
 
 def test_block_psd_with_few_lanczos_steps_is_close(mlp):

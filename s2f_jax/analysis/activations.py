@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from s2f_jax.analysis.projection import ENTIRE
-from s2f_jax.analysis.similarity import svcca
+from s2f_jax.analysis.similarity import svcca_of_reductions, svd_reductions
 from s2f_jax.models.layers import layer_names
 from s2f_jax.training.objective import InputScaling
 
@@ -49,10 +49,13 @@ def cca_coordinates(models: Mapping[str, Sequence[Mapping[str, np.ndarray]]], or
   models: {label: a path of K activation dicts (`layer_activations`)}; ENTIRE is the mean over layers (the original
   averaged the per-layer values, although its README said concatenated outputs).
   """
+  reduce = lambda acts, name: svd_reductions(acts[name], levels, variance_from_squares, f'svcca of layer {name}')
+  reference = {name: reduce(oracle, name) for name in oracle}  # one SVD per activation matrix
   out: dict[str, dict[str, np.ndarray]] = {n: {} for n in oracle}
   for label, path in models.items():
     for name in oracle:
-      out[name][label] = np.array([[svcca(acts[name], oracle[name], level, variance_from_squares)['mean']
-                                    for level in levels] for acts in path])
+      points = [reduce(acts, name) for acts in path]
+      out[name][label] = np.array([[svcca_of_reductions(u, r)['mean'] for u, r in zip(point, reference[name])]
+                                   for point in points])
   out[ENTIRE] = {label: np.mean([out[n][label] for n in oracle], axis=0) for label in models}
   return out

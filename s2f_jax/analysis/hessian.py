@@ -3,8 +3,9 @@
 Every quantity is a property of the Hessian H of a mini-batch loss ℓ_B(θ) = mean cross-entropy (nats) over the batch,
 in eval mode (BN running statistics), RESTRICTED to a list of selected weight tensors ("layers", `select_layers`):
 every other parameter and the BN statistics are constants. The selected leaves travel as a flat dict
-`Sel = {path: array}` ('/'-joined parameter paths, model order); per-layer results are arrays [L] in the order of that
-dict. Layer i's diagonal block is H_ii, H^+ = U max(Λ, 0) Uᵀ its PSD part.
+`Sel = {path: array}` ('/'-joined parameter paths); per-layer results are arrays [L] in model order (that of
+`select_layers`, whatever the order of the dict, which `jax.tree.map` sorts). Layer i's diagonal block is H_ii,
+H^+ = U max(Λ, 0) Uᵀ its PSD part.
 
 Hessian-vector products are forward-over-reverse (`hvp`). Probes, layers and noise draws are `vmap`ped, and each
 estimator is one compiled call: a `BatchLoss` carries its batch as pytree leaves, so other data of the same shape
@@ -179,7 +180,7 @@ def _batched(loss: BatchLoss, batch_size: int | None) -> BatchLoss:
   def split(x):
     return x[index % n].reshape((-1, size) + x.shape[1:])
   return loss.replace(images=split(loss.images), labels=split(loss.labels),
-                      weights=split(jnp.where(index < n, loss.weights[index % n], 0)))
+                      weights=jnp.where(index < n, loss.weights[index % n], 0).reshape(-1, size))
 
 
 def _jit_arg(loss_fn: Callable):
@@ -236,9 +237,12 @@ def _masked(tree: Sel, i: jax.Array) -> Sel:
 
 
 def _random_like(draw: Callable, key: jax.Array, like: Sel) -> Sel:
+  """`draw(key, shape, dtype)` shaped like `like`: one draw for all layers, split into them."""
   leaves, treedef = jax.tree.flatten(like)
-  keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([draw(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+  sizes = [x.size for x in leaves]
+  flat = draw(key, (sum(sizes),), jnp.result_type(*leaves))
+  parts = jnp.split(flat, np.cumsum(sizes)[:-1])
+  return treedef.unflatten([p.reshape(x.shape).astype(x.dtype) for p, x in zip(parts, leaves)])
 
 
 def _vmap_chunks(fn: Callable, xs, chunk: int | None) -> PyTree:
@@ -246,14 +250,19 @@ def _vmap_chunks(fn: Callable, xs, chunk: int | None) -> PyTree:
   return jax.vmap(fn)(xs) if chunk is None else jax.lax.map(fn, xs, batch_size=chunk)
 
 
+def _layers(sel: Sel) -> list[str]:
+  """The layer names of `sel` in model order: the order of every per-layer result."""
+  return sorted(sel, key=_model_order)
+
+
 def _layer_order(sel: Sel) -> np.ndarray:
-  """Indices that reorder per-layer values from `jax.tree.leaves` order to the order of `sel`."""
+  """Indices that reorder per-layer values from `jax.tree.leaves` order to model order."""
   leaf_names = [path[0].key for path, _ in jax.tree_util.tree_flatten_with_path(sel)[0]]
-  return np.array([leaf_names.index(n) for n in sel])
+  return np.array([leaf_names.index(n) for n in _layers(sel)])
 
 
 def _check_like(where: str, sel: Sel, other: Sel, name: str) -> None:
-  if not isinstance(other, Mapping) or list(other) != list(sel) or any(
+  if not isinstance(other, Mapping) or set(other) != set(sel) or any(
       np.shape(other[n]) != np.shape(sel[n]) for n in sel):
     raise UserError(f'{where}: {name} must have the layers and shapes of params_sel ({list(sel)})')
 
@@ -343,7 +352,7 @@ def hutchinson_traces(loss_fn: BatchLoss | Callable, params_sel: Sel, key: jax.A
   order = _layer_order(params_sel)
   trace, stderr = np.asarray(out['trace'])[:, order], np.asarray(out['stderr'])[:, order]
   best = np.argmax(trace, axis=0)
-  return {'layers': list(params_sel), 'trace': trace.max(axis=0), 'stderr': stderr[best, np.arange(len(order))],
+  return {'layers': _layers(params_sel), 'trace': trace.max(axis=0), 'stderr': stderr[best, np.arange(len(order))],
           'total': float(trace.max(axis=0).sum()), 'batch_trace': trace, 'batch_stderr': stderr,
           'batch_total_stderr': np.asarray(out['total_stderr']), 'num_probes': np.asarray(out['num_probes']),
           'samples': np.asarray(out['samples'])[:, :, order]}
@@ -353,11 +362,11 @@ def hutchinson_traces(loss_fn: BatchLoss | Callable, params_sel: Sel, key: jax.A
 
 
 def _lanczos(matvec: Callable[[Sel], Sel], q0: Sel, steps: int) -> tuple[jax.Array, jax.Array]:
-  """Gauss quadrature nodes θ [steps] and weights τ² [steps] (Σ τ² = ‖q0‖², 1 for a unit q0) of the symmetric
-  operator `matvec` at q0: Σ_j τ_j² f(θ_j) ≈ q0ᵀ f(H) q0, exact for polynomials of degree < 2·steps and for every f
-  once the Krylov space is exhausted. `steps` Lanczos steps with full reorthogonalisation (classical Gram–Schmidt,
-  twice). On breakdown (β ≤ √eps · the largest |α|, β so far) the later basis vectors are zero, which decouples them
-  from q0 in the tridiagonal T; a zero q0 gives all-zero weights."""
+  """Gauss quadrature nodes θ [steps] and weights τ² [steps] (Σ τ² = 1) of the symmetric operator `matvec` at the
+  unit vector q0: Σ_j τ_j² f(θ_j) ≈ q0ᵀ f(H) q0, exact for polynomials of degree < 2·steps and for every f once the
+  Krylov space is exhausted. `steps` Lanczos steps with full reorthogonalisation (classical Gram–Schmidt, twice). On
+  breakdown (β ≤ √eps · the largest |α|, β so far) the later basis vectors are zero, which decouples them from q0 in
+  the tridiagonal T. A zero q0 gives all-zero weights."""
   dtype = jnp.result_type(*jax.tree.leaves(q0))
   basis = jax.tree.map(lambda x: jnp.zeros((steps,) + x.shape, x.dtype).at[0].set(x), q0)
 
@@ -406,7 +415,7 @@ def _quadratic(loss, sel: Sel, v: Sel, mode: str, steps: int, chunk: int | None)
 
 @functools.partial(jax.jit, static_argnames=('mode', 'steps', 'chunk', 'parallel'))
 def _quadratic_batches(loss, sel, v, *, mode, steps, chunk, parallel):
-  def one(l, _):
+  def one(l, _):  # deterministic: the per-batch key goes unused
     batch_loss_value = l(sel)
     examples = (jnp.where(l.weights > 0, l.per_example(sel), -jnp.inf) if isinstance(l, BatchLoss)
                 else batch_loss_value[None])
@@ -444,8 +453,8 @@ def quadratic_form(loss_fn: BatchLoss | Callable, params_sel: Sel, v: Sel, mode:
   value, batch_losses, example_max = jax.device_get(_quadratic_batches(
       loss, params_sel, v, mode=mode, steps=steps, chunk=chunk, parallel=parallel_batches))
   value = np.asarray(value)[:, _layer_order(params_sel)]
-  return {'layers': list(params_sel), 'value': value.max(axis=0), 'batch_value': value,
-          'sq_distance': np.array([float(jnp.vdot(x, x)) for x in v.values()]),
+  return {'layers': _layers(params_sel), 'value': value.max(axis=0), 'batch_value': value,
+          'sq_distance': np.array([np.sum(np.square(np.asarray(v[n], np.float64))) for n in _layers(params_sel)]),
           'max_loss': float(np.max(example_max)), 'max_batch_loss': float(np.max(batch_losses)), 'mode': mode}
 
 
@@ -458,7 +467,7 @@ def hessian_distance_measure(quadratic: Mapping, num_train: int, traces: Mapping
 
   C = `max_loss` (default: quadratic['max_loss'], the largest per-example loss), n = `num_train` (training-set size).
   Returns {'layers', 'hdm', 'hdm_terms' [L], 'max_loss', 'num_train'} and, with traces, 'trace_distance' and
-  'trace_distance_terms' [L] (per-layer square-root terms; unitless in the paper's reading of C in nats).
+  'trace_distance_terms' [L] (the per-layer square-root terms).
   """
   _check_int('hessian_distance_measure', 'num_train', num_train)
   c = quadratic['max_loss'] if max_loss is None else max_loss
@@ -501,9 +510,9 @@ def _power_iteration(loss, sel, key, tol, *, k, max_iter):
       done = (t > 0) & (jnp.abs(value - previous) / (jnp.abs(previous) + _STOP_EPS) < tol)
       return _scale(hv, 1 / jnp.sqrt(_dot(hv, hv))), value, done, t + 1
 
-    v0 = _random_like(jax.random.normal, jax.random.fold_in(key, i), sel)
-    zero = jnp.zeros((), values.dtype)
-    v, value, _, t = jax.lax.while_loop(lambda c: ~c[2] & (c[3] < max_iter), body, (v0, zero, jnp.zeros((), bool), jnp.zeros((), jnp.int32)))
+    start = (_random_like(jax.random.normal, jax.random.fold_in(key, i), sel), jnp.zeros((), values.dtype),
+             jnp.zeros((), bool), jnp.zeros((), jnp.int32))
+    v, value, _, t = jax.lax.while_loop(lambda c: ~c[2] & (c[3] < max_iter), body, start)
     basis = jax.tree.map(lambda b, x: b.at[i].set(x), basis, deflate(v, basis, i))
     return basis, values.at[i].set(value), iterations.at[i].set(t)
 
@@ -524,7 +533,7 @@ def top_eigenvalues(loss_fn: Callable[[Sel], jax.Array], params_sel: Sel, key: j
   _check_int('top_eigenvalues', 'max_iter', max_iter)
   basis, values, iterations = jax.device_get(_power_iteration(
       _jit_arg(loss_fn), params_sel, key, tol, k=k, max_iter=max_iter))
-  return {'eigenvalues': np.asarray(values), 'eigenvectors': {n: np.asarray(basis[n]) for n in params_sel},
+  return {'eigenvalues': np.asarray(values), 'eigenvectors': {n: np.asarray(basis[n]) for n in _layers(params_sel)},
           'iterations': np.asarray(iterations)}
 
 
@@ -566,8 +575,8 @@ def eigenvalue_density(loss_fn: Callable[[Sel], jax.Array], params_sel: Sel, key
   variance = sigma_squared * max(1.0, high - low)
   pad = max(margin, 6 * np.sqrt(variance))
   grid = np.linspace(low - pad, high + pad, num_points)
-  return {'nodes': nodes, 'weights': weights, 'grid': grid, 'density': broadened_density(nodes, weights, grid, variance),
-          'variance': variance}
+  return {'nodes': nodes, 'weights': weights, 'grid': grid, 'variance': variance,
+          'density': broadened_density(nodes, weights, grid, variance)}
 
 
 def density_figure(density: Mapping, title: str = '') -> Figure:

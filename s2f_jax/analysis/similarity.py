@@ -15,6 +15,8 @@ Shared conventions:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from s2f_jax.errors import UserError
@@ -150,14 +152,29 @@ def cca(X, Y) -> np.ndarray:
   return _correlations(_cca_basis(where, 'X', X)[0], _cca_basis(where, 'Y', Y)[0])
 
 
-def _svd_reduce(where: str, name: str, A: np.ndarray, keep: float, variance_from_squares: bool) -> np.ndarray:
-  """Top left singular vectors [n, k] of centred A [n, d] explaining a fraction `keep` of the variance."""
+def svd_reductions(A, keeps: Sequence[float], variance_from_squares: bool = True, where: str = 'svcca',
+                   name: str = 'X') -> list[np.ndarray]:
+  """For each fraction in `keeps`, the top left singular vectors [n, k] of centred A [n, d] explaining that share of
+  the variance (one SVD for all; variance of direction i = s_i², or s_i with `variance_from_squares=False`)."""
+  A = _matrix(where, name, A)
+  for keep in keeps:
+    if not 0.0 < keep <= 1.0:
+      raise UserError(f'{where}: keep must be in (0, 1]; got {keep!r}')
   U, s, _ = np.linalg.svd(_centred_nonconstant(where, name, A), full_matrices=False)
   s = s[:_rank(s, A.shape)]  # drop numerically zero directions (constant / collinear columns)
   cumulative = np.cumsum(s ** 2 if variance_from_squares else s)
-  k = min(int(np.searchsorted(cumulative, keep * cumulative[-1])) + 1, len(s))
-  _check_dim(where, f'{name} reduced by SVD', k, A.shape[0])
-  return U[:, :k]
+  out = []
+  for keep in keeps:
+    k = min(int(np.searchsorted(cumulative, keep * cumulative[-1])) + 1, len(s))
+    _check_dim(where, f'{name} reduced by SVD', k, A.shape[0])
+    out.append(U[:, :k])
+  return out
+
+
+def svcca_of_reductions(Ux: np.ndarray, Uy: np.ndarray) -> dict:
+  """`svcca`'s result from reductions [n, k1], [n, k2] of `svd_reductions` (reuse one side's SVD across pairs)."""
+  coefficients = _correlations(Ux, Uy)
+  return {'coefficients': coefficients, 'mean': float(coefficients.mean()), 'dims': (Ux.shape[1], Uy.shape[1])}
 
 
 def svcca(X, Y, keep: float = 0.99, variance_from_squares: bool = True) -> dict:
@@ -169,11 +186,8 @@ def svcca(X, Y, keep: float = 0.99, variance_from_squares: bool = True) -> dict:
   {'coefficients': canonical correlations [min(k1, k2)] descending, 'mean': their mean, 'dims': (k1, k2)}.
   """
   X, Y, where = _pair('svcca', X, Y)
-  if not 0.0 < keep <= 1.0:
-    raise UserError(f'{where}: keep must be in (0, 1]; got {keep!r}')
-  Ux, Uy = (_svd_reduce(where, name, A, keep, variance_from_squares) for name, A in (('X', X), ('Y', Y)))
-  coefficients = _correlations(Ux, Uy)
-  return {'coefficients': coefficients, 'mean': float(coefficients.mean()), 'dims': (Ux.shape[1], Uy.shape[1])}
+  (Ux,), (Uy,) = (svd_reductions(A, [keep], variance_from_squares, where, name) for name, A in (('X', X), ('Y', Y)))
+  return svcca_of_reductions(Ux, Uy)
 
 
 def pwcca(X, Y) -> float:

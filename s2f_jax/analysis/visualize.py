@@ -56,7 +56,7 @@ class Run:
 
   @property
   def title(self) -> str:
-    return f'{self.architecture}, {self.ctx.sequence.setup}, seed {self.ctx.config.seed}'
+    return f'{self.architecture}, seed {self.ctx.config.seed}\n{self.ctx.sequence.setup}'
 
   def context(self, method: stored.StoredMethod) -> RunContext:
     """The run's context with `method`'s config (same data and model)."""
@@ -305,6 +305,6 @@ def visualize(root: str, representation: str, out: str | None = None, num_points
       path = os.path.join(out, f'{re.sub(r"[^A-Za-z0-9_.-]+", "_", setup)}_seed{seed}_all_architectures'
                                f'_linear_interpolate.{fmt}')
       save_merged_interpolation({a: {k: (v['alpha'], v['accuracy']) for k, v in c.items()} for a, c in
-                                 panels.items()}, path, f'{setup}, seed {seed}')
+                                 panels.items()}, path, f'seed {seed}\n{setup}')
       written.append(path)
   return written
