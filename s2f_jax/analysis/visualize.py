@@ -283,18 +283,19 @@ def visualize(root: str, representation: str, out: str | None = None, num_points
   os.makedirs(out, exist_ok=True)
   written = []
   for run, data, skipped in results:
+    if not data:
+      continue  # e.g. an oracle folder holding only erm_final, which has no interpolation path
     path = os.path.join(out, f'{_stem(root, run.directory)}_{representation}')
     if representation == 'linear_interpolate':
-      if data:
-        save_interpolation({k: (v['alpha'], v['accuracy']) for k, v in data.items()}, f'{path}.{fmt}', run.title)
-        written.append(f'{path}.{fmt}')
+      save_interpolation({k: (v['alpha'], v['accuracy']) for k, v in data.items()}, f'{path}.{fmt}', run.title)
+      written.append(f'{path}.{fmt}')
     else:
-      panels = list(PAPER_PANELS) if all(p in data for p in PAPER_PANELS) else None
+      paper = run.ctx.config.model.num_blocks == 4  # the 2×2 figure of spec §5.2; else every layer
+      panels = list(PAPER_PANELS) if paper else [*[p for p in data if p != ENTIRE], ENTIRE]
       kwargs = {} if representation == 'weight_proj' else {
           'axes_labels': ('mean SVCCA, 50% variance', 'mean SVCCA, 90% variance'), 'oracle_at': (1.0, 1.0),
           'limits': (-0.05, 1.05)}
-      save_projection(data, f'{path}.{fmt}', panels or [*[p for p in data if p != ENTIRE], ENTIRE], run.title,
-                      **kwargs)
+      save_projection(data, f'{path}.{fmt}', panels, run.title, **kwargs)
       written.append(f'{path}.{fmt}')
     with open(path + '.json', 'w') as f:
       json.dump({'run': run.directory, 'representation': representation, 'data': _to_json(data),
