@@ -77,6 +77,18 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.joint.sweep_efficient_reg = False  # side_tune/low_rank_adapt: β = 0.1, side/adapter L2 over 1e-5..1, best per value
   c.joint.resume_epochs = 0  # continue the selected model for this many more epochs (patience 10)
 
+  # Fine-tuning under a distance constraint and label noise (Ju et al. 2022; hessian spec §6).
+  c.constraint = ml_collections.ConfigDict()
+  c.constraint.norm = 'none'  # none | frob | inf_op: fine-tuning stages project weights onto balls around their start
+  c.constraint.radius = (1.0,)  # radius grid (one vmapped run per value; a grid axis like the learning rate)
+  c.constraint.scale_factor = 1.0  # block i of N gets radius·scale_factor^k (k = 0, 0, 1, 2 for N = 4)
+  c.constraint.head_scale = 1.0  # the head's radius = head_scale·radius
+  c.constraint.head_centre = 'zero'  # zero | init: centre of the head's ball
+  c.constraint.stem = False  # constrain conv1 too (the original leaves it free)
+  c.label_noise = ml_collections.ConfigDict()
+  c.label_noise.rate = 0.0  # symmetric noise on the final step's train labels: each flips w.p. rate to another class
+  c.label_noise.correction = 'none'  # none | backward | forward: fine-tuning loss corrected with F(rate)
+
   # Robust objectives (dro_*, irm_*).
   c.dro_eta = 0.01  # Group DRO step size of the exponentiated-gradient group weights
   c.irm_penalty = 10.0  # IRMv1 penalty weight once annealing is over
@@ -93,6 +105,12 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.compat.irm_vector_dummy = False  # irm: vector dummy, penalty weight 1, summed over steps (the original)
   c.compat.robust_pretrain_includes_final = False  # irm/dro_fine_tune: stage 1 also trains on the final step
   return c
+
+
+def dataset_tag(config: ml_collections.ConfigDict) -> str:
+  """The dataset part of run folder names: data.name (':' → '_'), plus '_label_noise<rate>' with label noise."""
+  rate = config.label_noise.rate
+  return config.data.name.replace(':', '_') + (f'_label_noise{rate:g}' if rate else '')
 
 
 def methods_of(config: ml_collections.ConfigDict) -> list[str]:
@@ -126,6 +144,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.joint.loss_samples not in LOSS_SAMPLES:
     raise choices_error('joint.loss_samples', config.joint.loss_samples, LOSS_SAMPLES)
   _validate_joint(config)
+  _validate_constraint(config)
   _non_negative(config, 'num_epochs', 'train.patience', 'train.parallel_runs', 'irm_anneal_steps')
   for key in ('dro_eta', 'irm_penalty'):
     if not isinstance(config[key], (int, float)) or config[key] < 0:
@@ -151,6 +170,30 @@ def _validate_joint(config: ml_collections.ConfigDict) -> None:
   if any(not isinstance(v, (int, float)) or v < 0 for v in betas):
     raise UserError(f'joint.adjacent={betas} must hold non-negative numbers')
   _non_negative(config, 'joint.resume_epochs')
+
+
+CONSTRAINT_NORMS = ('none', 'frob', 'inf_op')
+CORRECTIONS = ('none', 'backward', 'forward')
+
+
+def _validate_constraint(config: ml_collections.ConfigDict) -> None:
+  k, n = config.constraint, config.label_noise
+  if k.norm not in CONSTRAINT_NORMS:
+    raise choices_error('constraint.norm', k.norm, CONSTRAINT_NORMS)
+  if k.head_centre not in ('zero', 'init'):
+    raise choices_error('constraint.head_centre', k.head_centre, ('zero', 'init'))
+  radii = tuple(k.radius) if isinstance(k.radius, (tuple, list)) else (k.radius,)
+  if not radii or not all(isinstance(r, (int, float)) and r > 0 for r in radii):
+    raise UserError(f'constraint.radius={radii} must hold positive numbers')
+  if not (k.scale_factor > 0 and k.head_scale > 0):
+    raise UserError(f'constraint.scale_factor={k.scale_factor} and constraint.head_scale={k.head_scale} must be '
+                    'positive')
+  if not 0.0 <= n.rate < 1.0:
+    raise UserError(f'label_noise.rate={n.rate} must be in [0, 1)')
+  if n.correction not in CORRECTIONS:
+    raise choices_error('label_noise.correction', n.correction, CORRECTIONS)
+  if n.correction != 'none' and n.rate == 0:
+    raise UserError(f'label_noise.correction={n.correction} needs label_noise.rate > 0')
 
 
 def _validate_fine_tuning(config: ml_collections.ConfigDict, methods: list[str]) -> None:
@@ -181,6 +224,12 @@ def _validate_fine_tuning(config: ml_collections.ConfigDict, methods: list[str])
     if changed:
       raise UserError(f"{', '.join(changed)} apply to fine_tune_mode=standard; side_tune and low_rank_adapt train "
                       'their own new modules')
+  options = [k for k, on in (('constraint.norm', config.constraint.norm != 'none'),
+                              ('label_noise.correction', config.label_noise.correction != 'none')) if on]
+  if options and (config.fine_tune_mode != 'standard' or not any(
+      m in ('erm_fine_tune', 'irm_fine_tune', 'dro_fine_tune') for m in methods)):
+    raise UserError(f"{', '.join(options)} apply to the fine-tuning stage of erm/irm/dro_fine_tune with "
+                    f'fine_tune_mode=standard; got method={config.method}, fine_tune_mode={config.fine_tune_mode}')
   parts = spec.split(':') if 'sequential_fine_tune' in methods else []
   if any(m.endswith('_fine_tune') and m != 'sequential_fine_tune' for m in methods):
     parts.append(spec)  # erm/irm/dro_fine_tune take one spec (no ':')

@@ -6,6 +6,7 @@ errors are raised before anything is written.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from s2f_jax.methods.adapted import check_adapted
 from s2f_jax.methods.joint import check_joint
 from s2f_jax.models import make_model
 from s2f_jax.results import read_metrics, run_metadata, write_config, write_metrics
+from s2f_jax.training.label_noise import inject_label_noise, symmetric_confusion
 from s2f_jax.training.objective import InputScaling
 
 log = logging.getLogger('s2f_jax')
@@ -37,13 +39,24 @@ def load_sequence(config: ml_collections.ConfigDict) -> Sequence:
                               d.test_all_steps)
   base = load_source(d.name, d.root or None, d.image_size)
   if isinstance(base, RealSequence):
-    return split_real_sequence(base)
-  return build_sequence(spec, base, compat_subpop_remainder=config.compat.subpop_remainder)
+    sequence = split_real_sequence(base)
+  else:
+    sequence = build_sequence(spec, base, compat_subpop_remainder=config.compat.subpop_remainder)
+  return with_label_noise(sequence, config.label_noise.rate, config.seed) if config.label_noise.rate else sequence
+
+
+def with_label_noise(sequence: Sequence, rate: float, seed: int) -> Sequence:
+  """`sequence` with the final step's train labels flipped by symmetric noise F(rate) (`label_noise`); its valid
+  and test labels stay clean (model selection and the reported accuracy use clean labels, as the original)."""
+  final = sequence.steps[-1]
+  labels = inject_label_noise(final.train.labels, symmetric_confusion(sequence.num_classes, rate), seed)
+  train = dataclasses.replace(final.train, labels=labels.astype(final.train.labels.dtype))
+  return dataclasses.replace(sequence, steps=sequence.steps[:-1] + (dataclasses.replace(final, train=train),))
 
 
 def default_workdir(config: ml_collections.ConfigDict, sequence: Sequence) -> str:
   m = config.model
-  return os.path.join('runs', f'{m.name}_{m.num_blocks}blocks_{config.data.name.replace(":", "_")}',
+  return os.path.join('runs', f'{m.name}_{m.num_blocks}blocks_{config_lib.dataset_tag(config)}',
                       sequence.setup, f'seed{config.seed}')
 
 

@@ -141,7 +141,7 @@ def setup_name(config: ml_collections.ConfigDict) -> str:
 def run_folder(config: ml_collections.ConfigDict) -> str:
   """`<model>_<N>blocks_<dataset>/<setup>/seed<seed>`: `experiment.default_workdir` below its `runs/`."""
   m = config.model
-  return os.path.join(f'{m.name}_{m.num_blocks}blocks_{config.data.name.replace(":", "_")}', setup_name(config),
+  return os.path.join(f'{m.name}_{m.num_blocks}blocks_{config_lib.dataset_tag(config)}', setup_name(config),
                       f'seed{config.seed}')
 
 

@@ -17,6 +17,8 @@ from s2f_jax.methods import layers_spec
 from s2f_jax.methods.base import Method, RunContext, Selection, result_row, stage_of
 from s2f_jax.models import layer_names
 from s2f_jax.training import grid as grid_lib
+from s2f_jax.training.constraint import constraint_rules
+from s2f_jax.training.label_noise import CorrectedERM, symmetric_confusion
 from s2f_jax.training.loop import Examples
 from s2f_jax.training.objective import l2_penalty, reference_penalty
 from s2f_jax.training.per_sample import empirical_fisher, layer_scores
@@ -47,7 +49,26 @@ def fine_tune_name(config, kind: str = 'erm') -> str:
     from s2f_jax.methods.joint import FROZEN_JOINT_MODES
     return FROZEN_JOINT_MODES[config.fine_tune_mode][0]
   lp = config.fine_tune_layers.strip() == 'linear_probe_fine_tune'
-  return f"{kind}_{'linear_probe_then_fine_tune' if lp else 'fine_tune'}{variant_suffix(config)}"
+  k, noise = config.constraint, config.label_noise
+  extra = ('' if k.norm == 'none' else f'_constrained_{k.norm}') + (
+      '' if noise.correction == 'none' else f'_{noise.correction}_corrected')
+  return f"{kind}_{'linear_probe_then_fine_tune' if lp else 'fine_tune'}{variant_suffix(config)}{extra}"
+
+
+def constrained_training(ctx: RunContext) -> tuple[dict, dict]:
+  """(extra grid axes, learner kwargs) of the `constraint` and `label_noise.correction` options of a fine-tuning
+  stage: the radius grid axis and the projection rules (unit radius, scaled per run), the corrected objective."""
+  c = ctx.config
+  axes, kwargs = {}, {}
+  if c.constraint.norm != 'none':
+    k = c.constraint
+    kwargs['constraint'] = constraint_rules(c.model.num_blocks, k.norm, 1.0, k.scale_factor, k.head_scale, k.stem,
+                                            k.head_centre)
+    axes['radius'] = tuple(float(r) for r in np.atleast_1d(k.radius))
+  if c.label_noise.correction != 'none':
+    kwargs['objective'] = CorrectedERM.of(c.label_noise.correction,
+                                          symmetric_confusion(ctx.sequence.num_classes, c.label_noise.rate))
+  return axes, kwargs
 
 
 def sequential_name(config) -> str:
@@ -110,7 +131,7 @@ def best_candidate(selections: list[Selection]) -> tuple[Selection, np.ndarray]:
 
 
 def tune(ctx: RunContext, name: str, start, stacked: bool, plan, train: Examples, valid: Examples, grid, groups,
-         penalties, aux, test: Split | None = None) -> tuple[Selection, dict]:
+         penalties, aux, test: Split | None = None, **learner_kwargs) -> tuple[Selection, dict]:
   """Fine-tunes from `start` following one step's `plan` (stages, or a selector over candidate layer sets).
 
   Returns the selection and metrics-row extras (the tuned layers; for selectors the candidates' validation
@@ -119,7 +140,7 @@ def tune(ctx: RunContext, name: str, start, stacked: bool, plan, train: Examples
   """
   n = ctx.config.model.num_blocks
   groups = np.zeros(len(grid['learning_rate']), int) if groups is None else groups
-  learner = lambda layers: ctx.learner(frozen_for(layers, n), penalties)
+  learner = lambda layers: ctx.learner(frozen_for(layers, n), penalties, **learner_kwargs)
   if not isinstance(plan, str):
     sel = None
     for i, layers in enumerate(plan):
@@ -158,13 +179,14 @@ def fine_tune_after(ctx: RunContext, prev: Selection, kind: str) -> list[dict]:
   reference = prev.winner()
   fishers = [grid_lib.stack(fisher_of(ctx, reference, ctx.examples(history)), 1)] if 'fisher' in \
       c.regularization else None
-  grid = ctx.grid()
+  axes, learner_kwargs = constrained_training(ctx)
+  grid = ctx.grid(**axes)
   num_runs = len(grid['learning_rate'])
   penalties, aux = regularizer(ctx, [grid_lib.stack(reference['params'], 1)], fishers)
   aux = None if aux is None else grid_lib.stack(grid_lib.take(aux, 0), num_runs)
   start = ctx.init_variables() if c.ablate_init else reference
   sel, extra = tune(ctx, 'fine_tune', start, False, plan, ctx.examples(final), ctx.examples(final, 'valid'), grid,
-                    None, penalties, aux, ctx.sequence.final.test)
+                    None, penalties, aux, ctx.sequence.final.test, **learner_kwargs)
   return [result_row(fine_tune_name(c, kind), sel, ctx.test_accuracy(sel.winner()),
                      **{'All-previous test accuracy': ctx.test_accuracy(reference), 'Start stage': stage_of(prev)},
                      **extra)]

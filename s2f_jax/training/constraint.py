@@ -121,8 +121,9 @@ def _centre(rule: ConstraintRule, w0: jax.Array) -> jax.Array:
   return w0 if rule.centre == 'init' else jnp.zeros_like(w0)
 
 
-def project(params: PyTree, centre_params: PyTree, rules: Sequence[ConstraintRule]) -> PyTree:
-  """`params` with every constrained leaf moved onto its ball: W ← c + Δ·min(1, r/‖Δ‖), Δ = W − c.
+def project(params: PyTree, centre_params: PyTree, rules: Sequence[ConstraintRule], scale=1.0) -> PyTree:
+  """`params` with every constrained leaf moved onto its ball: W ← c + Δ·min(1, r/‖Δ‖), Δ = W − c, where r is the
+  rule's radius times `scale` (a float or traced scalar: one rule set serves a vmapped sweep of radii).
 
   'frob' scales the whole leaf (the exact Euclidean projection); 'inf_op' scales each output unit by
   min(1, r/‖Δ_k‖_1) (a rescale, not the exact ℓ1-ball projection). Leaves and units already inside are returned
@@ -138,34 +139,37 @@ def project(params: PyTree, centre_params: PyTree, rules: Sequence[ConstraintRul
     c = _centre(rule, w0)
     delta = w - c
     n = _norms(delta, rule.norm)
-    outside = n > rule.radius
-    scale = rule.radius / jnp.where(outside, n, 1.0)
-    return jnp.where(outside, c + delta * scale, w).astype(w.dtype)
+    radius = rule.radius * scale
+    outside = n > radius
+    shrink = radius / jnp.where(outside, n, 1.0)
+    return jnp.where(outside, c + delta * shrink, w).astype(w.dtype)
   return jax.tree_util.tree_map_with_path(one, params, centre_params)
 
 
 class ConstraintState(NamedTuple):
-  """centre: the parameters seen by `init` (the fine-tuning start W0)."""
+  """centre: the parameters seen by `init` (the fine-tuning start W0); scale: float32 [] multiplying every radius."""
   centre: PyTree
+  scale: jax.Array
 
 
-def constraint_transform(rules: Sequence[ConstraintRule]) -> optax.GradientTransformation:
-  """Post-update projection: turns the update u into project(params + u) − params.
+def constraint_transform(rules: Sequence[ConstraintRule], scale=1.0) -> optax.GradientTransformation:
+  """Post-update projection: turns the update u into project(params + u, scale) − params.
 
   `optax.chain(optimizer, constraint_transform(rules))` therefore lands on the projected weights after every step
   (up to float rounding of (p + u) − p + p). `init(params)` must see the fine-tuning start W0, which it stores as the
-  centre; `update` needs `params`.
+  centre, with `scale` (so `update` of a transform built with any scale uses the one given at init, as optax's
+  `inject_hyperparams` does for the learning rate); `update` needs `params`.
   """
   rules = tuple(rules)
 
   def init_fn(params):
     leaf_rules(params, rules)
-    return ConstraintState(jax.tree.map(jnp.copy, params))
+    return ConstraintState(jax.tree.map(jnp.copy, params), jnp.asarray(scale, jnp.float32))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError('constraint_transform.update needs params')
-    target = project(optax.apply_updates(params, updates), state.centre, rules)
+    target = project(optax.apply_updates(params, updates), state.centre, rules, state.scale)
     return jax.tree.map(lambda t, p, u: (t - p).astype(u.dtype), target, params, updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)

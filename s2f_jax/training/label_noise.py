@@ -5,6 +5,7 @@ columns = noisy class). Matrices are float64 numpy on the host; the losses are j
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -154,3 +155,26 @@ def estimate_confusion_dual_t(probs_noisy_model, noisy_labels, percentile: float
   on the un-augmented training set; noisy_labels int [N]: that set's noisy labels.
   """
   return anchor_transition(probs_noisy_model, percentile) @ prediction_transition(probs_noisy_model, noisy_labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectedERM:
+  """The ERM objective (see `objective.ERM`) with the loss corrected for label noise of confusion matrix F:
+  'backward' uses R = pinv(F) (`backward_corrected_ce`), 'forward' F itself (`forward_corrected_ce`).
+
+  matrix: F or R as nested tuples (hashable, so learners stay usable as jit cache keys). Per-sample weights are not
+  applied (fine-tuning stages train on one step with weight 1).
+  """
+  kind: str
+  matrix: tuple
+  grouped = False
+
+  @classmethod
+  def of(cls, kind: str, F) -> 'CorrectedERM':
+    F = check_confusion(F)
+    matrix = backward_correction_matrix(F) if kind == 'backward' else F
+    return cls(kind, tuple(map(tuple, matrix.tolist())))
+
+  def __call__(self, logits, labels, weights, mask, state, hparams, iteration):
+    loss = backward_corrected_ce if self.kind == 'backward' else forward_corrected_ce
+    return loss(logits.reshape(-1, logits.shape[-1]), labels.ravel(), self.matrix, mask.ravel()), state

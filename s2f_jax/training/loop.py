@@ -22,6 +22,7 @@ import optax
 from s2f_jax.errors import TrainingDiverged
 from s2f_jax.training import sharding
 from s2f_jax.training.checkpoint import FitCheckpoint
+from s2f_jax.training.constraint import constraint_transform
 from s2f_jax.training.objective import ERM, InputScaling, Penalty, cross_entropy
 from s2f_jax.training.progress import progress_bar
 
@@ -73,6 +74,8 @@ class Learner:
   tracker: optional statistic of the gradients carried through training (e.g. `EpochFisher`): `init(params)`,
     `update(state, grads, num_examples)` after every step, `finish_epoch(state)`, and `exposed(state)`, a dict
     merged into the penalties' `aux`.
+  constraint: `training.constraint` rules projecting the weights back onto balls around the fit's starting point
+    after every step; every radius is multiplied by the run's hyper-parameter 'radius' (1 if the grid has none).
   Penalties see only the non-frozen top-level entries of the trained tree.
   """
   model: nn.Module
@@ -83,6 +86,7 @@ class Learner:
   reparam: Callable[[PyTree], PyTree] | None = None
   frozen_bn_train: bool = False
   tracker: Any = None
+  constraint: tuple = ()
 
   def model_params(self, params: PyTree) -> PyTree:
     return params if self.reparam is None else self.reparam(params)
@@ -107,12 +111,14 @@ class Learner:
     trained = {k: v for k, v in params.items() if k not in self.frozen}
     return sum((hparams[p.coef_key] * p.fn(trained, aux) for p in self.penalties), jnp.zeros((), jnp.float32))
 
-  def optimizer(self, params: PyTree, learning_rate) -> optax.GradientTransformation:
-    """Adam (β 0.9/0.999, ε 1e-8, no decoupled decay) on trainable layers; frozen layers get zero updates."""
+  def optimizer(self, params: PyTree, learning_rate, radius=1.0) -> optax.GradientTransformation:
+    """Adam (β 0.9/0.999, ε 1e-8, no decoupled decay) on trainable layers; frozen layers get zero updates; then the
+    `constraint` projection with radii scaled by `radius`. Both values are stored in the state by `init`."""
     labels = {name: ('frozen' if name in self.frozen else 'train') for name in params}
-    return optax.multi_transform(
+    adam = optax.multi_transform(
         {'train': optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate), 'frozen': optax.set_to_zero()},
         labels)
+    return optax.chain(adam, constraint_transform(self.constraint, radius)) if self.constraint else adam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,8 +328,8 @@ def _compiled(learner: Learner, batch_size: int):
                      groups, chunk)
 
   @functools.partial(jax.jit, static_argnames='num_groups')
-  def init_state(params, learning_rates, num_groups):
-    opt = jax.vmap(lambda p, lr: learner.optimizer(p, lr).init(p))(params, learning_rates)
+  def init_state(params, learning_rates, radii, num_groups):
+    opt = jax.vmap(lambda p, lr, r: learner.optimizer(p, lr, r).init(p))(params, learning_rates, radii)
     obj = jnp.full((learning_rates.shape[0], num_groups), 1.0 / num_groups, jnp.float32)  # uniform group weights
     tracked = () if tracker is None else jax.vmap(tracker.init)(params)
     return opt, obj, tracked
@@ -370,7 +376,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   train_eval = sharding.replicate((train.images, train.labels), mesh)
 
   state = (variables['params'], variables['batch_stats'],
-           *init_state(variables['params'], hp['learning_rate'], num_groups=len(sizes)))
+           *init_state(variables['params'], hp['learning_rate'], hp.get('radius', jnp.ones_like(hp['learning_rate'])),
+                       num_groups=len(sizes)))
   best = variables
   checkpoint = FitCheckpoint(options.checkpoint_dir) if options.checkpoint_dir else None
   restored = checkpoint.restore({'state': state, 'best': best}) if checkpoint else None
