@@ -64,7 +64,7 @@ def constrained_training(ctx: RunContext) -> tuple[dict, dict]:
     k = c.constraint
     kwargs['constraint'] = constraint_rules(c.model.num_blocks, k.norm, 1.0, k.scale_factor, k.head_scale, k.stem,
                                             k.head_centre)
-    axes['radius'] = tuple(float(r) for r in np.atleast_1d(k.radius))
+    axes['radius'] = tuple(sorted({float(r) for r in np.atleast_1d(k.radius)}))
   if c.label_noise.correction != 'none':
     kwargs['objective'] = CorrectedERM.of(c.label_noise.correction,
                                           symmetric_confusion(ctx.sequence.num_classes, c.label_noise.rate))
@@ -182,12 +182,15 @@ def fine_tune_after(ctx: RunContext, prev: Selection, kind: str) -> list[dict]:
   axes, learner_kwargs = constrained_training(ctx)
   grid = ctx.grid(**axes)
   num_runs = len(grid['learning_rate'])
+  # with a radius grid, the best run per radius is kept (analysis.generalization reads them all)
+  groups = np.abs(np.asarray(grid['radius'])[:, None] - np.asarray(axes['radius'])[None]).argmin(1) if axes else None
   penalties, aux = regularizer(ctx, [grid_lib.stack(reference['params'], 1)], fishers)
   aux = None if aux is None else grid_lib.stack(grid_lib.take(aux, 0), num_runs)
   start = ctx.init_variables() if c.ablate_init else reference
   sel, extra = tune(ctx, 'fine_tune', start, False, plan, ctx.examples(final), ctx.examples(final, 'valid'), grid,
-                    None, penalties, aux, ctx.sequence.final.test, **learner_kwargs)
-  return [result_row(fine_tune_name(c, kind), sel, ctx.test_accuracy(sel.winner()),
+                    groups, penalties, aux, ctx.sequence.final.test, **learner_kwargs)
+  best = int(np.argmax(sel.valid_accuracy))
+  return [result_row(fine_tune_name(c, kind), sel, ctx.test_accuracy(sel.winner(best)), best,
                      **{'All-previous test accuracy': ctx.test_accuracy(reference), 'Start stage': stage_of(prev)},
                      **extra)]
 

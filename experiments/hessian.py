@@ -1,0 +1,45 @@
+r"""Constrained fine-tuning under label noise, then Hessian generalisation measures per constraint radius.
+
+  python experiments/hessian.py --config=configs/hessian.py [--workdir=DIR] [--config.KEY=VALUE ...]
+
+Trains the config's erm_fine_tune (history model, then fine-tuning on the noisy final step with one run per radius;
+finished runs are reused), then prints and writes generalization.{json,md,pdf} to the method's folder: per radius
+the train/test loss and accuracy, the gap, the distance, HDM, the trace distance, the Hessian trace and noise
+stability (`s2f_jax.analysis.generalization`).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+from s2f_jax import cli, experiment  # noqa: E402
+from s2f_jax.analysis import generalization  # noqa: E402
+from s2f_jax.methods.fine_tune import fine_tune_name  # noqa: E402
+
+_CONFIG = cli.define_config('configs/hessian.py')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<model>/<setup>/seed<seed>).')
+_PROBES = flags.DEFINE_integer('num_probes', 50, 'Rademacher probes of the Hutchinson traces')
+_EXAMPLES = flags.DEFINE_integer('max_examples', 500, 'training examples whose mean loss the Hessians are of')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments {argv[1:]}; use --config.KEY=VALUE')
+  config = cli.config_value(_CONFIG)
+  if config.method != 'erm_fine_tune' or config.constraint.norm == 'none':
+    raise cli.UserError(f'experiments/hessian.py needs method=erm_fine_tune with a constraint.norm (frob or inf_op); '
+                        f'got method={config.method}, constraint.norm={config.constraint.norm}')
+  sequence, _ = experiment.prepare(config)
+  workdir = _WORKDIR.value or experiment.default_workdir(config, sequence)
+  experiment.run(config, workdir)
+  rows = generalization.measure(workdir, config, num_probes=_PROBES.value, max_examples=_EXAMPLES.value)
+  paths = generalization.write(rows, os.path.join(workdir, fine_tune_name(config)),
+                               f'{config.model.name}-{config.model.num_blocks}, label noise {config.label_noise.rate}')
+  print(generalization.markdown(rows))
+  print('\n'.join(paths))
+
+
+if __name__ == '__main__':
+  cli.run_app(main)

@@ -1,0 +1,110 @@
+"""Generalisation measures of constrained fine-tuning, one row per constraint radius (Ju et al. 2022; hessian spec
+§8 and the original README's figure).
+
+A finished `erm_fine_tune` run with `constraint.radius` = a tuple keeps the best run per radius (stage
+`fine_tune_all`, winners stacked [G]). For each, on the final step: train loss and accuracy (on the labels it was
+trained on, noisy when `label_noise.rate` > 0), clean test loss and accuracy, the gap test − train loss (nats), the
+distance measure Σ_i ‖v_i‖ (v = θ − θ₀ on the Hessian layers, the head from its constraint centre), the Hessian
+distance measure HDM = Σ_i sqrt(C·v_iᵀH_ii^+v_i/n) and its trace variant, the total Hessian trace, and noise
+stability with its second-order prediction (σ²/2)·ΣTr H. Hessians are of the mean training loss over the first
+`max_examples` training examples, in eval mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from matplotlib.figure import Figure
+
+from s2f_jax import experiment
+from s2f_jax.analysis import hessian
+from s2f_jax.analysis.figures import save_figure
+from s2f_jax.errors import UserError
+from s2f_jax.methods.fine_tune import fine_tune_name
+from s2f_jax.results import stored
+from s2f_jax.training import loop
+
+COLUMNS = ('radius', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'gap', 'distance', 'hdm',
+           'trace_distance', 'trace', 'noise_stability', 'noise_predicted')
+
+
+def _loss_accuracy(learner, variables, split) -> tuple[float, float]:
+  stacked = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], variables)
+  loss, acc = loop.evaluate(learner, stacked, loop.Examples.concat([split]))
+  return float(loss[0]), float(acc[0])
+
+
+def measure(workdir: str, config, num_probes: int = 50, lanczos_steps: int = 20, sigma: float = 1e-3,
+            num_draws: int = 20, max_examples: int = 500, seed: int = 0) -> list[dict]:
+  """One row per radius (`COLUMNS`) of the finished constrained fine-tuning run of `config` in `workdir`."""
+  _, ctx = experiment.prepare(config)
+  name = fine_tune_name(config)
+  method = stored.methods(workdir).get(name)
+  if method is None:
+    raise UserError(f'{workdir!r} holds no finished {name} (run experiments/main.py with this config first)')
+  location, _ = stored.stage_ref(method.row)
+  with open(os.path.join(workdir, location, 'selection.json')) as f:
+    hparams = json.load(f)['hparams']
+  start = stored.load_variables(workdir, stored.stage_ref(method.row, 'Start stage'))
+  learner, final = ctx.learner(), ctx.sequence.final
+  n = min(max_examples, len(final.train))
+  head_centre = config.constraint.head_centre
+  rows = []
+  for g, hp in enumerate(hparams):
+    variables = stored.load_variables(workdir, (location, g))
+    names = hessian.select_layers(variables['params'])
+    sel = hessian.select_leaves(variables['params'], names)
+    v = hessian.weight_difference(sel, hessian.select_leaves(start['params'], names), head_centre)
+    loss_fn = hessian.batch_loss(learner, variables, final.train.images[:n], final.train.labels[:n])
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), g)
+    quadratic = hessian.quadratic_form(loss_fn, sel, v, 'block_psd', steps=lanczos_steps)
+    traces = hessian.hutchinson_traces(loss_fn, sel, key, tol=None, max_iter=num_probes)
+    hdm = hessian.hessian_distance_measure(quadratic, len(final.train), traces)
+    noise = hessian.noise_stability(loss_fn, sel, sigma, num_draws, jax.random.fold_in(key, 1), traces)
+    train_loss, train_acc = _loss_accuracy(learner, variables, final.train)
+    test_loss, test_acc = _loss_accuracy(learner, variables, final.test)
+    rows.append({'radius': float(hp.get('radius', np.inf)), 'train_loss': train_loss, 'train_accuracy': train_acc,
+                 'test_loss': test_loss, 'test_accuracy': test_acc, 'gap': test_loss - train_loss,
+                 'distance': float(np.sqrt(quadratic['sq_distance']).sum()), 'hdm': hdm['hdm'],
+                 'trace_distance': hdm['trace_distance'], 'trace': float(traces['total']),
+                 'noise_stability': noise['mean'], 'noise_predicted': noise['predicted']})
+  return sorted(rows, key=lambda r: r['radius'])
+
+
+def markdown(rows: Sequence[dict]) -> str:
+  """The rows as a Markdown table (4 significant digits)."""
+  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+  lines += ['| ' + ' | '.join(f'{r[c]:.4g}' for c in COLUMNS) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
+def figure(rows: Sequence[dict], title: str = '') -> Figure:
+  """Gap, HDM, trace distance and the distance-only measure against the radius (log x)."""
+  fig = Figure(figsize=(5.0, 3.4))
+  ax = fig.subplots()
+  radii = [r['radius'] for r in rows]
+  for key, label in (('gap', 'test − train loss'), ('hdm', 'HDM'), ('trace_distance', 'trace distance'),
+                     ('distance', 'Σ‖θ − θ₀‖ (distance only)')):
+    ax.plot(radii, [r[key] for r in rows], marker='o', label=label)
+  ax.set_xscale('log')
+  ax.set_xlabel('constraint radius')
+  ax.set_ylabel('nats (gap, HDM) / weight norm')
+  ax.legend(fontsize=7)
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
+def write(rows: Sequence[dict], directory: str, title: str = '') -> list[str]:
+  """generalization.json, generalization.md and generalization.pdf in `directory`."""
+  paths = [os.path.join(directory, f'generalization.{ext}') for ext in ('json', 'md', 'pdf')]
+  with open(paths[0], 'w') as f:
+    json.dump(list(rows), f, indent=1)
+  with open(paths[1], 'w') as f:
+    f.write(markdown(rows) + '\n')
+  save_figure(figure(rows, title), paths[2], 'generalization plot')
+  return paths

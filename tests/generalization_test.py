@@ -1,0 +1,60 @@
+"""The constrained fine-tuning experiment (experiments/hessian.py): one row per radius, distances inside the
+constraint, measures wired to the stored models, and the command line."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from s2f_jax import experiment
+from s2f_jax.analysis import generalization, hessian
+from s2f_jax.results import stored
+
+from conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RADII = (0.5, 50.0)
+
+
+@pytest.fixture(scope='module')
+def measured(tmp_path_factory):
+  config = tiny_config(**{'method': 'erm_fine_tune', 'num_epochs': 3, 'data.shift_sequence': 'rotation:label_flip',
+                          'data.target_sizes': '150:200', 'grid.learning_rate': (3e-3,), 'grid.weight_decay': (1e-4,),
+                          'grid.dropout': (0.0,), 'constraint.norm': 'frob', 'constraint.radius': RADII,
+                          'constraint.head_centre': 'init', 'label_noise.rate': 0.2})
+  workdir = str(tmp_path_factory.mktemp('hessian'))
+  experiment.run(config, workdir)
+  rows = generalization.measure(workdir, config, num_probes=8, lanczos_steps=5, num_draws=4, max_examples=64)
+  return config, workdir, rows
+
+
+def test_one_row_per_radius_inside_its_ball(measured):
+  config, workdir, rows = measured
+  assert [r['radius'] for r in rows] == list(RADII)
+  method = stored.methods(workdir)['erm_fine_tune_constrained_frob']
+  start = stored.load_variables(workdir, method.row['Start stage'])['params']
+  for g, row in enumerate(rows):
+    params = stored.load_variables(workdir, (method.row['Stage'][0], g))['params']
+    names = hessian.select_layers(params)
+    distances = [np.linalg.norm(np.asarray(hessian.select_leaves(params, [n])[n], np.float64) -
+                                np.asarray(hessian.select_leaves(start, [n])[n], np.float64)) for n in names]
+    assert row['distance'] == pytest.approx(sum(distances), rel=1e-5)
+    # conv1 is free; layer1 (the last block of a 1-block model: radius·s²) and the head are constrained
+    assert all(d <= row['radius'] * (1 + 1e-5) for n, d in zip(names, distances) if not n.startswith('conv1'))
+    assert row['gap'] == pytest.approx(row['test_loss'] - row['train_loss'])
+    assert row['hdm'] >= 0 and row['trace_distance'] >= 0 and np.isfinite(row['noise_stability'])
+  assert rows[0]['distance'] < rows[1]['distance']  # the tight ball binds
+
+
+def test_outputs_and_cli(measured, tmp_path):
+  _, _, rows = measured
+  paths = generalization.write(rows, str(tmp_path), 'tiny')
+  assert sorted(os.path.basename(p) for p in paths) == ['generalization.json', 'generalization.md',
+                                                         'generalization.pdf']
+  assert generalization.markdown(rows).count('\n') == len(rows) + 1
+  done = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'hessian.py'),
+                         '--config.method=erm_all', f'--workdir={tmp_path / "w"}'], capture_output=True, text=True,
+                        cwd=ROOT)
+  assert done.returncode == 2 and 'needs method=erm_fine_tune' in done.stderr
+  assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / 'w').exists()
