@@ -1,20 +1,9 @@
 """Shared test helpers: a tiny run configuration and a fixture recording every stage of real training.
-
-Compiled XLA programs are cached on disk for the session (and later ones): many tests compile the same training
-programs, and compilation dominates their run time on CPU (about 2× faster overall).
 """
-import os
-import tempfile
+import pytest
 
-# Set before jax is imported, and inherited by the command-line tests' subprocesses and the notebook kernel.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 's2f_jax_test_xla_cache'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-
-import pytest  # noqa: E402
-
-from s2f_jax import config as config_lib, experiment  # noqa: E402
-from s2f_jax.methods import base  # noqa: E402
+from s2f_jax import config as config_lib, experiment
+from s2f_jax.methods import base
 
 # Two steps (rotation, then corruption) and a one-point grid: quick end-to-end runs.
 SMALL = {'data.shift_sequence': 'rotation:corruption', 'data.target_sizes': '150:150', 'grid.learning_rate': (1e-3,),
