@@ -1,5 +1,4 @@
-"""Shared test helpers: a tiny run configuration and a fixture recording every stage of real training.
-"""
+"""Shared test helpers: a tiny run configuration and a fixture recording every stage of real training."""
 import pytest
 
 from s2f_jax import config as config_lib, experiment
