@@ -25,16 +25,10 @@ from s2f_jax.analysis.figures import save_figure
 from s2f_jax.errors import UserError
 from s2f_jax.methods.fine_tune import fine_tune_name
 from s2f_jax.results import stored
-from s2f_jax.training import loop
+from s2f_jax.results.writer import markdown_table
 
 COLUMNS = ('radius', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'gap', 'distance', 'hdm',
            'trace_distance', 'trace', 'noise_stability', 'noise_predicted')
-
-
-def _loss_accuracy(learner, variables, split) -> tuple[float, float]:
-  stacked = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], variables)
-  loss, acc = loop.evaluate(learner, stacked, loop.Examples.concat([split]))
-  return float(loss[0]), float(acc[0])
 
 
 def measure(workdir: str, config, num_probes: int = 50, lanczos_steps: int = 20, sigma: float = 1e-3,
@@ -64,8 +58,8 @@ def measure(workdir: str, config, num_probes: int = 50, lanczos_steps: int = 20,
     traces = hessian.hutchinson_traces(loss_fn, sel, key, tol=None, max_iter=num_probes)
     hdm = hessian.hessian_distance_measure(quadratic, len(final.train), traces)
     noise = hessian.noise_stability(loss_fn, sel, sigma, num_draws, jax.random.fold_in(key, 1), traces)
-    train_loss, train_acc = _loss_accuracy(learner, variables, final.train)
-    test_loss, test_acc = _loss_accuracy(learner, variables, final.test)
+    train_loss, train_acc = ctx.loss_accuracy(variables, final.train, learner)
+    test_loss, test_acc = ctx.loss_accuracy(variables, final.test, learner)
     rows.append({'radius': float(hp.get('radius', np.inf)), 'train_loss': train_loss, 'train_accuracy': train_acc,
                  'test_loss': test_loss, 'test_accuracy': test_acc, 'gap': test_loss - train_loss,
                  'distance': float(np.sqrt(quadratic['sq_distance']).sum()), 'hdm': hdm['hdm'],
@@ -76,9 +70,7 @@ def measure(workdir: str, config, num_probes: int = 50, lanczos_steps: int = 20,
 
 def markdown(rows: Sequence[dict]) -> str:
   """The rows as a Markdown table (4 significant digits)."""
-  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
-  lines += ['| ' + ' | '.join(f'{r[c]:.4g}' for c in COLUMNS) + ' |' for r in rows]
-  return '\n'.join(lines)
+  return markdown_table(COLUMNS, [[f'{r[c]:.4g}' for c in COLUMNS] for r in rows])
 
 
 def figure(rows: Sequence[dict], title: str = '') -> Figure:

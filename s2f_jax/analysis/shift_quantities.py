@@ -41,6 +41,7 @@ import warnings
 import numpy as np
 
 from s2f_jax.errors import UserError
+from s2f_jax.results.writer import latex_escape, markdown_table, write_atomic
 
 VARIANCE = 0.95  # PCA keeps the fewest components whose cumulative explained-variance ratio reaches this
 MAX_COMPONENTS = 100
@@ -330,25 +331,14 @@ def ratio_tables(quantities: dict) -> dict:
 # ------------------------------------------------------------------------------------------------------ output
 
 
-def _latex_escape(text: str) -> str:
-  for char in '\\&%$#_{}':
-    text = text.replace(char, '\\' + char)
-  return text
-
-
 def latex_row(setup: str, values) -> str:
   """'<setup> & r1 & r2 \\\\' (the original's table row; ratios to 2 decimals, None as '---')."""
   cells = ['---' if v is None else f'{v:.2f}' for v in values]
-  return ' & '.join([_latex_escape(setup)] + cells) + ' \\\\\n'
+  return ' & '.join([latex_escape(setup)] + cells) + ' \\\\\n'
 
 
 def _md_cell(value) -> str:
   return 'n/a' if value is None else f'{value:.3f}'
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
-  return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows]) + '\n'
 
 
 def format_markdown(quantities: dict) -> str:
@@ -367,7 +357,7 @@ def format_markdown(quantities: dict) -> str:
       rows.append([tag, f'{e["from"]} → {e["to"]}', f'{e["n1"]} → {e["n2"]}', f'{e["covariate_w2"]:.2f}',
                    f'{e["conditional_w2"]:.2f}{skipped}',
                    f'{e["seconds"]["covariate_w2"] + e["seconds"]["conditional_w2"]:.3f}'])
-  out.append(markdown_table(['', 'Sets', 'Examples', 'Covariate W2', 'Conditional W2', 'Seconds'], rows))
+  out.append(markdown_table(['', 'Sets', 'Examples', 'Covariate W2', 'Conditional W2', 'Seconds'], rows) + '\n')
   ratios = q['ratios']
   for title, stem in (('Table 4: consecutive-step shift / source-halves shift', 'shift'),
                       ('Table 5: step train → final test, relative to final train → final test',
@@ -376,15 +366,8 @@ def format_markdown(quantities: dict) -> str:
     rows = [[kind.capitalize()] + [_md_cell(v) for v in ratios[f'{kind}_{stem}']['values']]
             for kind in ('covariate', 'conditional')]
     out.append(f'\n### {title}\n')
-    out.append(markdown_table(['Shift'] + columns, rows))
+    out.append(markdown_table(['Shift'] + columns, rows) + '\n')
   return '\n'.join(out)
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', newline='') as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def write_outputs(quantities: dict, directory: str) -> list[str]:
@@ -396,10 +379,10 @@ def write_outputs(quantities: dict, directory: str) -> list[str]:
   for name, table in quantities['ratios'].items():
     files[f'{name}_ratios_table.txt'] = latex_row(quantities['setup'], table['values'])
     files[f'{name}_ratios_table.md'] = markdown_table(
-        ['Setup'] + table['columns'], [[quantities['setup']] + [_md_cell(v) for v in table['values']]])
+        ['Setup'] + table['columns'], [[quantities['setup']] + [_md_cell(v) for v in table['values']]]) + '\n'
   paths = []
   for name, text in files.items():
     path = os.path.join(directory, name)
-    _write_atomic(path, text)
+    write_atomic(path, text)
     paths.append(path)
   return paths

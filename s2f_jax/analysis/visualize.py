@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from s2f_jax import experiment
+from s2f_jax import config as config_lib, experiment
 from s2f_jax.analysis import activations as activations_lib
 from s2f_jax.analysis.interpolation import interpolation_accuracy, path_family, save_interpolation, \
     save_merged_interpolation
@@ -98,7 +98,6 @@ def _side_tune_pair(run: Run, method: stored.StoredMethod) -> tuple[Learner, PyT
                     '(not block copies, all_layers_efficient or joint side-tuning)')
   ctx = run.context(method)
   num_sides = ctx.num_steps - 1 if method.name.startswith('sequential') else 1
-  from s2f_jax import config as config_lib
   model = make_side_tuned(c.model.name, c.model.num_blocks, ctx.sequence.num_classes, c.model.width,
                           config_lib.side_layer_sizes(c), False, not c.compat.convnet_no_relu).clone(
                               num_sides=num_sides)
@@ -237,9 +236,13 @@ def cca(run: Run, run_dirs: Sequence[str], variance_from_squares: bool = True) -
 # ------------------------------------------------------------------------------------------------------- writing
 
 
+def _file_name(text: str) -> str:
+  return re.sub(r'[^A-Za-z0-9_.-]+', '_', text)
+
+
 def _stem(root: str, run_dir: str) -> str:
   rel = os.path.relpath(run_dir, root)
-  return 'run' if rel == '.' else re.sub(r'[^A-Za-z0-9_.-]+', '_', rel.replace(os.sep, '__'))
+  return 'run' if rel == '.' else _file_name(rel.replace(os.sep, '__'))
 
 
 def _to_json(obj):
@@ -303,7 +306,7 @@ def visualize(root: str, representation: str, out: str | None = None, num_points
     written.append(path + '.json')
   for (setup, seed), panels in merged.items():
     if len(panels) > 1 and any(panels.values()):
-      path = os.path.join(out, f'{re.sub(r"[^A-Za-z0-9_.-]+", "_", setup)}_seed{seed}_all_architectures'
+      path = os.path.join(out, f'{_file_name(setup)}_seed{seed}_all_architectures'
                                f'_linear_interpolate.{fmt}')
       save_merged_interpolation({a: {k: (v['alpha'], v['accuracy']) for k, v in c.items()} for a, c in
                                  panels.items()}, path, f'seed {seed}\n{setup}')

@@ -155,12 +155,19 @@ class RunContext:
     checkpoint.FitCheckpoint(options.checkpoint_dir).clear()
     return selection
 
-  def test_accuracy(self, variables: PyTree, split: Split | None = None, learner: Learner | None = None) -> float:
-    """Accuracy of one set of variables on `split` (default: the final step's test set)."""
+  def loss_accuracy(self, variables: PyTree, split: Split | None = None, learner: Learner | None = None
+                    ) -> tuple[float, float]:
+    """Mean cross-entropy (nats) and accuracy of one set of variables on `split` (default: the final step's test
+    set), in eval mode."""
     split = self.sequence.steps[-1].test if split is None else split
     stacked = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], variables)
-    _, acc = evaluate(learner or self.learner(), stacked, Examples.concat([split]), self.config.train.eval_batch_size)
-    return float(acc[0])
+    loss, acc = evaluate(learner or self.learner(), stacked, Examples.concat([split]),
+                         self.config.train.eval_batch_size)
+    return float(loss[0]), float(acc[0])
+
+  def test_accuracy(self, variables: PyTree, split: Split | None = None, learner: Learner | None = None) -> float:
+    """Accuracy of one set of variables on `split` (default: the final step's test set)."""
+    return self.loss_accuracy(variables, split, learner)[1]
 
 
 def stage_of(selection: Selection, group: int = 0) -> list:

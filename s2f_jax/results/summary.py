@@ -55,6 +55,7 @@ import statistics
 from typing import Iterable, Sequence
 
 from s2f_jax.errors import UserError
+from s2f_jax.results.writer import latex_escape, markdown_table, write_atomic
 
 _DECAY = r'(?:_linear_lr_decay|_exponential_lr_decay)?'
 ERM_FINAL = re.compile(r'erm_final_(\d+)_samples')
@@ -446,27 +447,21 @@ def legend(table: Table) -> str:
           f'cell and seed (e.g. SFT lr decays): the best {rule}.')
 
 
-def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  lines += ['| ' + ' | '.join(row) + ' |' for row in body]
-  return '\n'.join(lines)
-
-
 def to_markdown(table: Table) -> str:
   """The table (paper columns), the other methods (if any), and the wall seconds per cell, in Markdown."""
   title = table.setup + (f' ({table.dataset})' if table.dataset else '')
   parts = [f'## {title}', '', legend(table), '']
   if table.columns:
-    parts += [_markdown_table(['Model', *table.columns],
+    parts += [markdown_table(['Model', *table.columns],
                               _grid(table, table.columns, '**{}**', '***{}***', '±')), '']
   if table.other_columns:
     parts += ['Other methods (no paper column):', '',
-              _markdown_table(['Model', *table.other_columns],
+              markdown_table(['Model', *table.other_columns],
                               _grid(table, table.other_columns, '**{}**', '***{}***', '±')), '']
   columns = table.all_columns
   walls = [[arch] + [_wall(table.cells.get((arch, c))) for c in columns] for arch in table.architectures]
   walls.append(['Mean'] + [_wall(table.mean.get(c)) for c in columns])
-  parts += ['Wall seconds per cell (mean over seeds):', '', _markdown_table(['Model', *columns], walls)]
+  parts += ['Wall seconds per cell (mean over seeds):', '', markdown_table(['Model', *columns], walls)]
   return '\n'.join(parts) + '\n'
 
 
@@ -490,10 +485,6 @@ def to_csv(table: Table) -> str:
   return out.getvalue()
 
 
-def _latex_escape(text: str) -> str:
-  return re.sub(r'([_&%$#{}])', r'\\\1', text)
-
-
 def to_latex(table: Table) -> str:
   """booktabs tabulars: panel 1 (4k .. ST-B), panel 2 (SFT .. JST-B, 20k), then the other methods; bold
   \\textbf, bold italic \\textit{\\textbf{}}, midrules between model families and before Mean."""
@@ -507,24 +498,17 @@ def to_latex(table: Table) -> str:
       continue
     grid = _grid(table, columns, '\\textbf{{{}}}', '\\textit{{\\textbf{{{}}}}}', '$\\pm$')
     out += [f"\\begin{{tabular}}{{l{'c' * len(columns)}}}", '\\toprule',
-            ' & '.join(['Model'] + [_latex_escape(c) for c in columns]) + ' \\\\', '\\midrule']
+            ' & '.join(['Model'] + [latex_escape(c) for c in columns]) + ' \\\\', '\\midrule']
     for i, row in enumerate(grid):
       if i == len(table.architectures) or (0 < i < len(table.architectures)
                                           and _family(table.architectures[i]) != _family(table.architectures[i - 1])):
         out.append('\\midrule')
-      out.append(' & '.join([_latex_escape(row[0])] + row[1:]) + ' \\\\')
+      out.append(' & '.join([latex_escape(row[0])] + row[1:]) + ' \\\\')
     out += ['\\bottomrule', '\\end{tabular}']
   return '\n'.join(out) + '\n'
 
 
 # ------------------------------------------------------------------------------------------------------ files
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', newline='') as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def file_stem(name: str) -> str:
@@ -538,6 +522,6 @@ def write_tables(tables: dict[str, Table], directory: str) -> list[str]:
   for name, table in tables.items():
     for ext, render in (('md', to_markdown), ('csv', to_csv), ('tex', to_latex)):
       path = os.path.join(directory, f'{file_stem(name)}.{ext}')
-      _write_atomic(path, render(table))
+      write_atomic(path, render(table))
       paths.append(path)
   return paths

@@ -32,6 +32,27 @@ def read_config(path: str) -> dict:
     return json.load(f)['config']
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """A Markdown table (no trailing newline) of string cells."""
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
+
+
+def latex_escape(text: str) -> str:
+  """`text` with LaTeX's special characters \\ & % $ # _ { } escaped."""
+  for char in '\\&%$#_{}':
+    text = text.replace(char, '\\' + char)
+  return text
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w', newline='') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def _cell(value: Any) -> Any:
   return json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
 
