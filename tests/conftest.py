@@ -1,8 +1,17 @@
 """Shared test helpers: a tiny run configuration and a fixture recording every stage of real training."""
+import jax
 import pytest
 
 from s2f_jax import config as config_lib, experiment
 from s2f_jax.methods import base
+
+@pytest.fixture(autouse=True, scope='module')
+def _fresh_compilation_caches():
+  """Drops each test file's compiled programs when it ends: an xdist worker runs many files, and the XLA CPU
+  compiler has crashed (abort / segfault while compiling) late in long worker sessions."""
+  yield
+  jax.clear_caches()
+
 
 # Two steps (rotation, then corruption) and a one-point grid: quick end-to-end runs.
 SMALL = {'data.shift_sequence': 'rotation:corruption', 'data.target_sizes': '150:150', 'grid.learning_rate': (1e-3,),
