@@ -1,4 +1,4 @@
-"""Per-layer activations of a block model and the SVCCA coordinates of spec §5.3.
+"""Per-layer activations and the penultimate representation of a block model, and the SVCCA coordinates of spec §5.3.
 
 Activations are each top-level layer's output (conv1, layer1..N, fc logits) in eval mode (running BN statistics;
 the original ran single models with batch statistics, deviation 34), flattened per example to [n, C·H·W].
@@ -28,7 +28,6 @@ def layer_activations(model: nn.Module, variables: PyTree, images: np.ndarray, s
   """
   names = layer_names(model.num_blocks)
 
-  @jax.jit
   def run(x):
     _, state = model.apply(variables, scaling(x), train=False, mutable=['intermediates'],
                            capture_intermediates=lambda m, method: method == '__call__' and m.name in names
@@ -36,8 +35,25 @@ def layer_activations(model: nn.Module, variables: PyTree, images: np.ndarray, s
     inter = state['intermediates']
     return {n: inter[n]['__call__'][0].reshape(x.shape[0], -1) for n in names}
 
+  return _batched(run, images, batch_size)
+
+
+def penultimate_features(model: nn.Module, variables: PyTree, images: np.ndarray, scaling: InputScaling,
+                         batch_size: int = 500) -> np.ndarray:
+  """float32 [n, C]: the pooled representation the head's Dense reads (eval mode) on uint8 images [n, H, W, 3]."""
+
+  def run(x):
+    _, state = model.apply(variables, scaling(x), train=False, mutable=['intermediates'])
+    return {'features': state['intermediates']['fc']['features'][0]}
+
+  return _batched(run, images, batch_size)['features']
+
+
+def _batched(run, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+  """`run` (images [b, H, W, 3] -> {name: [b, ...]}) jitted over chunks of `batch_size`, concatenated on the host."""
+  run = jax.jit(run)
   chunks = [jax.device_get(run(jnp.asarray(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)]
-  return {n: np.concatenate([c[n] for c in chunks]) for n in names}
+  return {n: np.concatenate([c[n] for c in chunks]) for n in chunks[0]}
 
 
 def cca_coordinates(models: Mapping[str, Sequence[Mapping[str, np.ndarray]]], oracle: Mapping[str, np.ndarray],

@@ -120,7 +120,10 @@ class Stem(nn.Module):
 
 
 class Head(nn.Module):
-  """`fc`: [BN → ReLU →] global average pool → Linear with bias. [B, H, W, C] -> [B, num_classes]."""
+  """`fc`: [BN → ReLU →] global average pool → Linear with bias. [B, H, W, C] -> [B, num_classes].
+
+  Sows the pooled representation [B, C] as intermediates/fc/features (read when that collection is mutable).
+  """
   num_classes: int
   pre_norm: bool = False
 
@@ -129,6 +132,7 @@ class Head(nn.Module):
     if self.pre_norm:
       x = nn.relu(batch_norm(x, train, mask, name='bn'))
     x = x.mean(axis=(1, 2))
+    self.sow('intermediates', 'features', x)  # the representation [B, C] (`activations.penultimate_features`)
     return nn.Dense(self.num_classes, kernel_init=kernel_init, bias_init=uniform_bias_init(x.shape[-1]),
                     name='dense')(x)
 

@@ -58,22 +58,32 @@ def _cell(value: Any) -> Any:
 
 
 def write_metrics(directory: str, rows: Sequence[dict]) -> None:
-  """metrics.csv (nested values JSON-encoded) and metrics.jsonl, columns in first-seen order."""
-  columns = list(ORIGINAL_COLUMNS)
+  """metrics.csv (nested values JSON-encoded) and metrics.jsonl, the original's columns first."""
+  write_rows(directory, rows, 'metrics', ORIGINAL_COLUMNS)
+
+
+def write_rows(directory: str, rows: Sequence[dict], stem: str, first_columns: Sequence[str] = ()) -> None:
+  """<stem>.csv (nested values JSON-encoded) and <stem>.jsonl, columns in first-seen order after `first_columns`."""
+  columns = list(first_columns)
   for row in rows:
     columns += [k for k in row if k not in columns]
-  with open(os.path.join(directory, 'metrics.csv'), 'w', newline='') as f:
+  with open(os.path.join(directory, f'{stem}.csv'), 'w', newline='') as f:
     writer = csv.DictWriter(f, columns)
     writer.writeheader()
     for row in rows:
       writer.writerow({k: _cell(v) for k, v in row.items()})
-  with open(os.path.join(directory, 'metrics.jsonl'), 'w') as f:
+  with open(os.path.join(directory, f'{stem}.jsonl'), 'w') as f:
     for row in rows:
       f.write(json.dumps(row) + '\n')
 
 
 def read_metrics(directory: str) -> list[dict]:
-  with open(os.path.join(directory, 'metrics.jsonl')) as f:
+  return read_rows(directory, 'metrics')
+
+
+def read_rows(directory: str, stem: str) -> list[dict]:
+  """The rows of <stem>.jsonl (`write_rows`)."""
+  with open(os.path.join(directory, f'{stem}.jsonl')) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

@@ -1,0 +1,1 @@
+"""Task transferability bound (Mehra, Zhang & Hamm): features, Lipschitz heads, transforms, optimal transport."""
