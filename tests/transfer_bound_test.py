@@ -128,13 +128,30 @@ def test_learned_all_recovers_an_affine_feature_map(source):
 
 
 def test_bound_is_valid_on_a_shifted_mixture(source):
-  """The bound with τ̂ is above g's actual target loss; τ̂ bounds every gradient it is the max of."""
+  """The bound with τ̂ is above g's actual target loss, and τ̂ is the largest gradient norm of the transferred loss
+  at the target points' own labels (central differences, float64)."""
   train, test, head = source
   target_train, target_test = standardize(mixture(600, 5, shift=2.0), mixture(300, 6, shift=2.0))
   params, fixed, _ = bound.learn_transforms(head, train, target_train, _options())
   record = bound.evaluate_bound(head, params, fixed, test, target_test, tau=1.0)
   assert record['bound'] >= record['target_loss_g']
   assert record['bound_intermediate'] >= record['target_loss_g'] - 0.05
+  B, _ = transforms.label_maps(params, fixed)
+  as64 = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
+  h, p, B = as64(head), as64(params), np.asarray(B, np.float64)
+
+  def loss(z):  # −log g(z)_y in numpy float64 for z [n, d] and the target labels
+    logits = ((z - p['b']) @ p['Abar'].T) @ h['kernel'] + h['bias']
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    return -np.log((probs / probs.sum(1, keepdims=True)) @ B.T)[np.arange(len(z)), target_test.y]
+
+  step = 1e-5
+  z = target_test.z.astype(np.float64)
+  grads = np.stack([(loss(z + step * e) - loss(z - step * e)) / (2 * step) for e in np.eye(DIM)], axis=1)
+  target_max = np.linalg.norm(grads, axis=1).max()
+  assert target_max <= record['tau_hat'] * (1 + 1e-4)
+  assert bound.loss_lipschitz(head, params, B.astype(np.float32), target_test.z, target_test.y) == pytest.approx(
+      target_max, rel=1e-3)
 
 
 def test_bad_options_raise():

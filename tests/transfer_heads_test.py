@@ -122,15 +122,16 @@ def test_spectral_head_is_certified():
   np.testing.assert_array_equal(inside['kernel'], once['kernel'])
 
 
-@pytest.mark.parametrize('form', heads.GP_FORMS)
-def test_gradient_penalty_bounds_input_gradients(form):
+def test_gradient_penalty_bounds_input_gradients():
   z, y = _mixture(0.2)  # small features: an unconstrained head needs a large W, hence large input gradients
   free = heads.head_metrics(heads.train_head(z, y, K, dataclasses.replace(FAST, penalty='none')), z, y)
-  penalised = heads.head_metrics(heads.train_head(z, y, K, dataclasses.replace(FAST, gp_form=form)), z, y)
-  assert free['accuracy'] >= 0.9 and penalised['accuracy'] >= 0.9
+  assert free['accuracy'] >= 0.9
   assert free['max_gradient_norm'] > 10 * FAST.tau
-  assert penalised['max_gradient_norm'] <= 1.5 * FAST.tau
-  assert penalised['loss'] > free['loss']  # the price of the constraint
+  for form in heads.GP_FORMS:
+    penalised = heads.head_metrics(heads.train_head(z, y, K, dataclasses.replace(FAST, gp_form=form)), z, y)
+    assert penalised['accuracy'] >= 0.9, form
+    assert penalised['max_gradient_norm'] <= 1.5 * FAST.tau, form
+    assert penalised['loss'] > free['loss'], form  # the price of the constraint
 
 
 def test_training_is_reproducible_per_seed():

@@ -57,6 +57,7 @@ def test_rows_hold_every_term_and_add_up(finished):
     assert r['bound_nominal_tau'] == pytest.approx(base + 1.0 * r['w1'])
     assert r['bound_intermediate'] == pytest.approx(r['source_loss_transformed'] + r['tau_hat'] * r['w1'])
     assert r['w1'] > 0 and r['tau_hat'] > 0 and r['missing_classes'] == []
+    assert 0 < r['source_head_tau_empirical'] <= r['source_head_tau_certified']
   fixed = [r for r in rows if r['setting'] == 'fixed_all']
   assert all(r['conditional_entropy'] == 0 and r['final_objective'] is None for r in fixed)
   # FixedAll's D = P_S on the balanced source: its weighted loss is the source head's loss on the source test set.

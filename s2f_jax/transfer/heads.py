@@ -137,7 +137,8 @@ def project_spectral(params: Params, tau) -> Params:
 
 @functools.partial(jax.jit, static_argnames=('num_classes', 'penalty', 'form', 'num_epochs', 'batch'))
 def _fit(key, z, y, hyper, *, num_classes, penalty, form, num_epochs, batch):
-  """(params, per-epoch mean loss [num_epochs]) of a head trained on device-resident z [n, d], y int [n]."""
+  """(params, per-epoch mean loss [num_epochs]) of a head trained on device-resident z [n, d], y int [n]; form is
+  None unless penalty == 'gradient' (so that unused settings do not recompile)."""
   n, d = z.shape
   num_batches = n // batch
   k_init, k_train = jax.random.split(key)
@@ -197,7 +198,8 @@ def train_head(z: np.ndarray, y: np.ndarray, num_classes: int, options: HeadOpti
   z, y = _check_data(z, y, num_classes)
   hyper = {name: jnp.float32(getattr(options, name)) for name in ('tau', 'gp_weight', 'learning_rate', 'b1')}
   params, epoch_losses = _fit(jax.random.PRNGKey(options.seed), jnp.asarray(z), jnp.asarray(y), hyper,
-                              num_classes=int(num_classes), penalty=options.penalty, form=options.gp_form,
+                              num_classes=int(num_classes), penalty=options.penalty,
+                              form=options.gp_form if options.penalty == 'gradient' else None,
                               num_epochs=int(options.num_epochs), batch=min(int(options.batch_size), z.shape[0]))
   final = float(epoch_losses[-1])
   if not (math.isfinite(final) and all(bool(jnp.all(jnp.isfinite(v))) for v in params.values())):

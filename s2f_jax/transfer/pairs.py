@@ -4,9 +4,11 @@
 The source task is step 0 of the configured data (clean images); each target in `transfer.targets` is a shift step
 (one or more comma-joined blocks, e.g. 'rotation', 'rotation,label_flip') drawn from the same base dataset with the
 benchmark's shift blocks. The source step has no test split: its held-out valid split (which the encoder's epoch
-was selected on and the heads never see) stands in for it. The encoder is ERM on the source step (the shared training loop, cached and resumable);
-tasks are its penultimate representations, standardised per task. The actual transferability is the target test
-cross-entropy of a Lipschitz head fine-tuned on the target's train representations with the same τ.
+was selected on and the heads never see) stands in for it. The encoder is ERM on the source step (the shared
+training loop, cached and resumable); tasks are its penultimate representations, standardised per task. The actual transferability is the target test
+cross-entropy of a Lipschitz head fine-tuned on the target's train representations with the same τ. Lipschitz
+constants are reported by kind: `*_tau_empirical` (max input-gradient norm on test points) and
+`source_head_tau_certified` (√2·‖W‖₂, a bound for every input); the bound's `tau_hat` is empirical.
 
 Outputs in `<workdir>/transferability/`: results.jsonl / results.csv (one row per target and setting, every term
 by name, with run metadata), table.md, summary.json (validity, tightest setting, Spearman rank correlations) and
@@ -33,7 +35,7 @@ from s2f_jax.errors import UserError
 from s2f_jax.results.writer import markdown_table, run_metadata, read_rows, write_atomic, write_config, write_rows
 from s2f_jax.transfer import bound as bound_lib
 from s2f_jax.transfer.features import extract_features, standardize
-from s2f_jax.transfer.heads import HeadOptions, head_metrics, train_head
+from s2f_jax.transfer.heads import HeadOptions, head_metrics, spectral_bound, train_head
 
 TABLE_COLUMNS = ('target', 'setting', 'target_head_loss', 'bound', 'bound_nominal_tau', 'bound_intermediate',
                  'weighted_source_loss', 'conditional_entropy', 'w1', 'tau_hat', 'target_loss_g',
@@ -136,6 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                                           task(ctx.sequence, 0, 'valid', 'source'))
   source_head = train_head(source_train.z, source_train.y, k, head_options(t))
   source_metrics = head_metrics(source_head, source_test.z, source_test.y)
+  source_certified = float(spectral_bound(source_head))  # √2·‖W‖₂ ≥ every ‖∇_z CE‖ of the source head
   meta = run_metadata()
   rows = []
   for target in targets:
@@ -156,9 +159,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       record = bound_lib.evaluate_bound(source_head, params, fixed, source_test, target_test, t.tau)
       target_rows.append({'target': target, 'setting': setting, **record,
                           'target_head_loss': truth['loss'], 'target_head_accuracy': truth['accuracy'],
-                          'target_head_max_gradient_norm': truth['max_gradient_norm'],
+                          'target_head_tau_empirical': truth['max_gradient_norm'],
                           'source_head_loss': source_metrics['loss'],
                           'source_head_accuracy': source_metrics['accuracy'],
+                          'source_head_tau_empirical': source_metrics['max_gradient_norm'],
+                          'source_head_tau_certified': source_certified,
                           'final_objective': history[-1]['objective'] if history else None,
                           'wall_seconds': round(time.time() - start, 2),
                           'seed': config.seed, 'device': meta['device'], 'jax_version': meta['jax']})
