@@ -137,11 +137,11 @@ class Head(nn.Module):
                     name='dense')(x)
 
 
-def check_frozen(frozen: tuple[str, ...], names: tuple[str, ...]) -> None:
+def check_frozen(frozen: tuple[str, ...], names: tuple[str, ...], kind: str = 'frozen layer') -> None:
   """Raise `UserError` if `frozen` names a layer that is not in `names`."""
   unknown = [f for f in frozen if f not in names]
   if unknown:
-    raise UserError(f"unknown frozen layer(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+    raise UserError(f"unknown {kind}(s) {', '.join(unknown)}; valid: {', '.join(names)}")
 
 
 def layer_dropout(module: nn.Module, x: jax.Array, train: bool, rate: float | jax.Array) -> jax.Array:
@@ -178,16 +178,25 @@ class BlockModel(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, dropout_rate: float | jax.Array = 0.0,
-               frozen: tuple[str, ...] = (), mask: jax.Array | None = None) -> jax.Array:
+               frozen: tuple[str, ...] = (), mask: jax.Array | None = None, after: str | None = None,
+               until: str | None = None) -> jax.Array:
     """x: float32 [B, H, W, 3] -> logits [B, num_classes].
 
     train: training mode (batch-statistics BN, dropout).
     dropout_rate: dropout probability, possibly a traced scalar; needs a 'dropout' rng when train and not 0.
     frozen: names of layers whose BNs use and keep their running statistics even when train.
     mask: optional bool [B]; BN batch statistics use only the examples where it is True.
+    after, until: run only the layers after `after` (x is then that layer's output) and up to `until` inclusive
+    (the output is then that layer's): the model split at a layer into prefix (until=L) and suffix (after=L).
     """
-    check_frozen(frozen, layer_names(self.num_blocks))
-    for layer in self.layers():
+    names = layer_names(self.num_blocks)
+    check_frozen(frozen, names)
+    check_frozen(tuple(n for n in (after, until) if n is not None), names, 'layer')
+    first = names.index(after) + 1 if after is not None else 0
+    last = names.index(until) if until is not None else len(names) - 1
+    if first > last:
+      raise UserError(f'nothing to run after {after!r} until {until!r}; layers in order: {", ".join(names)}')
+    for layer in self.layers()[first:last + 1]:
       x = layer(x, train and layer.name not in frozen, mask)
       if layer.name != 'fc':
         x = layer_dropout(self, x, train, dropout_rate)

@@ -1,0 +1,216 @@
+"""A stitched model `g_{>L_end} ∘ S ∘ f_{≤L_front}` of two frozen block models (stitching spec §1, §3, §5, §11), its
+direct-matching (DM) fit, task-loss-matching (TLM) training through the shared loop, and its evaluation.
+
+Donors always run in eval mode (running BN statistics, no dropout) whatever `train` says (spec §12.1); only the front
+prefix and the end suffix run (spec §11). Activations are channel-last [n, H, W, C]. Stitch variables have the
+layout of `layers.install`: {'params': {'kernel' [C_s, C_t], 'bias' [C_t]}}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from s2f_jax.errors import UserError, choices_error
+from s2f_jax.models.layers import check_frozen
+from s2f_jax.stitching.direct_match import Match, match_stitching_layer
+from s2f_jax.stitching.layers import StitchingLayer, check_kind, stitch_init
+from s2f_jax.stitching.low_rank import PCABasis, project
+from s2f_jax.training.loop import Examples, Learner, evaluate
+from s2f_jax.training.objective import InputScaling, Penalty, l2_penalty
+
+PyTree = Any
+PARTS = ('front', 'end', 'stitch')  # top-level params of `Stitched`
+DONORS = ('front', 'end')
+OUTPUTS = ('logits', 'stitched', 'target')
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Constant:
+  """Identity-hashed holder of a constant module attribute (a `PCABasis` holds arrays, which do not hash)."""
+  value: Any
+
+
+@functools.lru_cache(maxsize=None)
+def layer_shape(model: nn.Module, layer: str, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of a block model's `layer` output for one image of `image_shape` (H, W, 3), without the batch axis:
+  (H_L, W_L, C_L) for conv layers. Abstract evaluation, nothing runs."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  out = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, until=layer)[0], x)
+  return tuple(out.shape[1:])
+
+
+class Stitched(nn.Module):
+  """end(after=end_layer) ∘ StitchingLayer ∘ [PCA projection] ∘ front(until=front_layer); params {'front', 'end',
+  'stitch'}, batch stats {'front', 'end'}.
+
+  kind: a `layers.STITCH_TYPES` entry; out_size: the end layer's (H, W) — None derives it (a given value is checked);
+  basis: optional fixed `PCABasis` on the front layer's channels, applied to the front activation (spec §4).
+  The same model may be both donors (self-stitching).
+  """
+  front: nn.Module
+  end: nn.Module
+  front_layer: str
+  end_layer: str
+  kind: str
+  out_size: tuple[int, int] | None = None
+  basis: Any = None
+
+  def __post_init__(self):
+    if self.end is self.front:  # one module instance would be adopted once, under a single name
+      object.__setattr__(self, 'end', self.end.copy())
+    if self.out_size is not None:
+      object.__setattr__(self, 'out_size', tuple(int(s) for s in self.out_size))
+    if isinstance(self.basis, PCABasis):
+      object.__setattr__(self, 'basis', _Constant(self.basis))
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, dropout_rate: float | jax.Array = 0.0,
+               frozen: tuple[str, ...] = (), mask: jax.Array | None = None, output: str = 'logits') -> jax.Array:
+    """x: float32 [B, H, W, 3] → logits [B, K] (the `BlockModel` call signature; `train`, `dropout_rate` and `mask`
+    do not reach the donors, which always run in eval mode, and the stitch has no BN or dropout).
+
+    output: 'logits'; 'stitched' = S(a_f) [B, H_t, W_t, C_t]; 'target' = the end model's own a_g at end_layer.
+    """
+    check_kind(self.kind)
+    check_frozen(frozen, PARTS, 'stitched part')
+    if output not in OUTPUTS:
+      raise choices_error('stitched output', output, OUTPUTS)
+    if output == 'target':
+      return self.end(x, train=False, until=self.end_layer)
+    target = layer_shape(self.end.clone(parent=None), self.end_layer, tuple(x.shape[1:]))
+    if self.out_size is not None and self.kind != 't2t' and self.out_size != tuple(target[:-1]):
+      raise UserError(f'out_size {self.out_size} differs from the end layer {self.end_layer!r} size {target[:-1]}')
+    a = self.front(x, train=False, until=self.front_layer)
+    if self.basis is not None:
+      a = project(self.basis.value, a)
+    out_size = None if self.kind == 't2t' else tuple(target[:-1])
+    s = StitchingLayer(self.kind, target[-1], out_size, name='stitch')(a)
+    return s if output == 'stitched' else self.end(s, train=False, after=self.end_layer)
+
+
+def stitched_variables(front_vars: PyTree, end_vars: PyTree, stitch_vars: PyTree) -> dict:
+  """{'params': {'front', 'end', 'stitch'}, 'batch_stats': {'front', 'end'}} for `Stitched.apply`.
+
+  front_vars, end_vars: the donors' {'params', 'batch_stats'}; stitch_vars: {'params': {'kernel', 'bias'}} (as from
+  `stitch_init` / `fit_direct_match`) or that inner dict.
+  """
+  stitch = stitch_vars.get('params', stitch_vars)
+  return {'params': {'front': front_vars['params'], 'end': end_vars['params'], 'stitch': stitch},
+          'batch_stats': {'front': front_vars.get('batch_stats', {}), 'end': end_vars.get('batch_stats', {})}}
+
+
+def stitch_learner(model: Stitched, scaling: InputScaling, penalties: tuple[Penalty, ...] = (l2_penalty(),)
+                   ) -> Learner:
+  """The loop's learner for TLM: donors frozen (zero updates, outside the L2 penalty); only 'stitch' trains."""
+  return Learner(model, scaling, penalties, frozen=DONORS)
+
+
+@functools.lru_cache(maxsize=None)
+def _prefix_fn(model: nn.Module, layer: str, scaling: InputScaling):
+  return jax.jit(lambda v, x: model.apply(v, scaling(x), train=False, until=layer))
+
+
+def _chunked(fn, images: np.ndarray, batch_size: int) -> list:
+  """`fn(images [b, ...])` on consecutive chunks of b = min(batch_size, n) images, the last one zero-padded to b (one
+  compilation) and its outputs cut back; a list of host pytrees with leading axes of the chunk sizes."""
+  if len(images) == 0:
+    raise UserError('need at least one image')
+  b = min(batch_size, len(images))
+  out = []
+  for i in range(0, len(images), b):
+    chunk = images[i:i + b]
+    padded = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+    out.append(jax.tree_util.tree_map(lambda y, n=len(chunk): np.asarray(y)[:n], jax.device_get(fn(padded))))
+  return out
+
+
+def layer_output(model: nn.Module, variables: PyTree, images: np.ndarray, layer: str, scaling: InputScaling,
+                 batch_size: int = 1000) -> np.ndarray:
+  """float32 [n, H_L, W_L, C_L]: a block model's `layer` output in eval mode on uint8 images [n, H, W, 3],
+  computed `batch_size` images at a time."""
+  fn = _prefix_fn(model, layer, scaling)
+  return np.concatenate(_chunked(lambda x: fn(variables, x), images, batch_size)).astype(np.float32)
+
+
+def fit_direct_match(front: nn.Module, front_vars: PyTree, end: nn.Module, end_vars: PyTree, images: np.ndarray,
+                     front_layer: str, end_layer: str, kind: str, scaling: InputScaling, cutoff: str | float = 'torch',
+                     ridge: float = 0.0, rank: int | None = None, basis: PCABasis | None = None
+                     ) -> tuple[dict, Match]:
+  """DM stitch (spec §3) fitted on the K fitting images [K, H, W, 3] uint8 (the original: one random training
+  batch, K = 100): least squares from the front's `front_layer` output to the end's own `end_layer` output.
+
+  cutoff, ridge, rank, basis: as `direct_match.match_stitching_layer` (`basis` should be the `Stitched.basis` the
+  solution is used with). Returns (stitch variables {'params': {'kernel', 'bias'}}, the `Match`).
+  """
+  check_kind(kind)
+  a_front = layer_output(front, front_vars, images, front_layer, scaling)
+  a_end = layer_output(end, end_vars, images, end_layer, scaling)
+  return match_stitching_layer(kind, a_front, a_end, cutoff, ridge, rank, basis)
+
+
+def train_task_loss(ctx, name: str, model: Stitched, front_vars: PyTree, end_vars: PyTree, init: str | PyTree,
+                    train: Examples, valid: Examples, grid: dict[str, np.ndarray] | None = None,
+                    num_epochs: int | None = None, patience: int | None = None) -> tuple[dict, Any]:
+  """TLM (spec §5): cross-entropy training of the stitching layer only, as the cached, resumable stage `name` of
+  `ctx` (a `methods.base.RunContext`): Adam, coupled L2 `weight_decay` on the stitch (kernel and bias), the config's
+  epochs, batch size and early stopping, best valid epoch kept (epoch 0 = the initial stitch included).
+
+  init: 'rand' (PyTorch default, keyed by ctx's seed and `name`), 'eye', or stitch variables (e.g. the DM solution
+  from `fit_direct_match`; with num_epochs=0 the stitch is used as is). grid: default the config's learning rates ×
+  weight decays, dropout 0 (dropout never applies). Returns (the winner's stitched variables, the `Selection`).
+  """
+  if isinstance(init, str):
+    shape = tuple(train.images.shape[1:])
+    c_in = layer_shape(model.front, model.front_layer, shape)[-1]
+    c_out = layer_shape(model.end, model.end_layer, shape)[-1]
+    key = jax.random.fold_in(ctx.key, zlib.crc32(f'{name}/stitch_init'.encode()) & 0x7FFFFFFF)
+    init = stitch_init(model.kind, init, key, c_in, c_out)
+  grid = ctx.grid(dropout=(0.0,)) if grid is None else grid
+  selection = ctx.train_stage(name, stitched_variables(front_vars, end_vars, init), grid, train, valid,
+                              learner=stitch_learner(model, ctx.scaling), num_epochs=num_epochs, patience=patience)
+  return selection.winner(), selection
+
+
+@functools.lru_cache(maxsize=None)
+def _structural_fn(model: Stitched, scaling: InputScaling):
+  """Jitted (variables, images [b, H, W, 3]) → per-example (‖S(a_f) − a_g‖², ‖a_g‖²) [b] each."""
+
+  def fn(variables, images):
+    x = scaling(images)
+    s = model.apply(variables, x, output='stitched')
+    g = model.apply(variables, x, output='target')
+    axes = tuple(range(1, g.ndim))
+    return jnp.sum(jnp.square(s - g), axis=axes), jnp.sum(jnp.square(g), axis=axes)
+  return jax.jit(fn)
+
+
+def evaluate_stitch(model: Stitched, variables: PyTree, test, scaling: InputScaling, batch_size: int = 1000
+                    ) -> dict[str, float]:
+  """Functional and structural scores of one stitched model on `test` (anything with uint8 .images [n, H, W, 3]
+  and .labels [n]; spec §5), in eval mode.
+
+  accuracy, loss: of the stitched model's logits (mean cross-entropy, nats).
+  structural: the DM structural score Σ‖S(a_f) − a_g‖²_F / Σ‖a_g‖²_F pooled over the whole set.
+  structural_batch_mean: the original's version, the mean over consecutive batches of `batch_size` images (the last
+    may be partial) of the per-batch ratio.
+  """
+  examples = Examples.concat([test])
+  stacked = jax.tree_util.tree_map(lambda v: np.asarray(v)[None], variables)
+  loss, acc = evaluate(stitch_learner(model, scaling), stacked, examples, batch_size)
+  fn = _structural_fn(model, scaling)
+  chunks = _chunked(lambda x: fn(variables, x), examples.images, batch_size)
+  diff, norm = (np.concatenate(parts).astype(np.float64) for parts in zip(*chunks))
+  if norm.sum() == 0:
+    raise UserError('structural score is undefined: the end layer is all zeros on these images')
+  b = min(batch_size, len(diff))
+  ratios = [diff[i:i + b].sum() / norm[i:i + b].sum() for i in range(0, len(diff), b)]
+  return {'accuracy': float(acc[0]), 'loss': float(loss[0]), 'structural': float(diff.sum() / norm.sum()),
+          'structural_batch_mean': float(np.mean(ratios))}
