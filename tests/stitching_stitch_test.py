@@ -3,6 +3,7 @@ DM), TLM training through the shared loop touching only the stitch, and the stru
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -42,12 +43,19 @@ def _fit_images(ctx):
 def test_prefix_then_suffix_is_the_full_forward(donor):
   ctx, model, v = donor
   x = ctx.scaling(_test(ctx).images[:20])
-  full = np.asarray(model.apply(v, x))
-  for layer in layer_names(model.num_blocks)[:-1]:
-    h = model.apply(v, x, until=layer)
+  splits = layer_names(model.num_blocks)[:-1]
+
+  @jax.jit
+  def forward(v, x):
+    prefixes = [model.apply(v, x, until=layer) for layer in splits]
+    return (model.apply(v, x), model.apply(v, x, until='fc'), prefixes,
+            [model.apply(v, h, after=layer) for h, layer in zip(prefixes, splits)])
+
+  full, until_fc, prefixes, outputs = forward(v, x)
+  np.testing.assert_array_equal(until_fc, full)
+  for layer, h, out in zip(splits, prefixes, outputs):
     assert h.shape[1:] == layer_shape(model, layer, x.shape[1:])
-    np.testing.assert_allclose(model.apply(v, h, after=layer), full, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(model.apply(v, x, until='fc'), full)
+    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('kind, layer', [('c2c', 'layer1'), ('rc2c_pre', 'conv1')])
@@ -117,13 +125,13 @@ def test_structural_score_and_accuracy_by_hand(donor):
   assert len(per_batch) == 4 and scores['structural_batch_mean'] == pytest.approx(np.mean(per_batch), rel=1e-4)
   assert scores['structural_batch_mean'] != pytest.approx(scores['structural'], rel=1e-6)
 
-  logits = model.apply(v, np.asarray(s, np.float32), after='layer1')
+  logits = jax.jit(functools.partial(model.apply, after='layer1'))(v, np.asarray(s, np.float32))
   assert scores['accuracy'] == pytest.approx(np.mean(np.argmax(logits, -1) == test.labels), abs=0.011)
 
   # A fixed PCA basis on the front channels is applied before the stitch.
   basis = fit_basis(layer_output(model, v, _fit_images(ctx), 'conv1', ctx.scaling), 3)
   low = Stitched(model, model, 'conv1', 'layer1', 'rc2c_pre', basis=basis)
-  got = low.apply(variables, ctx.scaling(test.images[:8]), output='stitched')
+  got = jax.jit(functools.partial(low.apply, output='stitched'))(variables, ctx.scaling(test.images[:8]))
   projected = basis.mean + (a_f[:8] - basis.mean) @ basis.components @ basis.components.T
   np.testing.assert_allclose(got, _stitched_by_hand(projected, got.shape[1:3], stitch['params']['kernel'],
                                                     stitch['params']['bias']), rtol=1e-4, atol=1e-4)
@@ -137,9 +145,10 @@ def test_bad_names_raise_user_errors(donor):
               Stitched(model, model, 'layer1', 'fc', 'c2c'),
               Stitched(model, model, 'layer1', 'layer1', 'c2c', out_size=(3, 3))]:
     with pytest.raises(UserError):
-      bad.apply(variables, x)
+      jax.eval_shape(bad.apply, variables, x)
   with pytest.raises(UserError):
-    Stitched(model, model, 'layer1', 'layer1', 'c2c').apply(variables, x, output='nope')
+    jax.eval_shape(functools.partial(Stitched(model, model, 'layer1', 'layer1', 'c2c').apply, output='nope'),
+                   variables, x)
   with pytest.raises(UserError):
     train_task_loss(ctx, 'bad', Stitched(model, model, 'layer1', 'layer1', 'c2c'), v, v, 'pinv',
                     ctx.examples([0]), ctx.examples([0], 'valid'))

@@ -125,22 +125,6 @@ def test_ground_and_label_costs_match_cdist(p, metric):
     ot.ground_cost(x, y, 3)
 
 
-def test_prior_counts():
-  rng = np.random.default_rng(5)
-  counts = jax.jit(ot.prior_counts, static_argnums=1)
-  for batch in (1, 7, 64, 100):
-    prior = rng.dirichlet(np.ones(6)).astype(np.float32)
-    c = np.asarray(counts(prior, batch))
-    assert c.dtype == np.int32 and c.sum() == batch
-    assert np.all(np.abs(c - batch * prior) < 1)
-  # 7·p = 3.5, 2.1, 1.05, 0.35: floors 3 2 1 0 and the one missing example goes to the largest remainder (0.5).
-  np.testing.assert_array_equal(counts(np.array([0.5, 0.3, 0.15, 0.05], np.float32), 7), [4, 2, 1, 0])
-  # 100·p = 0.2, 0.6, 49.2, 50: floors 0 0 49 50; the remainder 0.6 beats 0.2 and 0.2.
-  np.testing.assert_array_equal(counts(np.array([0.002, 0.006, 0.492, 0.5], np.float32), 100), [0, 1, 49, 50])
-  # A class with prior 0 never gets an extra example, even when every remainder ties at 0 (a prior summing to 0.9).
-  np.testing.assert_array_equal(counts(np.array([0, 0.5, 0.4], np.float32), 10), [0, 6, 4])
-
-
 def test_class_index():
   members, sizes = ot.class_index(np.array([2, 0, 2, 2, 0]), 4)
   np.testing.assert_array_equal(sizes, [2, 0, 3, 0])
@@ -158,7 +142,14 @@ def test_sample_by_prior():
   prior = np.array([0.5, 0.2, 0.0, 0.3], np.float32)
   idx = np.asarray(sample(jax.random.key(0), members, sizes, prior, 50))
   assert idx.dtype == np.int32 and idx.shape == (50,)
-  np.testing.assert_array_equal(labels[idx], np.repeat(np.arange(4), np.asarray(ot.prior_counts(prior, 50))))
+  np.testing.assert_array_equal(labels[idx], np.repeat(np.arange(4), [25, 10, 0, 15]))  # n·p whole: exact
+  # Systematic sampling: n·p = 0.2, 24.8, 0, 25 gives 0 or 1, 24 or 25, 0, 25 slots, with mean exactly n·p, so the
+  # rare class 0 is in about a fifth of the batches (the original's floor rule never draws it).
+  many = jax.vmap(lambda k: sample(k, members, sizes, np.array([0.004, 0.496, 0, 0.5], np.float32), 50))
+  counts = np.stack([np.bincount(labels[i], minlength=4) for i in np.asarray(many(jax.random.split(
+      jax.random.key(3), 2000)))])
+  assert set(counts[:, 0]) == {0, 1} and set(counts[:, 1]) == {24, 25} and set(counts[:, 3]) == {25}
+  np.testing.assert_allclose(counts.mean(0), [0.2, 24.8, 0, 25], atol=0.03)
   # Prior mass on the empty class moves to the others; the empty class is never drawn.
   idx = np.asarray(sample(jax.random.key(1), members, sizes, np.array([0.25, 0.25, 0.25, 0.25], np.float32), 30))
   np.testing.assert_array_equal(np.bincount(labels[idx], minlength=4), [10, 10, 0, 10])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from s2f_jax import experiment
-from s2f_jax.analysis.activations import penultimate_features
+from s2f_jax.analysis.activations import layer_activations, representations
 from s2f_jax.errors import UserError
 from s2f_jax.results import writer
 from s2f_jax.training import checkpoint
@@ -70,18 +70,23 @@ def test_features_are_the_heads_input(finished):
   workdir, _ = finished
   c = config(**{'data.shift_sequence': 'rotation', 'data.target_sizes': '150', 'data.test_all_steps': True})
   sequence, ctx = experiment.prepare(c)
-  with np.load(os.path.join(workdir, 'features', 'source_train.npz')) as f:
+  with np.load(os.path.join(workdir, 'features', 'penultimate_source_train.npz')) as f:
     cached, labels = f['z'], f['y']
   encoder = checkpoint.load_tree(os.path.join(workdir, 'encoder', 'stages', 'source_erm', 'variables'),
                                  jax.tree_util.tree_map(lambda x: x[None], ctx.init_variables()))
   encoder = jax.tree_util.tree_map(lambda x: x[0], encoder)
   images = sequence.steps[0].train.images
-  z = penultimate_features(ctx.model, encoder, images, ctx.scaling)
+  z = representations(ctx.model, encoder, images, ctx.scaling)
   np.testing.assert_allclose(cached, z, rtol=1e-6)
   assert np.array_equal(labels, sequence.steps[0].train.labels)
   dense = encoder['params']['fc']['dense']
   logits = ctx.model.apply(encoder, ctx.scaling(jnp.asarray(images)), train=False)
   np.testing.assert_allclose(z @ dense['kernel'] + dense['bias'], logits, rtol=1e-4, atol=1e-4)
+  # A named layer: its output (the same as `layer_activations` gives) pooled over H and W.
+  flat = layer_activations(ctx.model, encoder, images[:20], ctx.scaling)['layer1']
+  pooled = flat.reshape(20, -1, z.shape[1]).mean(1)
+  np.testing.assert_allclose(representations(ctx.model, encoder, images[:20], ctx.scaling, 'layer1'), pooled,
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_outputs_written_once_and_read_back(finished):
@@ -120,6 +125,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
     ({'transfer.solver': 'greedy'}, ['greedy', 'emd', 'sinkhorn']),
     ({'transfer.target_size': 5000}, ['500 examples', 'request fewer']),
     ({'transfer.head.penalty': 'lasso'}, ['lasso', 'spectral']),
+    ({'transfer.layer': 'layer9'}, ['layer9', 'conv1, layer1']),
 ])
 def test_bad_config_raises_before_writing(tmp_path, overrides, words):
   with pytest.raises(UserError) as error:

@@ -38,11 +38,15 @@ def layer_activations(model: nn.Module, variables: PyTree, images: np.ndarray, s
   return _batched(run, images, batch_size)
 
 
-def penultimate_features(model: nn.Module, variables: PyTree, images: np.ndarray, scaling: InputScaling,
-                         batch_size: int = 500) -> np.ndarray:
-  """float32 [n, C]: the pooled representation the head's Dense reads (eval mode) on uint8 images [n, H, W, 3]."""
+def representations(model: nn.Module, variables: PyTree, images: np.ndarray, scaling: InputScaling,
+                    layer: str | None = None, batch_size: int = 500) -> np.ndarray:
+  """float32 [n, C] in eval mode on uint8 images [n, H, W, 3]: the penultimate representation (the pooled input of
+  the head's Dense) when `layer` is None, else that layer's output, global-average-pooled over H and W."""
 
   def run(x):
+    if layer is not None:
+      out = model.apply(variables, scaling(x), train=False, until=layer)
+      return {'features': out.mean(axis=(1, 2)) if out.ndim == 4 else out}
     _, state = model.apply(variables, scaling(x), train=False, mutable=['intermediates'])
     return {'features': state['intermediates']['fc']['features'][0]}
 

@@ -132,7 +132,7 @@ class Head(nn.Module):
     if self.pre_norm:
       x = nn.relu(batch_norm(x, train, mask, name='bn'))
     x = x.mean(axis=(1, 2))
-    self.sow('intermediates', 'features', x)  # the representation [B, C] (`activations.penultimate_features`)
+    self.sow('intermediates', 'features', x)  # the representation [B, C] (`activations.representations`)
     return nn.Dense(self.num_classes, kernel_init=kernel_init, bias_init=uniform_bias_init(x.shape[-1]),
                     name='dense')(x)
 

@@ -8,7 +8,7 @@ import os
 import flax.linen as nn
 import numpy as np
 
-from s2f_jax.analysis.activations import penultimate_features
+from s2f_jax.analysis.activations import representations
 from s2f_jax.data.sequence import Split
 from s2f_jax.training.objective import InputScaling
 
@@ -31,12 +31,13 @@ class Task:
 
 
 def extract_features(model: nn.Module, variables, split: Split, scaling: InputScaling, num_classes: int,
-                     cache: str | None = None) -> Task:
-  """The model's penultimate representation of `split` (eval mode), read from / written to the .npz `cache`."""
+                     cache: str | None = None, layer: str | None = None) -> Task:
+  """The model's representation of `split` (eval mode; penultimate, or `layer`'s pooled output), read from /
+  written to the .npz `cache`."""
   if cache and os.path.exists(cache):
     with np.load(cache) as f:
       return Task(f['z'], f['y'], num_classes)
-  task = Task(penultimate_features(model, variables, split.images, scaling), split.labels.astype(np.int32),
+  task = Task(representations(model, variables, split.images, scaling, layer), split.labels.astype(np.int32),
               num_classes)
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)

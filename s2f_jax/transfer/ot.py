@@ -107,37 +107,27 @@ def coupling(feature_cost: jax.Array, label_cost: jax.Array, label_weight, solve
                            vmap_method='sequential')
 
 
-def prior_counts(prior: jax.Array, batch_size: int) -> jax.Array:
-  """int32 [K]: per-class example counts of a batch of the static size `batch_size`, summing exactly to it, for the
-  class prior float [K] on the simplex (summing to 1 up to float rounding; jittable).
-
-  Largest remainders: floor(batch_size · prior) plus one example for each of the classes with the largest fractional
-  parts until the total is batch_size; a class with prior 0 never gets one. Unlike the original's floor(B·p) rule,
-  the batch size is fixed and a class loses at most a fraction of one example.
-  """
-  scaled = batch_size * prior
-  counts = jnp.floor(scaled)
-  remainder = jnp.where(prior > 0, scaled - counts, -1.0)
-  rank = jnp.empty(prior.shape, jnp.int32).at[jnp.argsort(-remainder)].set(jnp.arange(prior.shape[0], dtype=jnp.int32))
-  short = batch_size - jnp.sum(counts).astype(jnp.int32)
-  return counts.astype(jnp.int32) + (rank < short).astype(jnp.int32)
-
-
 def sample_by_prior(key: jax.Array, class_members: jax.Array, class_sizes: jax.Array, prior: jax.Array,
                     batch_size: int) -> jax.Array:
-  """int32 [batch_size]: example indices of a batch whose class counts are `prior_counts(prior, batch_size)`, each
-  slot a uniformly random member of its class (with replacement; jittable).
+  """int32 [batch_size]: example indices of a batch drawn with class prior `prior`, each slot a uniformly random
+  member of its class (with replacement; jittable).
+
+  Slot classes come from systematic sampling: slot j takes the class whose cumulative-prior interval holds
+  (j + u)/batch_size for one u ~ U[0, 1) per batch, so class k gets ⌊n·p_k⌋ or ⌈n·p_k⌉ slots with mean exactly
+  n·p_k. A class rarer than 1/n still appears in a fraction n·p_k of the batches; the original's ⌊n·p_k⌋ rule never
+  drew it (deviation 39). Slots are grouped by class in increasing class order.
 
   class_members: int32 [K, M], row k's first class_sizes[k] entries are the indices of class k's examples (see
   `class_index`); class_sizes: int32 [K]; prior: float [K] on the simplex. A class with no examples must have prior
-  0; where one has not, its prior is set to 0 and the rest renormalised, so it is never indexed. Slots are grouped by
-  class in increasing class order.
+  0; where one has not, its prior is set to 0 and the rest renormalised, so it is never indexed.
   """
+  k_offset, k_members = jax.random.split(key)
   usable = jnp.where(class_sizes > 0, prior, 0)
   prior = jnp.where(jnp.all(usable == prior), prior, usable / jnp.sum(usable))
-  counts = prior_counts(prior, batch_size)
-  slot_class = jnp.searchsorted(jnp.cumsum(counts), jnp.arange(batch_size), side='right')
-  position = jax.random.randint(key, (batch_size,), 0, jnp.maximum(class_sizes[slot_class], 1))
+  positions = (jnp.arange(batch_size) + jax.random.uniform(k_offset)) / batch_size
+  last = jnp.max(jnp.where(prior > 0, jnp.arange(prior.shape[0]), 0))  # float rounding never reaches past it
+  slot_class = jnp.minimum(jnp.searchsorted(jnp.cumsum(prior), positions, side='right'), last)
+  position = jax.random.randint(k_members, (batch_size,), 0, jnp.maximum(class_sizes[slot_class], 1))
   return class_members[slot_class, position].astype(jnp.int32)
 
 

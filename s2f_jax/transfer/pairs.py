@@ -32,6 +32,7 @@ from scipy import stats
 from s2f_jax import experiment
 from s2f_jax.analysis.figures import save_figure
 from s2f_jax.errors import UserError
+from s2f_jax.models.layers import check_frozen, layer_names
 from s2f_jax.results.writer import markdown_table, run_metadata, read_rows, write_atomic, write_config, write_rows
 from s2f_jax.transfer import bound as bound_lib
 from s2f_jax.transfer.features import extract_features, standardize
@@ -48,6 +49,7 @@ def transfer_config() -> ml_collections.ConfigDict:
   t.targets = ('rotation', 'recolor', 'corruption', 'label_shift', 'label_flip', 'rotation,recolor',
                'rotation,label_flip')  # shift steps (comma-joined blocks), one target task each
   t.target_size = 500  # train+valid examples per target (its test set: data.test_size)
+  t.layer = ''  # representation: '' = penultimate (the head's input), or a layer name (its output, pooled)
   t.settings = ('learned_all', 'learned_a', 'fixed_all')
   t.tau = 0.2  # Lipschitz constant the heads' gradient penalty enforces
   t.head = ml_collections.ConfigDict(dict(penalty='gradient', gp_weight=1e5, gp_form='summed', learning_rate=1e-3,
@@ -99,6 +101,8 @@ def _prepare(config: ml_collections.ConfigDict):
   for setting in settings:
     transfer_options(t, setting).validate()
   head_options(t).validate()
+  if t.layer:
+    check_frozen((t.layer,), layer_names(config.model.num_blocks)[:-1], 'transfer.layer')
   prepared = {target: experiment.prepare(_target_config(config, target)) for target in targets}
   first = next(iter(prepared.values()))[0].steps[0]
   for target, (sequence, _) in prepared.items():
@@ -131,8 +135,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   k = ctx.sequence.num_classes
 
   def task(sequence, step, split, name):
-    cache = os.path.join(workdir, 'features', f'{name}_{split}.npz')
-    return extract_features(ctx.model, encoder, getattr(sequence.steps[step], split), ctx.scaling, k, cache)
+    cache = os.path.join(workdir, 'features', f'{t.layer or "penultimate"}_{name}_{split}.npz')
+    return extract_features(ctx.model, encoder, getattr(sequence.steps[step], split), ctx.scaling, k, cache,
+                            t.layer or None)
 
   source_train, source_test = standardize(task(ctx.sequence, 0, 'train', 'source'),
                                           task(ctx.sequence, 0, 'valid', 'source'))
