@@ -62,12 +62,12 @@ def test_prefix_then_suffix_is_the_full_forward(donor):
 def test_self_stitch_identity_and_direct_match_reproduce_the_donor(donor, kind, layer):
   ctx, model, v = donor
   test = _test(ctx)
-  donor_acc = ctx.test_accuracy(v)
+  donor_loss, donor_acc = ctx.loss_accuracy(v)
   stitched = Stitched(model, model, layer, layer, kind)
   channels = layer_shape(model, layer, test.images.shape[1:])[-1]
   eye = stitched_variables(v, v, stitch_init(kind, 'eye', jax.random.key(0), channels, channels))
   scores = evaluate_stitch(stitched, eye, test, ctx.scaling)
-  assert scores['accuracy'] == donor_acc
+  assert scores['accuracy'] == donor_acc and scores['loss'] == pytest.approx(donor_loss, rel=1e-5)
   # S = identity exactly; a_f and a_g are the same prefix computed twice in one program (float noise only).
   assert scores['structural'] < 1e-12 and scores['structural_batch_mean'] < 1e-12
 
@@ -86,7 +86,7 @@ def test_task_loss_matching_trains_only_the_stitch(donor):
   c_in, c_out = (layer_shape(model, layer, test.images.shape[1:])[-1] for layer in ('layer1', 'layer2'))
   init = stitch_init('rc2c_pre', 'rand', jax.random.key(3), c_in, c_out)
   train, valid = ctx.examples([0]), ctx.examples([0], 'valid')
-  out, sel = train_task_loss(ctx, 'tlm', stitched, v, v, init, train, valid, num_epochs=10)
+  out, sel = train_task_loss(ctx, 'tlm', stitched, v, v, 'rand', train, valid, num_epochs=10, key=jax.random.key(3))
   assert set(out['params']) == {'front', 'end', 'stitch'} and set(out['batch_stats']) == {'front', 'end'}
   for collection in ('params', 'batch_stats'):
     for part in ('front', 'end'):
@@ -96,7 +96,7 @@ def test_task_loss_matching_trains_only_the_stitch(donor):
   start = evaluate_stitch(stitched, stitched_variables(v, v, init), test, ctx.scaling)
   trained = evaluate_stitch(stitched, out, test, ctx.scaling)
   assert trained['accuracy'] >= start['accuracy']
-  cached, _ = train_task_loss(ctx, 'tlm', stitched, v, v, init, train, valid, num_epochs=10)  # read back from the stage
+  cached, _ = train_task_loss(ctx, 'tlm', stitched, v, v, init, train, valid, num_epochs=10)  # the stored stage
   jax.tree.map(np.testing.assert_array_equal, cached, out)
 
 
@@ -116,7 +116,7 @@ def test_structural_score_and_accuracy_by_hand(donor):
   variables = stitched_variables(v, v, stitch)
   scores = evaluate_stitch(stitched, variables, test, ctx.scaling, batch_size=32)
 
-  a_f = layer_output(model, v, test.images, 'conv1', ctx.scaling, batch_size=40)
+  a_f = layer_output(model, v, test.images, 'conv1', ctx.scaling)
   a_g = layer_output(model, v, test.images, 'layer1', ctx.scaling).astype(np.float64)
   s = _stitched_by_hand(a_f, a_g.shape[1:3], stitch['params']['kernel'], stitch['params']['bias'])
   diff, norm = ((s - a_g) ** 2).sum(axis=(1, 2, 3)), (a_g ** 2).sum(axis=(1, 2, 3))
@@ -142,7 +142,7 @@ def test_bad_names_raise_user_errors(donor):
   x = ctx.scaling(_test(ctx).images[:2])
   variables = stitched_variables(v, v, stitch_init('c2c', 'rand', jax.random.key(0), 16, 16))
   for bad in [Stitched(model, model, 'layer9', 'layer1', 'c2c'), Stitched(model, model, 'layer1', 'layer1', 'x2y'),
-              Stitched(model, model, 'layer1', 'fc', 'c2c'),
+              Stitched(model, model, 'layer1', 'fc', 'c2c'), Stitched(model, model, 'conv1', 'layer1', 'c2c'),
               Stitched(model, model, 'layer1', 'layer1', 'c2c', out_size=(3, 3))]:
     with pytest.raises(UserError):
       jax.eval_shape(bad.apply, variables, x)

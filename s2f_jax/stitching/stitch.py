@@ -1,5 +1,5 @@
-"""A stitched model `g_{>L_end} ∘ S ∘ f_{≤L_front}` of two frozen block models (stitching spec §1, §3, §5, §11), its
-direct-matching (DM) fit, task-loss-matching (TLM) training through the shared loop, and its evaluation.
+"""A stitched model `g_{>L_end} ∘ S ∘ f_{≤L_front}` of two frozen block models (stitching spec §1, §3, §5, §11),
+its direct-matching (DM) fit, task-loss-matching (TLM) training through the shared loop, and its evaluation.
 
 Donors always run in eval mode (running BN statistics, no dropout) whatever `train` says (spec §12.1); only the front
 prefix and the end suffix run (spec §11). Activations are channel-last [n, H, W, C]. Stitch variables have the
@@ -22,8 +22,8 @@ from s2f_jax.models.layers import check_frozen
 from s2f_jax.stitching.direct_match import Match, match_stitching_layer
 from s2f_jax.stitching.layers import StitchingLayer, check_kind, stitch_init
 from s2f_jax.stitching.low_rank import PCABasis, project
-from s2f_jax.training.loop import Examples, Learner, evaluate
-from s2f_jax.training.objective import InputScaling, Penalty, l2_penalty
+from s2f_jax.training.loop import Examples, Learner
+from s2f_jax.training.objective import InputScaling, Penalty, cross_entropy, l2_penalty
 
 PyTree = Any
 PARTS = ('front', 'end', 'stitch')  # top-level params of `Stitched`
@@ -118,15 +118,15 @@ def _prefix_fn(model: nn.Module, layer: str, scaling: InputScaling):
   return jax.jit(lambda v, x: model.apply(v, scaling(x), train=False, until=layer))
 
 
-def _chunked(fn, images: np.ndarray, batch_size: int) -> list:
-  """`fn(images [b, ...])` on consecutive chunks of b = min(batch_size, n) images, the last one zero-padded to b (one
+def _chunked(fn, items: np.ndarray, batch_size: int) -> list:
+  """`fn(items [b, ...])` on consecutive chunks of b = min(batch_size, n) items, the last one zero-padded to b (one
   compilation) and its outputs cut back; a list of host pytrees with leading axes of the chunk sizes."""
-  if len(images) == 0:
+  if len(items) == 0:
     raise UserError('need at least one image')
-  b = min(batch_size, len(images))
+  b = min(batch_size, len(items))
   out = []
-  for i in range(0, len(images), b):
-    chunk = images[i:i + b]
+  for i in range(0, len(items), b):
+    chunk = items[i:i + b]
     padded = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], chunk.dtype)])
     out.append(jax.tree_util.tree_map(lambda y, n=len(chunk): np.asarray(y)[:n], jax.device_get(fn(padded))))
   return out
@@ -158,20 +158,23 @@ def fit_direct_match(front: nn.Module, front_vars: PyTree, end: nn.Module, end_v
 
 def train_task_loss(ctx, name: str, model: Stitched, front_vars: PyTree, end_vars: PyTree, init: str | PyTree,
                     train: Examples, valid: Examples, grid: dict[str, np.ndarray] | None = None,
-                    num_epochs: int | None = None, patience: int | None = None) -> tuple[dict, Any]:
+                    num_epochs: int | None = None, patience: int | None = None, key: jax.Array | None = None
+                    ) -> tuple[dict, Any]:
   """TLM (spec §5): cross-entropy training of the stitching layer only, as the cached, resumable stage `name` of
   `ctx` (a `methods.base.RunContext`): Adam, coupled L2 `weight_decay` on the stitch (kernel and bias), the config's
   epochs, batch size and early stopping, best valid epoch kept (epoch 0 = the initial stitch included).
 
-  init: 'rand' (PyTorch default, keyed by ctx's seed and `name`), 'eye', or stitch variables (e.g. the DM solution
-  from `fit_direct_match`; with num_epochs=0 the stitch is used as is). grid: default the config's learning rates ×
-  weight decays, dropout 0 (dropout never applies). Returns (the winner's stitched variables, the `Selection`).
+  init: 'rand' (PyTorch default; `key`, default derived from ctx's seed and `name`), 'eye', or stitch variables
+  (e.g. the DM solution of `fit_direct_match`; with num_epochs=0 the stitch is kept as is). grid: default the
+  config's learning rates × weight decays, dropout 0 (dropout never applies). Returns (the winner's stitched
+  variables, the stage's `Selection`).
   """
   if isinstance(init, str):
     shape = tuple(train.images.shape[1:])
     c_in = layer_shape(model.front, model.front_layer, shape)[-1]
     c_out = layer_shape(model.end, model.end_layer, shape)[-1]
-    key = jax.random.fold_in(ctx.key, zlib.crc32(f'{name}/stitch_init'.encode()) & 0x7FFFFFFF)
+    if key is None:
+      key = jax.random.fold_in(ctx.key, zlib.crc32(f'{name}/stitch_init'.encode()) & 0x7FFFFFFF)
     init = stitch_init(model.kind, init, key, c_in, c_out)
   grid = ctx.grid(dropout=(0.0,)) if grid is None else grid
   selection = ctx.train_stage(name, stitched_variables(front_vars, end_vars, init), grid, train, valid,
@@ -180,37 +183,39 @@ def train_task_loss(ctx, name: str, model: Stitched, front_vars: PyTree, end_var
 
 
 @functools.lru_cache(maxsize=None)
-def _structural_fn(model: Stitched, scaling: InputScaling):
-  """Jitted (variables, images [b, H, W, 3]) → per-example (‖S(a_f) − a_g‖², ‖a_g‖²) [b] each."""
+def _scores_fn(model: Stitched, scaling: InputScaling):
+  """Jitted (variables, images [b, H, W, 3], labels [b]) → per-example (cross-entropy, correct, ‖S(a_f) − a_g‖²,
+  ‖a_g‖²), each [b]: one pass of the front prefix, the stitch, the end suffix and the end prefix (for a_g)."""
 
-  def fn(variables, images):
+  def fn(variables, images, labels):
     x = scaling(images)
+    end = {'params': variables['params']['end'], 'batch_stats': variables['batch_stats']['end']}
     s = model.apply(variables, x, output='stitched')
-    g = model.apply(variables, x, output='target')
+    logits = model.end.apply(end, s, train=False, after=model.end_layer)
+    g = model.end.apply(end, x, train=False, until=model.end_layer)
     axes = tuple(range(1, g.ndim))
-    return jnp.sum(jnp.square(s - g), axis=axes), jnp.sum(jnp.square(g), axis=axes)
+    return (cross_entropy(logits, labels), jnp.argmax(logits, -1) == labels, jnp.sum(jnp.square(s - g), axis=axes),
+            jnp.sum(jnp.square(g), axis=axes))
   return jax.jit(fn)
 
 
 def evaluate_stitch(model: Stitched, variables: PyTree, test, scaling: InputScaling, batch_size: int = 1000
                     ) -> dict[str, float]:
   """Functional and structural scores of one stitched model on `test` (anything with uint8 .images [n, H, W, 3]
-  and .labels [n]; spec §5), in eval mode.
+  and .labels [n]; spec §5), in eval mode, in one pass over `batch_size`-image batches.
 
-  accuracy, loss: of the stitched model's logits (mean cross-entropy, nats).
+  accuracy, loss: of the stitched model's logits (mean cross-entropy in nats; the loop's `evaluate` definitions).
   structural: the DM structural score Σ‖S(a_f) − a_g‖²_F / Σ‖a_g‖²_F pooled over the whole set.
   structural_batch_mean: the original's version, the mean over consecutive batches of `batch_size` images (the last
     may be partial) of the per-batch ratio.
   """
-  examples = Examples.concat([test])
-  stacked = jax.tree_util.tree_map(lambda v: np.asarray(v)[None], variables)
-  loss, acc = evaluate(stitch_learner(model, scaling), stacked, examples, batch_size)
-  fn = _structural_fn(model, scaling)
-  chunks = _chunked(lambda x: fn(variables, x), examples.images, batch_size)
-  diff, norm = (np.concatenate(parts).astype(np.float64) for parts in zip(*chunks))
+  fn = _scores_fn(model, scaling)
+  images, labels = np.asarray(test.images), np.asarray(test.labels, np.int32)
+  chunks = _chunked(lambda i: fn(variables, images[i], labels[i]), np.arange(len(labels)), batch_size)
+  ce, correct, diff, norm = (np.concatenate(parts).astype(np.float64) for parts in zip(*chunks))
   if norm.sum() == 0:
     raise UserError('structural score is undefined: the end layer is all zeros on these images')
   b = min(batch_size, len(diff))
   ratios = [diff[i:i + b].sum() / norm[i:i + b].sum() for i in range(0, len(diff), b)]
-  return {'accuracy': float(acc[0]), 'loss': float(loss[0]), 'structural': float(diff.sum() / norm.sum()),
+  return {'accuracy': float(correct.mean()), 'loss': float(ce.mean()), 'structural': float(diff.sum() / norm.sum()),
           'structural_batch_mean': float(np.mean(ratios))}
