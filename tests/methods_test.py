@@ -274,7 +274,8 @@ def test_robust_fine_tune_pretrains_on_history_only(recorded, method, kind):
 
 def test_ewc_with_zero_strength_equals_sequential_fine_tuning(tmp_path):
   overrides = dict(method='sequential_fine_tune', learning_rate_decay='none', num_epochs=2, **{
-      'grid.learning_rate': (1e-3,), 'grid.weight_decay': (0.0,), 'grid.dropout': (0.0,)})
+      'grid.learning_rate': (1e-3,), 'grid.weight_decay': (0.0,), 'grid.dropout': (0.0,),
+      'data.shift_sequence': 'rotation:corruption', 'data.target_sizes': '100:100'})  # step 2 has an earlier step
   plain = experiment.run(tiny_config(**overrides), str(tmp_path / 'plain'))
   ewc = experiment.run(tiny_config(regularization='fisher_all', **overrides), str(tmp_path / 'ewc'))
   assert ewc[0]['Method'] == 'sequential_fine_tune_reg_all_previous_fisher'

@@ -35,7 +35,8 @@ def layer_activations(model: nn.Module, variables: PyTree, images: np.ndarray, s
     inter = state['intermediates']
     return {n: inter[n]['__call__'][0].reshape(x.shape[0], -1) for n in names}
 
-  return _batched(run, images, batch_size)
+  out = _batched(run, images, batch_size)
+  return {n: out[n] for n in names}  # layer order (pytrees come back with sorted keys)
 
 
 def representations(model: nn.Module, variables: PyTree, images: np.ndarray, scaling: InputScaling,
