@@ -615,3 +615,17 @@ def test_max_pool_equals_flax(size):
   g_want = jax.jit(jax.grad(lambda x: jnp.sum(flax_pool(x) * cot)))(x)
   g_got = jax.jit(jax.grad(lambda x: jnp.sum(max_pool_3x3_s2(x) * cot)))(x)
   np.testing.assert_allclose(g_got, g_want, atol=1e-6)
+
+
+def test_augmentation_reaches_training_batches_only():
+  """An augmentation that blanks every image trains exactly like blank training images, with the same (unblanked)
+  valid split evaluated."""
+  train, valid = _data()
+  blank = lambda key, images: jax.numpy.zeros_like(images)
+  grid = _grid_rows(GRID, [0])
+  augmented = _fit(grid, learner=dataclasses.replace(_learner(), augment=blank), num_epochs=2)
+  blanked = _fit(grid, train=dataclasses.replace(train, images=np.zeros_like(train.images)), num_epochs=2)
+  _assert_trees_close(augmented.best_variables, blanked.best_variables, atol=1e-6)
+  valid = lambda h: [(r['valid_loss'], r['valid_accuracy']) for r in h]
+  assert valid(augmented.history) == valid(blanked.history)
+  assert augmented.history[-1]['valid_loss'] != _fit(grid, num_epochs=2).history[-1]['valid_loss']

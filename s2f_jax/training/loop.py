@@ -76,6 +76,8 @@ class Learner:
     merged into the penalties' `aux`.
   constraint: `training.constraint` rules projecting the weights back onto balls around the fit's starting point
     after every step; every radius is multiplied by the run's hyper-parameter 'radius' (1 if the grid has none).
+  augment: optional (key, uint8 images [G, B, H, W, 3]) → images of the same shape and dtype, applied to every
+    training batch inside the compiled epoch (e.g. `data.augment.FlipCrop`); evaluation never augments.
   Penalties see only the non-frozen top-level entries of the trained tree.
   """
   model: nn.Module
@@ -87,6 +89,7 @@ class Learner:
   frozen_bn_train: bool = False
   tracker: Any = None
   constraint: tuple = ()
+  augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
   def model_params(self, params: PyTree) -> PyTree:
     return params if self.reparam is None else self.reparam(params)
@@ -299,14 +302,17 @@ def _compiled(learner: Learner, batch_size: int):
     tx = learner.optimizer(state[0], 0.0)  # the learning rate lives in opt_state (inject_hyperparams)
     epoch_key = jax.random.fold_in(key, epoch)
     idx, mask = _batch_plan(jax.random.fold_in(epoch_key, 0), sizes, batch_size)
-    drop_key = jax.random.fold_in(epoch_key, 1)
+    drop_key, augment_key = jax.random.fold_in(epoch_key, 1), jax.random.fold_in(epoch_key, 2)
     nb = idx.shape[0]
 
     def step(carry, xs):
       params, batch_stats, opt_state, obj_state, tracked = carry
       i, bidx, bmask = xs
+      batch = images[bidx]
+      if learner.augment is not None:
+        batch = learner.augment(jax.random.fold_in(augment_key, i), batch)
       (total, (new_stats, obj_state, ce_sum, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, batch_stats, obj_state, tracked, images[bidx], labels[bidx], weights[bidx], bmask, hparams,
+          params, batch_stats, obj_state, tracked, batch, labels[bidx], weights[bidx], bmask, hparams,
           jax.random.fold_in(drop_key, i), aux, (epoch - 1) * nb + i)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
