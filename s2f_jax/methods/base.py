@@ -6,6 +6,7 @@ layers are trainable; all training goes through `RunContext.train_stage` → `tr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import zlib
@@ -81,8 +82,7 @@ class RunContext:
     seed; `salt` draws an independent one."""
     model = model or self.model
     x = jnp.zeros((1,) + self.sequence.steps[0].train.images.shape[1:], jnp.float32)
-    init = jax.jit(model.init, static_argnames='train')  # eager init is ~3x slower for DenseNet-4
-    return jax.device_get(init(jax.random.fold_in(self.key, salt), x, train=False))
+    return jax.device_get(_jitted_init(model)(jax.random.fold_in(self.key, salt), x))
 
   def learner(self, frozen: tuple[str, ...] = (), penalties: tuple[Penalty, ...] | None = None, **kwargs) -> Learner:
     """A learner for this run's model (default penalty: L2 weight decay; kwargs: objective, reparam, model)."""
@@ -168,6 +168,12 @@ class RunContext:
   def test_accuracy(self, variables: PyTree, split: Split | None = None, learner: Learner | None = None) -> float:
     """Accuracy of one set of variables on `split` (default: the final step's test set)."""
     return self.loss_accuracy(variables, split, learner)[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_init(model: nn.Module):
+  """One compiled initialiser per model (eager init is ~3x slower for DenseNet-4)."""
+  return jax.jit(lambda key, x: model.init(key, x, train=False))
 
 
 def stage_of(selection: Selection, group: int = 0) -> list:
