@@ -107,10 +107,11 @@ def stitched_variables(front_vars: PyTree, end_vars: PyTree, stitch_vars: PyTree
           'batch_stats': {'front': front_vars.get('batch_stats', {}), 'end': end_vars.get('batch_stats', {})}}
 
 
-def stitch_learner(model: Stitched, scaling: InputScaling, penalties: tuple[Penalty, ...] = (l2_penalty(),)
-                   ) -> Learner:
-  """The loop's learner for TLM: donors frozen (zero updates, outside the L2 penalty); only 'stitch' trains."""
-  return Learner(model, scaling, penalties, frozen=DONORS)
+def stitch_learner(model: Stitched, scaling: InputScaling, penalties: tuple[Penalty, ...] = (l2_penalty(),),
+                   augment=None) -> Learner:
+  """The loop's learner for TLM: donors frozen (zero updates, outside the L2 penalty); only 'stitch' trains;
+  `augment`: the training batches' augmentation (`Learner.augment`, e.g. `data.augment.FlipCrop()`) or None."""
+  return Learner(model, scaling, penalties, frozen=DONORS, augment=augment)
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,16 +159,16 @@ def fit_direct_match(front: nn.Module, front_vars: PyTree, end: nn.Module, end_v
 
 def train_task_loss(ctx, name: str, model: Stitched, front_vars: PyTree, end_vars: PyTree, init: str | PyTree,
                     train: Examples, valid: Examples, grid: dict[str, np.ndarray] | None = None,
-                    num_epochs: int | None = None, patience: int | None = None, key: jax.Array | None = None
-                    ) -> tuple[dict, Any]:
+                    num_epochs: int | None = None, patience: int | None = None, key: jax.Array | None = None,
+                    augment=None) -> tuple[dict, Any]:
   """TLM (spec §5): cross-entropy training of the stitching layer only, as the cached, resumable stage `name` of
   `ctx` (a `methods.base.RunContext`): Adam, coupled L2 `weight_decay` on the stitch (kernel and bias), the config's
   epochs, batch size and early stopping, best valid epoch kept (epoch 0 = the initial stitch included).
 
   init: 'rand' (PyTorch default; `key`, default derived from ctx's seed and `name`), 'eye', or stitch variables
   (e.g. the DM solution of `fit_direct_match`; with num_epochs=0 the stitch is kept as is). grid: default the
-  config's learning rates × weight decays, dropout 0 (dropout never applies). Returns (the winner's stitched
-  variables, the stage's `Selection`).
+  config's learning rates × weight decays, dropout 0 (dropout never applies). augment: as `stitch_learner`.
+  Returns (the winner's stitched variables, the stage's `Selection`).
   """
   if isinstance(init, str):
     shape = tuple(train.images.shape[1:])
@@ -178,7 +179,8 @@ def train_task_loss(ctx, name: str, model: Stitched, front_vars: PyTree, end_var
     init = stitch_init(model.kind, init, key, c_in, c_out)
   grid = ctx.grid(dropout=(0.0,)) if grid is None else grid
   selection = ctx.train_stage(name, stitched_variables(front_vars, end_vars, init), grid, train, valid,
-                              learner=stitch_learner(model, ctx.scaling), num_epochs=num_epochs, patience=patience)
+                              learner=stitch_learner(model, ctx.scaling, augment=augment), num_epochs=num_epochs,
+                              patience=patience)
   return selection.winner(), selection
 
 
