@@ -1,6 +1,6 @@
 r"""Model stitching (Balogh & Jelasity 2025) on the embedded digits: two ConvNet-2 donors, every layer pair.
 
-Donors: ConvNet-2 (width 16) trained by ERM on 800 clean 16×16 digits from two initialisations; stitches rc2c_pre
+Donors: ConvNet-2 (width 16) trained by ERM on 800 clean 32×32 digits from two initialisations; stitches rc2c_pre
 (bilinear resize + 1×1 conv) between conv1, layer1 and layer2 of donor A (front) and donor B (end): direct matching
 on 100 images, task-loss matching for 10 epochs, energy detectors per end layer with rotated digits as outliers,
 CKA / PWCCA / Procrustes on pooled activations, and the sensitivity and specificity tests
@@ -15,10 +15,12 @@ from s2f_jax.stitching.layer_pairs import stitching_config
 def get_config():
   c = base_config()
   c.num_epochs = 15
-  c.data.name, c.data.image_size = 'digits', 16
+  c.data.name, c.data.image_size = 'digits', 32
   c.data.source_size, c.data.test_size = 1000, 200
   c.model.name, c.model.num_blocks, c.model.width = 'convnet', 2, 16
   c.train.batch_size = 50
   c.grid.learning_rate, c.grid.weight_decay, c.grid.dropout = (1e-3,), (1e-4,), (0.0,)
   c.stitching = stitching_config()
+  c.stitching.similarity_samples = 200  # the whole evaluation split (the source step's valid split)
+  c.stitching.tlm_learning_rate = 1e-2  # 130 TLM steps (10 epochs of 640 images) instead of the original's ~6000
   return c

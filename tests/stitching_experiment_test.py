@@ -105,6 +105,8 @@ def test_outputs_written_once_and_read_back(finished):
     ({'stitching.layers': 'layer7'}, ['layer7', 'conv1']),
     ({'stitching.cutoff': 'tiny'}, ['tiny', 'torch']),
     ({'stitching.dm_samples': 100000}, ['100000']),
+    ({'stitching.dm_samples': 2}, ['dm_samples=2', 'use at least 9']),
+    ({'stitching.similarity_samples': 20}, ['similarity_samples=20', '34..60']),
 ])
 def test_bad_config_raises_before_writing(tmp_path, overrides, words):
   with pytest.raises(UserError) as error:

@@ -154,3 +154,16 @@ def test_bad_input_raises_user_error():
       ood.ood_metrics(scores, [0.0])
   with pytest.raises(UserError):
     ood.energy(np.zeros((2, 3)), temperature=0.0)
+
+
+def test_compat_learning_rate_drop_counts_iterations():
+  """The original steps its scheduler per iteration: with one fine-tuning step per epoch (32 ID examples, half batch
+  32) both counters agree; with 8 steps per epoch the drop comes after 2 iterations instead of 2 epochs."""
+  opts = dataclasses.replace(TOY, pretrain_epochs=1, finetune_epochs=4)
+  compat = dataclasses.replace(opts, compat_lr_drop_per_iteration=True)
+  leaves = lambda v: jax.tree.leaves(v)
+  for n, same in ((32, True), (256, False)):
+    reps, labels = _id_sample(n, 0)
+    outliers = _outlier_sample(n, 1)
+    a, b = (ood.train_detector(reps, labels, outliers, 2, o) for o in (opts, compat))
+    assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b))) == same

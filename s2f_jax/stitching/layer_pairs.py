@@ -58,7 +58,10 @@ def stitching_config() -> ml_collections.ConfigDict:
   s.cutoff = 'torch'  # DM singular-value cutoff: 'torch' (torch.linalg.pinv's default) or a relative tolerance
   s.ridge = 0.0
   s.tlm_init = 'rand'  # rand | eye | pinv (start TLM from the DM solution)
+  s.compat_rc2c_pre_eye_is_rand = False  # the original ignores 'eye' for rc2c_pre and starts from 'rand'
   s.tlm_epochs = 10
+  s.tlm_learning_rate = 1e-3  # Adam step size of TLM (the original's)
+  s.tlm_weight_decay = 1e-5  # coupled L2 on the stitch (the original's)
   s.augment = False  # TLM batches: random flip + random crop from the image zero-padded by augment_pad pixels
   s.augment_pad = 4
   s.similarity_samples = 500  # evaluation images of the similarity indices
@@ -67,7 +70,8 @@ def stitching_config() -> ml_collections.ConfigDict:
   s.ood = True  # energy detectors per end layer
   s.outlier_shift = 'rotation'  # shift step whose images give the detectors' outliers and the far-OOD check
   s.detector = ml_collections.ConfigDict(dict(model='convnet', num_blocks=1, width=16, pretrain_epochs=20,
-                                              finetune_epochs=10, batch_size=128, learning_rate=1e-3))
+                                              finetune_epochs=10, batch_size=128, learning_rate=1e-3,
+                                              compat_lr_drop_per_iteration=False))
   return s
 
 
@@ -91,7 +95,8 @@ def detector_options(config) -> DetectorOptions:
   d = config.stitching.detector
   return DetectorOptions(model=d.model, num_blocks=d.num_blocks, width=d.width, input_size=(
       config.data.image_size, config.data.image_size), learning_rate=d.learning_rate, batch_size=d.batch_size,
-      pretrain_epochs=d.pretrain_epochs, finetune_epochs=d.finetune_epochs, seed=config.seed)
+      pretrain_epochs=d.pretrain_epochs, finetune_epochs=d.finetune_epochs, seed=config.seed,
+      compat_lr_drop_per_iteration=d.compat_lr_drop_per_iteration)
 
 
 def _prepare(config):
@@ -111,7 +116,8 @@ def _prepare(config):
   c.data.shift_sequence, c.data.test_all_steps = s.outlier_shift, True
   c.data.target_sizes = str(config.data.source_size)
   sequence, ctx = experiment.prepare(c)
-  widest = max(layer_shape(ctx.model, L, sequence.steps[0].train.images.shape[1:])[-1] for L in layers)
+  shapes = {L: layer_shape(ctx.model, L, sequence.steps[0].train.images.shape[1:]) for L in layers}
+  widest = max(shape[-1] for shape in shapes.values())
   if not widest + 2 <= s.similarity_samples <= len(sequence.steps[0].valid):
     raise UserError(f'stitching.similarity_samples={s.similarity_samples} must be in {widest + 2}..'
                     f'{len(sequence.steps[0].valid)}: PWCCA needs more samples than the widest layer ({widest} '
@@ -119,6 +125,11 @@ def _prepare(config):
   if s.dm_samples < 1 or s.dm_samples > len(sequence.steps[0].train):
     raise UserError(f'stitching.dm_samples={s.dm_samples} must be in 1..{len(sequence.steps[0].train)} (the source '
                     'train split)')
+  pixels = min(int(np.prod(shape[:-1])) for shape in shapes.values())
+  if s.dm_samples * pixels <= widest + 1:
+    raise UserError(f'stitching.dm_samples={s.dm_samples} gives {s.dm_samples * pixels} rows at the smallest end '
+                    f'layer ({pixels} pixels per image), not more than the widest front layer + 1 ({widest + 1}): '
+                    f'direct matching would fit its images exactly; use at least {(widest + 1) // pixels + 1}')
   return layers, sequence, ctx
 
 
@@ -173,6 +184,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list]:
       far_ood[L] = ood_metrics(genuine, detector_scores(det, acts(end_vars, shifted.test.images, L), options))['auroc']
 
   augment = FlipCrop(s.augment_pad) if s.augment else None
+  tlm_grid = ctx.grid(learning_rate=(s.tlm_learning_rate,), weight_decay=(s.tlm_weight_decay,), dropout=(0.0,))
   rows = []
   for front_layer in layers:
     for end_layer in layers:
@@ -181,8 +193,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list]:
                                    front_layer, end_layer, s.kind, ctx.scaling, _cutoff(s.cutoff), s.ridge)
       dm_vars = stitched_variables(front_vars, end_vars, dm)
       init = dm if s.tlm_init == 'pinv' else s.tlm_init
+      if init == 'eye' and s.kind == 'rc2c_pre' and s.compat_rc2c_pre_eye_is_rand:
+        init = 'rand'
       tlm_vars, _ = train_task_loss(ctx, f'tlm_{front_layer}_{end_layer}', stitched, front_vars, end_vars, init,
-                                    tlm_train, tlm_valid, num_epochs=s.tlm_epochs, augment=augment)
+                                    tlm_train, tlm_valid, tlm_grid, num_epochs=s.tlm_epochs, augment=augment)
       row = {'front_layer': front_layer, 'end_layer': end_layer, 'dm_residual_in_sample': match.residual_in_sample}
       for name, variables in (('dm', dm_vars), ('tlm', tlm_vars)):
         scores = evaluate_stitch(stitched, variables, test, ctx.scaling)

@@ -122,7 +122,8 @@ class DetectorOptions:
   Both phases use Adam (β 0.9/0.999, ε 1e-8) with coupled L2 as PyTorch's `Adam(weight_decay=...)`: weight_decay·θ
   is added to the gradient of every parameter (BN scale/bias included) before Adam. Fine-tuning starts a fresh Adam
   state and multiplies the learning rate by 0.1 from epoch finetune_epochs // 2 on (stepped per epoch, as intended;
-  the original steps its scheduler every iteration, so almost all of its fine-tuning runs at learning_rate / 10).
+  the original steps its scheduler every iteration, so almost all of its fine-tuning runs at learning_rate / 10;
+  `compat_lr_drop_per_iteration` reproduces that).
   """
   model: str = 'convnet'  # block model of `s2f_jax.models.MODEL_NAMES`
   num_blocks: int = 1
@@ -138,6 +139,7 @@ class DetectorOptions:
   energy_weight: float = 0.1  # weight of the two squared hinges
   eval_batch_size: int = 1000  # examples per forward pass in `detector_scores`
   seed: int = 0  # initialisation and shuffles
+  compat_lr_drop_per_iteration: bool = False  # the original: drop after finetune_epochs // 2 *iterations*
 
   def validate(self) -> DetectorOptions:
     """Returns self, or raises `UserError` naming the first bad field."""
@@ -193,8 +195,9 @@ def _check_reps(name: str, reps) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=('arch', 'num_classes', 'pretrain_epochs', 'finetune_epochs', 'batch',
-                                             'half'))
-def _fit(key, reps, labels, outliers, hyper, *, arch, num_classes, pretrain_epochs, finetune_epochs, batch, half):
+                                             'half', 'drop_per_iteration'))
+def _fit(key, reps, labels, outliers, hyper, *, arch, num_classes, pretrain_epochs, finetune_epochs, batch, half,
+         drop_per_iteration=False):
   """(variables, phase-1 mean CE per epoch [pretrain_epochs], phase-2 mean loss per epoch [finetune_epochs]) of a
   detector trained on device-resident reps [n, ...], labels int [n] and outliers [m, ...]."""
   name, num_blocks, width, input_size = arch
@@ -229,29 +232,31 @@ def _fit(key, reps, labels, outliers, hyper, *, arch, num_classes, pretrain_epoc
     return state, jnp.mean(losses)
 
   def ft_epoch(state, xs):
-    key_e, lr = xs
+    key_e, epoch = xs
     k_in, k_out = jax.random.split(key_e)
     steps = min(reps.shape[0], outliers.shape[0]) // half
     idx_in = jax.random.permutation(k_in, reps.shape[0])[:steps * half].reshape(steps, half)
     idx_out = jax.random.permutation(k_out, outliers.shape[0])[:steps * half].reshape(steps, half)
+    # the scheduler's counter: epochs, or (the original's mistake) iterations
+    count = epoch * steps + jnp.arange(steps) if drop_per_iteration else jnp.full(steps, epoch)
+    lrs = hyper['learning_rate'] * jnp.where(count >= finetune_epochs // 2, LR_DROP, 1.0)
 
     def ft_step(state, io):
-      i, o = io
+      i, o, lr = io
 
       def batch_loss(params, stats):  # one train-mode pass: BN batch statistics over ID and outliers together
         logits, stats = logits_train(params, stats, jnp.concatenate([reps[i], outliers[o]]))
         return energy_loss(logits[:half], labels[i], logits[half:], hyper['m_in'], hyper['m_out'],
                            hyper['energy_weight']), stats
       return step(state, batch_loss, lr)
-    state, losses = jax.lax.scan(ft_step, state, (idx_in, idx_out))
+    state, losses = jax.lax.scan(ft_step, state, (idx_in, idx_out, lrs))
     return state, jnp.mean(losses)
 
   params, stats = variables['params'], variables['batch_stats']
   (params, stats, _), pre_losses = jax.lax.scan(pre_epoch, (params, stats, tx.init(params)),
                                                 jax.random.split(k_pre, pretrain_epochs))
-  lrs = hyper['learning_rate'] * jnp.where(jnp.arange(finetune_epochs) >= finetune_epochs // 2, LR_DROP, 1.0)
   (params, stats, _), ft_losses = jax.lax.scan(ft_epoch, (params, stats, tx.init(params)),
-                                               (jax.random.split(k_ft, finetune_epochs), lrs))
+                                               (jax.random.split(k_ft, finetune_epochs), jnp.arange(finetune_epochs)))
   return {'params': params, 'batch_stats': stats}, pre_losses, ft_losses
 
 
@@ -286,7 +291,8 @@ def train_detector(reps_train, labels, outliers, num_classes: int,
       jax.random.PRNGKey(options.seed), jnp.asarray(reps), jnp.asarray(y, jnp.int32), jnp.asarray(out), hyper,
       arch=options.arch(), num_classes=int(num_classes), pretrain_epochs=int(options.pretrain_epochs),
       finetune_epochs=int(options.finetune_epochs), batch=min(int(options.batch_size), reps.shape[0]),
-      half=min(int(options.batch_size) // 2, reps.shape[0], out.shape[0]))
+      half=min(int(options.batch_size) // 2, reps.shape[0], out.shape[0]),
+      drop_per_iteration=bool(options.compat_lr_drop_per_iteration))
   for phase, losses in (('pre-training', np.asarray(pre_losses)), ('energy fine-tuning', np.asarray(ft_losses))):
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
