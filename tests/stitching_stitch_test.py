@@ -135,6 +135,14 @@ def test_structural_score_and_accuracy_by_hand(donor):
   projected = basis.mean + (a_f[:8] - basis.mean) @ basis.components @ basis.components.T
   np.testing.assert_allclose(got, _stitched_by_hand(projected, got.shape[1:3], stitch['params']['kernel'],
                                                     stitch['params']['bias']), rtol=1e-4, atol=1e-4)
+  # An int rank refits the basis on each batch (the original's per-batch mode): a batch's own top-3 PCA.
+  per_batch = Stitched(model, model, 'conv1', 'layer1', 'rc2c_pre', basis=3)
+  got = jax.jit(functools.partial(per_batch.apply, output='stitched'))(variables, ctx.scaling(test.images[:8]))
+  rows = a_f[:8].reshape(-1, a_f.shape[-1])
+  _, _, vt = np.linalg.svd(rows - rows.mean(0), full_matrices=False)
+  projected = rows.mean(0) + (a_f[:8] - rows.mean(0)) @ vt[:3].T @ vt[:3]
+  np.testing.assert_allclose(got, _stitched_by_hand(projected, got.shape[1:3], stitch['params']['kernel'],
+                                                    stitch['params']['bias']), rtol=1e-3, atol=1e-3)
 
 
 def test_bad_names_raise_user_errors(donor):

@@ -21,7 +21,7 @@ from s2f_jax.errors import UserError, choices_error
 from s2f_jax.models.layers import check_frozen
 from s2f_jax.stitching.direct_match import Match, match_stitching_layer
 from s2f_jax.stitching.layers import StitchingLayer, check_kind, stitch_init
-from s2f_jax.stitching.low_rank import PCABasis, project
+from s2f_jax.stitching.low_rank import PCABasis, project, project_per_batch
 from s2f_jax.training.loop import Examples, Learner
 from s2f_jax.training.objective import InputScaling, Penalty, cross_entropy, l2_penalty
 
@@ -51,7 +51,9 @@ class Stitched(nn.Module):
   'stitch'}, batch stats {'front', 'end'}.
 
   kind: a `layers.STITCH_TYPES` entry; out_size: the end layer's (H, W) — None derives it (a given value is checked);
-  basis: optional fixed `PCABasis` on the front layer's channels, applied to the front activation (spec §4).
+  basis: optional fixed `PCABasis` on the front layer's channels, applied to the front activation (spec §4); an int r
+    instead refits a rank-r basis on every batch's own front activation (`low_rank.project_per_batch`, the
+    original's `--front-stitch-rank`; results then depend on the batch).
   The same model may be both donors (self-stitching).
   """
   front: nn.Module
@@ -89,7 +91,9 @@ class Stitched(nn.Module):
     if self.out_size is not None and self.kind != 't2t' and self.out_size != tuple(target[:-1]):
       raise UserError(f'out_size {self.out_size} differs from the end layer {self.end_layer!r} size {target[:-1]}')
     a = self.front(x, train=False, until=self.front_layer)
-    if self.basis is not None:
+    if isinstance(self.basis, int):
+      a = project_per_batch(a, self.basis)
+    elif self.basis is not None:
       a = project(self.basis.value, a)
     out_size = None if self.kind == 't2t' else tuple(target[:-1])
     s = StitchingLayer(self.kind, target[-1], out_size, name='stitch')(a)
