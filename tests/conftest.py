@@ -1,21 +1,9 @@
 """Shared test helpers: a tiny run configuration and a fixture recording every stage of real training."""
-import os
-
 import jax
 import pytest
 
 from s2f_jax import config as config_lib, experiment
 from s2f_jax.methods import base
-
-# Tests compile the same tiny programs in many files, workers and CLI subprocesses: share them through JAX's
-# persistent compilation cache (keyed by program, JAX version and flags), kept with pytest's own cache.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), '.pytest_cache', 'jax_compilation'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
-jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
-jax.config.update('jax_persistent_cache_min_compile_time_secs',
-                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
-
 
 @pytest.fixture(autouse=True, scope='module')
 def _fresh_compilation_caches():
