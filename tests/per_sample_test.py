@@ -97,7 +97,8 @@ def test_per_sample_grads_match_single_example_grads():
   per_example, _, _ = _reference_grads()
   for t, leaf in enumerate(_leaves(got)):
     assert leaf.shape[0] == N
-    np.testing.assert_allclose(leaf, np.stack([g[t] for g in per_example]), rtol=RTOL, atol=1e-7)
+    # float32 vmapped vs single-example kernels: ~1e-7 absolute apart on entries up to ≈1
+    np.testing.assert_allclose(leaf, np.stack([g[t] for g in per_example]), rtol=RTOL, atol=1e-6)
 
 
 def test_per_sample_grads_sum_to_gradient_of_summed_loss():
@@ -163,7 +164,7 @@ def test_empirical_fisher_per_example():
   per_example, _, _ = _reference_grads()
   got = _leaves(empirical_fisher(learner, variables, _examples(), batch_size=BATCH))
   for t, leaf in enumerate(got):
-    np.testing.assert_allclose(leaf, np.mean([g[t] ** 2 for g in per_example], 0), rtol=RTOL, atol=1e-12)
+    np.testing.assert_allclose(leaf, np.mean([g[t] ** 2 for g in per_example], 0), rtol=RTOL, atol=1e-10)
 
 
 def test_empirical_fisher_per_batch():
