@@ -18,14 +18,16 @@ SMALL = {'data.shift_sequence': 'rotation:corruption', 'data.target_sizes': '150
          'grid.weight_decay': (1e-4,), 'grid.dropout': (0.0,)}
 
 
-def tiny_config(**overrides):
+def tiny_config(sections=None, **overrides):
   """The base config on 16x16 digits, 4 steps (200 source, 100:150:100 targets), a width-8 1-block ConvNet and 2
-  epochs; overrides: dotted keys."""
+  epochs; sections: extra top-level config sections (name → ConfigDict) added first; overrides: dotted keys."""
   c = config_lib.base_config()
   c.data.name, c.data.image_size = 'digits', 16
   c.data.source_size, c.data.target_sizes, c.data.test_size = 200, '100:150:100', 100
   c.model.name, c.model.num_blocks, c.model.width = 'convnet', 1, 8
   c.num_epochs = 2
+  for name, section in (sections or {}).items():
+    c[name] = section
   for k, v in overrides.items():
     obj = c
     *path, last = k.split('.')

@@ -25,15 +25,7 @@ TINY = {'data.source_size': 300, 'model.num_blocks': 1, 'model.width': 4, 'stitc
 
 
 def config(**overrides):
-  c = tiny_config()
-  c.stitching = layer_pairs.stitching_config()
-  for key, value in {**TINY, **overrides}.items():
-    *path, last = key.split('.')
-    obj = c
-    for p in path:
-      obj = obj[p]
-    obj[last] = value
-  return c
+  return tiny_config(sections={'stitching': layer_pairs.stitching_config()}, **{**TINY, **overrides})
 
 
 @pytest.fixture(scope='module')

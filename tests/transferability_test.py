@@ -30,15 +30,7 @@ TINY = {'data.source_size': 200, 'data.test_size': 80, 'transfer.targets': ('rot
 
 
 def config(**overrides):
-  c = tiny_config()
-  c.transfer = pairs.transfer_config()
-  for key, value in {**TINY, **overrides}.items():
-    *path, last = key.split('.')
-    obj = c
-    for p in path:
-      obj = obj[p]
-    obj[last] = value
-  return c
+  return tiny_config(sections={'transfer': pairs.transfer_config()}, **{**TINY, **overrides})
 
 
 @pytest.fixture(scope='module')
