@@ -48,13 +48,17 @@ class Selection:
 
 @dataclasses.dataclass
 class RunContext:
-  """Everything a method needs for one (dataset, sequence, model, seed) run in `workdir`."""
+  """Everything a method needs for one (dataset, sequence, model, seed) run in `workdir`.
+
+  image_shape: (H, W, 3) of the model's input; () = that of the sequence (experiments without a sequence, such as
+  model patching, pass sequence=None and set it)."""
   config: ml_collections.ConfigDict
-  sequence: Sequence
+  sequence: Sequence | None
   workdir: str
   model: nn.Module
   scaling: InputScaling
   shared_dir: str = ''
+  image_shape: tuple[int, ...] = ()
   train_seconds: float = 0.0
   examples_per_second: list = dataclasses.field(default_factory=list)
 
@@ -81,7 +85,7 @@ class RunContext:
     """Fresh PyTorch-style initialisation of `model` (default: the run's), identical for every method of the same
     seed; `salt` draws an independent one."""
     model = model or self.model
-    x = jnp.zeros((1,) + self.sequence.steps[0].train.images.shape[1:], jnp.float32)
+    x = jnp.zeros((1,) + (self.image_shape or self.sequence.steps[0].train.images.shape[1:]), jnp.float32)
     return jax.device_get(_jitted_init(model)(jax.random.fold_in(self.key, salt), x))
 
   def learner(self, frozen: tuple[str, ...] = (), penalties: tuple[Penalty, ...] | None = None, **kwargs) -> Learner:
@@ -99,14 +103,16 @@ class RunContext:
   def train_stage(self, name: str, init: PyTree, grid: dict[str, np.ndarray], train: Examples, valid: Examples,
                   groups: np.ndarray | None = None, stacked_init: bool = False, learner: Learner | None = None,
                   aux: PyTree = None, shared: bool = False, num_epochs: int | None = None,
-                  patience: int | None = None) -> Selection:
+                  patience: int | None = None, batch_size: int | None = None, select: str = 'accuracy'
+                  ) -> Selection:
     """Trains every run of `grid` from `init` and selects the best run per group (cached under stages/<name>).
 
     init: one set of variables for all runs, or (stacked_init) one per run [R].
     groups: int [R] group id per run (default: one group).
     learner: default `self.learner()`; aux: per-run penalty constants stacked [R, ...].
     shared: cache the stage in `shared_dir` (stages that several methods start from, e.g. ERM on the history).
-    num_epochs, patience: override the config's.
+    num_epochs, patience, batch_size: override the config's.
+    select: the valid metric of model selection (`FitOptions.select`; Selection.valid_accuracy holds it).
     """
     num_runs = len(next(iter(grid.values())))
     groups = np.zeros(num_runs, int) if groups is None else np.asarray(groups)
@@ -125,7 +131,8 @@ class RunContext:
     c = self.config
     options = FitOptions(
         num_epochs=c.num_epochs if num_epochs is None else num_epochs,
-        patience=c.train.patience if patience is None else patience, batch_size=c.train.batch_size,
+        patience=c.train.patience if patience is None else patience,
+        batch_size=c.train.batch_size if batch_size is None else batch_size, select=select,
         eval_batch_size=c.train.eval_batch_size, compat_early_stopping=c.compat.early_stopping_previous,
         checkpoint_dir=os.path.join(root, 'checkpoints', name),
         checkpoint_every_s=c.train.checkpoint_every_s, parallel_runs=c.train.parallel_runs, description=name)

@@ -33,8 +33,10 @@ PyTree = Any
 class Examples:
   """Training or evaluation examples held in memory.
 
-  images: uint8 [N, H, W, 3]; labels: int32 [N]; weights: float32 [N] per-sample loss weights (1 by default);
-  groups: int32 [N] non-decreasing group (time step) ids 0..G−1 for grouped objectives, or None (one group).
+  images: uint8 [N, H, W, 3], or [N, V, H, W, 3] with V views of every example (the original, then stored
+  augmentations; training only, the objective sees logits [G, B, V, C]); labels: int32 [N]; weights: float32 [N]
+  per-sample loss weights (1 by default); groups: int32 [N] non-decreasing group ids 0..G−1 (time steps, or
+  (class, subgroup) groups) for grouped objectives and per-group evaluation, or None (one group).
   """
   images: np.ndarray
   labels: np.ndarray
@@ -62,6 +64,10 @@ class Examples:
     return tuple(int(c) for c in np.bincount(self.groups) if c)
 
 
+SELECT_METRICS = ('accuracy', 'worst_group')
+SOLVERS = {'adam': optax.adam, 'sgd_nesterov': functools.partial(optax.sgd, momentum=0.9, nesterov=True)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Learner:
   """One model under the loop: forward pass, input scaling, data objective, penalties and frozen parameters.
@@ -78,6 +84,8 @@ class Learner:
     after every step; every radius is multiplied by the run's hyper-parameter 'radius' (1 if the grid has none).
   augment: optional (key, uint8 images [G, B, H, W, 3]) → images of the same shape and dtype, applied to every
     training batch inside the compiled epoch (e.g. `data.augment.FlipCrop`); evaluation never augments.
+  solver: 'adam' (β 0.9/0.999, ε 1e-8) or 'sgd_nesterov' (momentum 0.9); clip_norm > 0 clips the global gradient
+    norm first.
   Penalties see only the non-frozen top-level entries of the trained tree.
   """
   model: nn.Module
@@ -90,6 +98,8 @@ class Learner:
   tracker: Any = None
   constraint: tuple = ()
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+  solver: str = 'adam'
+  clip_norm: float = 0.0
 
   def model_params(self, params: PyTree) -> PyTree:
     return params if self.reparam is None else self.reparam(params)
@@ -115,18 +125,24 @@ class Learner:
     return sum((hparams[p.coef_key] * p.fn(trained, aux) for p in self.penalties), jnp.zeros((), jnp.float32))
 
   def optimizer(self, params: PyTree, learning_rate, radius=1.0) -> optax.GradientTransformation:
-    """Adam (β 0.9/0.999, ε 1e-8, no decoupled decay) on trainable layers; frozen layers get zero updates; then the
-    `constraint` projection with radii scaled by `radius`. Both values are stored in the state by `init`."""
+    """The `solver` (no decoupled decay) on trainable layers, after global-norm clipping when `clip_norm` > 0;
+    frozen layers get zero updates; then the `constraint` projection with radii scaled by `radius`. Both values are
+    stored in the state by `init`."""
     labels = {name: ('frozen' if name in self.frozen else 'train') for name in params}
-    adam = optax.multi_transform(
-        {'train': optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate), 'frozen': optax.set_to_zero()},
-        labels)
-    return optax.chain(adam, constraint_transform(self.constraint, radius)) if self.constraint else adam
+    solver = optax.inject_hyperparams(SOLVERS[self.solver])(learning_rate=learning_rate)
+    if self.clip_norm > 0:
+      solver = optax.chain(optax.clip_by_global_norm(self.clip_norm), solver)
+    tx = optax.multi_transform({'train': solver, 'frozen': optax.set_to_zero()}, labels)
+    return optax.chain(tx, constraint_transform(self.constraint, radius)) if self.constraint else tx
 
 
 @dataclasses.dataclass(frozen=True)
 class FitOptions:
-  """Loop settings (not tuned). Sizes in examples, times in seconds."""
+  """Loop settings (not tuned). Sizes in examples, times in seconds.
+
+  select: the valid metric that picks the best epoch and drives early stopping: 'accuracy', or 'worst_group'
+  (the lowest per-group accuracy; needs `valid.groups`).
+  """
   num_epochs: int = 100
   patience: int = 5
   batch_size: int = 100
@@ -136,6 +152,7 @@ class FitOptions:
   checkpoint_every_s: float = 60.0
   parallel_runs: int = 0
   description: str = 'fit'
+  select: str = 'accuracy'
 
 
 @dataclasses.dataclass
@@ -143,8 +160,9 @@ class FitResult:
   """Per-run outcome; arrays have a leading run axis R.
 
   best_variables: {'params', 'batch_stats'} of each run's best epoch (stacked).
-  best_valid_accuracy, best_epoch, stop_epoch: [R] numpy.
-  history: one dict per evaluated epoch (0 = before training) of [R] lists: train/valid loss and accuracy.
+  best_valid_accuracy: [R] the selection metric (`FitOptions.select`) at the best epoch; best_epoch, stop_epoch: [R].
+  history: one dict per evaluated epoch (0 = before training) of [R] lists: train/valid loss and accuracy (and
+  the worst-group valid accuracy when selecting by it).
   train_seconds: wall time of the fit; examples_per_second: training examples processed per second, summed over
   the runs that were still training.
   """
@@ -244,37 +262,62 @@ def _batch_plan(key: jax.Array, sizes: tuple[int, ...], batch_size: int) -> tupl
 
 @functools.lru_cache(maxsize=None)
 def _evaluator(learner: Learner, eval_batch_size: int):
-  """Jitted evaluate(variables [R], images, labels) -> (mean CE [R], accuracy [R]) in eval mode."""
+  """Jitted evaluate(variables [R], images, labels, group ids) -> (mean CE [R], accuracy [R], correct predictions
+  per group [R, num_groups]) in eval mode, over every example (the last partial batch is padded and masked)."""
 
-  @functools.partial(jax.jit, static_argnames=('groups', 'chunk'))
-  def evaluate(variables, images, labels, groups=1, chunk=None):
+  @functools.partial(jax.jit, static_argnames=('num_groups', 'groups', 'chunk'))
+  def evaluate(variables, images, labels, group_ids, num_groups=1, groups=1, chunk=None):
     n = labels.shape[0]
     b = min(eval_batch_size, n)
     nb = -(-n // b)
     pad = nb * b - n
     xb = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)]).reshape(
         (nb, b) + images.shape[1:])
-    yb = jnp.concatenate([labels, jnp.zeros(pad, labels.dtype)]).reshape(nb, b)
+    yb, gb = (jnp.concatenate([a, jnp.zeros(pad, a.dtype)]).reshape(nb, b) for a in (labels, group_ids))
     mb = (jnp.arange(nb * b) < n).reshape(nb, b)
 
     def one_run(v):
       def body(_, xs):
-        x, y, m = xs
+        x, y, g, m = xs
         logits = learner.apply(v, x, train=False)
-        return None, (jnp.sum(cross_entropy(logits, y) * m), jnp.sum((jnp.argmax(logits, -1) == y) & m))
-      _, (losses, corrects) = jax.lax.scan(body, None, (xb, yb, mb))
-      return jnp.sum(losses) / n, jnp.sum(corrects) / n
+        correct = ((jnp.argmax(logits, -1) == y) & m).astype(jnp.int32)
+        return None, (jnp.sum(cross_entropy(logits, y) * m), jax.ops.segment_sum(correct, g, num_groups))
+      _, (losses, corrects) = jax.lax.scan(body, None, (xb, yb, gb, mb))
+      per_group = jnp.sum(corrects, axis=0)
+      return jnp.sum(losses) / n, jnp.sum(per_group) / n, per_group
     return over_runs(one_run, variables, groups, chunk)
   return evaluate
+
+
+def _group_ids(examples: Examples) -> tuple[np.ndarray, int]:
+  if examples.groups is None:
+    return np.zeros(len(examples), np.int32), 1
+  return examples.groups.astype(np.int32), int(examples.groups.max()) + 1
 
 
 def evaluate(learner: Learner, variables: PyTree, examples: Examples, eval_batch_size: int = 1000
              ) -> tuple[np.ndarray, np.ndarray]:
   """Mean cross-entropy and accuracy [R] of stacked variables [R, ...] on `examples` (eval mode, unweighted)."""
+  loss, acc, _ = _evaluate_all(learner, variables, examples, eval_batch_size)
+  return loss, acc
+
+
+def group_accuracies(learner: Learner, variables: PyTree, examples: Examples, eval_batch_size: int = 1000
+                     ) -> np.ndarray:
+  """Accuracy [R, G] of stacked variables [R, ...] on each group of `examples` (eval mode; NaN for empty groups)."""
+  _, _, correct = _evaluate_all(learner, variables, examples, eval_batch_size)
+  ids, num_groups = _group_ids(examples)
+  sizes = np.bincount(ids, minlength=num_groups)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(sizes > 0, correct / sizes, np.nan)
+
+
+def _evaluate_all(learner, variables, examples, eval_batch_size):
   num_runs = len(jax.tree_util.tree_leaves(variables)[0])
-  loss, acc = _evaluator(learner, eval_batch_size)(variables, examples.images, examples.labels,
-                                                   chunk=runs_per_chunk(0, num_runs))
-  return np.asarray(loss), np.asarray(acc)
+  ids, num_groups = _group_ids(examples)
+  out = _evaluator(learner, eval_batch_size)(variables, examples.images, examples.labels, ids,
+                                             num_groups=num_groups, chunk=runs_per_chunk(0, num_runs))
+  return tuple(np.asarray(a) for a in out)
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,15 +329,17 @@ def _compiled(learner: Learner, batch_size: int):
   tracker = learner.tracker
 
   def loss_fn(params, batch_stats, obj_state, tracked, images, labels, weights, mask, hparams, rng, aux, iteration):
-    g, b = labels.shape
+    lead = images.shape[:-3]  # (G, B) or (G, B, V): all views go through one forward pass
+    view_mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (len(lead) - 2)), lead)
     logits, new_stats = learner.apply({'params': params, 'batch_stats': batch_stats},
-                                      images.reshape((g * b,) + images.shape[2:]), train=True, hparams=hparams,
-                                      rng=rng, mask=mask.ravel())
-    logits = logits.reshape(g, b, -1)
+                                      images.reshape((-1,) + images.shape[-3:]), train=True, hparams=hparams,
+                                      rng=rng, mask=view_mask.ravel())
+    logits = logits.reshape(lead + (-1,))
     data_term, obj_state = learner.objective(logits, labels, weights, mask, obj_state, hparams, iteration)
     total = data_term + learner.penalty(params, hparams, aux, tracked)
-    ce = cross_entropy(logits.reshape(g * b, -1), labels.ravel())
-    correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
+    originals = logits if len(lead) == 2 else logits[:, :, 0]
+    ce = cross_entropy(originals.reshape(-1, originals.shape[-1]), labels.ravel())
+    correct = jnp.sum((jnp.argmax(originals, -1) == labels) & mask)
     return total, (new_stats, obj_state, jnp.sum(ce * mask.ravel()), correct)
 
   def one_run_epoch(state, hparams, key, active, aux, data, epoch, sizes):
@@ -372,14 +417,30 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   sizes = train.group_sizes() if learner.objective.grouped else (len(train),)
   train_epoch = functools.partial(train_epoch_fn, sizes=sizes, groups=groups, chunk=chunk)
   per_epoch = sizes[0] if len(sizes) == 1 else max(-(-n // options.batch_size) for n in sizes) * options.batch_size * len(sizes)
-  evaluate = functools.partial(_evaluator(learner, options.eval_batch_size), groups=groups, chunk=chunk)
+  if options.select not in SELECT_METRICS:
+    raise ValueError(f'FitOptions.select={options.select!r}; valid: {SELECT_METRICS}')
+  if options.select == 'worst_group' and valid.groups is None:
+    raise ValueError("FitOptions.select='worst_group' needs valid.groups")
+  valid_ids, num_valid_groups = _group_ids(valid)
+  valid_sizes = np.bincount(valid_ids, minlength=num_valid_groups)
+  evaluator = functools.partial(_evaluator(learner, options.eval_batch_size), groups=groups, chunk=chunk)
+
+  def evaluate(variables, images, labels, ids=None):
+    """(mean CE, accuracy, selection metric) [R] numpy; `ids`: valid group ids (for the worst-group metric)."""
+    if ids is None:
+      loss, acc, _ = map(np.asarray, evaluator(variables, images, labels, jnp.zeros(labels.shape, jnp.int32)))
+      return loss, acc, acc
+    loss, acc, correct = map(np.asarray, evaluator(variables, images, labels, ids, num_groups=num_valid_groups))
+    if options.select == 'accuracy':
+      return loss, acc, acc
+    return loss, acc, np.min((correct / np.maximum(valid_sizes, 1))[:, valid_sizes > 0], axis=1)
   hp = sharding.shard_runs(sharding.pad_runs({k: np.asarray(v, np.float32) for k, v in hparams.items()}, size), mesh)
   keys = sharding.shard_runs(sharding.pad_runs(keys, size), mesh)
   aux = sharding.shard_runs(sharding.pad_runs(aux, size), mesh)
   variables = sharding.shard_runs(sharding.pad_runs(init_variables, size), mesh)
   data = sharding.replicate((train.images, train.labels, train.weights), mesh)
-  valid_data = sharding.replicate((valid.images, valid.labels), mesh)
-  train_eval = sharding.replicate((train.images, train.labels), mesh)
+  valid_data = sharding.replicate((valid.images, valid.labels, valid_ids), mesh)
+  train_eval = sharding.replicate((train.images if train.images.ndim == 4 else train.images[:, 0], train.labels), mesh)
 
   state = (variables['params'], variables['batch_stats'],
            *init_state(variables['params'], hp['learning_rate'], hp.get('radius', jnp.ones_like(hp['learning_rate'])),
@@ -389,10 +450,10 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   restored = checkpoint.restore({'state': state, 'best': best}) if checkpoint else None
   if restored is None:
     epoch, examples, elapsed = 0, 0, 0.0
-    tr_loss, tr_acc = map(np.asarray, evaluate(variables, *train_eval))
-    va_loss, va_acc = map(np.asarray, evaluate(variables, *valid_data))
-    history = [_record(0, tr_loss, tr_acc, va_loss, va_acc, num_runs)]
-    stopping = EarlyStopping.start(va_acc, options.patience, options.compat_early_stopping)
+    tr_loss, tr_acc, _ = evaluate(variables, *train_eval)
+    va_loss, va_acc, va_metric = evaluate(variables, *valid_data)
+    history = [_record(0, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric)]
+    stopping = EarlyStopping.start(va_metric, options.patience, options.compat_early_stopping)
   else:
     epoch, device_state, host = restored
     state, best = device_state['state'], device_state['best']
@@ -411,16 +472,16 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     active = stopping.active.copy()
     state, (tr_loss, tr_acc, finite) = train_epoch(state, hp, keys, sharding.shard_runs(active, mesh), aux, data,
                                                    epoch)
-    va_loss, va_acc = evaluate({'params': state[0], 'batch_stats': state[1]}, *valid_data)
-    tr_loss, tr_acc, finite, va_loss, va_acc = map(np.asarray, (tr_loss, tr_acc, finite, va_loss, va_acc))
+    va_loss, va_acc, va_metric = evaluate({'params': state[0], 'batch_stats': state[1]}, *valid_data)
+    tr_loss, tr_acc, finite = map(np.asarray, (tr_loss, tr_acc, finite))
     bad = np.flatnonzero(active & ~finite)
     if bad.size:
       raise TrainingDiverged(f'training loss became NaN/inf in epoch {epoch} of {options.description} for '
                              f'{describe_run(int(bad[0]))}; lower the learning rate or check the inputs')
     examples += per_epoch * int(active.sum())
-    improved = stopping.update(va_acc, epoch)
+    improved = stopping.update(va_metric, epoch)
     best = keep_best(best, {'params': state[0], 'batch_stats': state[1]}, sharding.shard_runs(improved, mesh))
-    history.append(_record(epoch, tr_loss, tr_acc, va_loss, va_acc, num_runs))
+    history.append(_record(epoch, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric))
     elapsed += time.time() - tic
     bar.update(1)
     bar.set_postfix(best_valid=f'{stopping.best_acc[:num_runs].max():.3f}', running=int(stopping.active.sum()))
@@ -436,6 +497,9 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       history=history, train_seconds=elapsed, examples_per_second=examples / max(elapsed, 1e-9))
 
 
-def _record(epoch: int, tr_loss, tr_acc, va_loss, va_acc, num_runs: int) -> dict:
-  return {'epoch': epoch, 'train_loss': tr_loss[:num_runs].tolist(), 'train_accuracy': tr_acc[:num_runs].tolist(),
-          'valid_loss': va_loss[:num_runs].tolist(), 'valid_accuracy': va_acc[:num_runs].tolist()}
+def _record(epoch: int, tr_loss, tr_acc, va_loss, va_acc, num_runs: int, select: str, metric) -> dict:
+  record = {'epoch': epoch, 'train_loss': tr_loss[:num_runs].tolist(), 'train_accuracy': tr_acc[:num_runs].tolist(),
+            'valid_loss': va_loss[:num_runs].tolist(), 'valid_accuracy': va_acc[:num_runs].tolist()}
+  if select == 'worst_group':
+    record['valid_worst_group_accuracy'] = metric[:num_runs].tolist()
+  return record

@@ -68,6 +68,16 @@ def l2_penalty() -> Penalty:
   return Penalty('weight_decay', _l2_to_zero)
 
 
+def _half_l2_all(params: PyTree, aux: Any) -> jax.Array:
+  return 0.5 * sum((jnp.sum(jnp.square(p)) for p in jax.tree_util.tree_leaves(params)), jnp.zeros((), jnp.float32))
+
+
+def l2_all_penalty() -> Penalty:
+  """½ Σ w² over every trainable tensor (kernels, biases, BN scales and offsets), coefficient `weight_decay` (the
+  model-patching code's L2, spec model_patching.md §2.4)."""
+  return Penalty('weight_decay', _half_l2_all)
+
+
 def restrict(tree: dict, like: dict) -> dict:
   """The entries of the nested dict `tree` whose keys also appear in `like`, at every dict level."""
   return {k: restrict(v, like[k]) if isinstance(v, dict) else v for k, v in tree.items() if k in like}

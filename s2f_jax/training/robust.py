@@ -21,12 +21,21 @@ def group_means(values: jax.Array, weights: jax.Array, mask: jax.Array) -> jax.A
 
 @dataclasses.dataclass(frozen=True)
 class GroupDRO:
-  """Group DRO (Sagawa et al., 2020) with exponentiated-gradient group weights q (the carried state).
+  """Group DRO (Sagawa et al., 2020) with exponentiated-gradient group weights q (the carried state [G]).
 
-  Each iteration: q ← q ⊙ exp(η · ℓ_g) / Σ (ℓ_g the groups' batch losses, no gradient through q), loss = Σ_g q_g ℓ_g;
-  η is the hyper-parameter `dro_eta`. `hard_max` reproduces the original: loss = max_g ℓ_g, no weights.
+  Each iteration, with the groups' batch losses ℓ_g and adjusted losses ℓ̃_g = ℓ_g + C/√n_g (C: hyper-parameter
+  `dro_adjustment`, 0 if absent; n_g: `group_sizes`): q_g ← q_g · exp(η ℓ̃_g), normalised within each superclass
+  (η: `dro_eta`), and loss = Σ_s w_s Σ_{g ∈ s} q_g ℓ_g with w_s = |s| / G. One superclass (the default) is plain
+  Group DRO; `superclasses` = each group's class gives CAMEL's class-conditional "mixed" objective (a soft worst
+  case over the subgroups of every class, averaged over classes). No gradient flows through q.
+
+  compat_undetached reproduces the model-patching TF code: q is not detached and the objective uses ℓ̃.
+  hard_max reproduces the seq-to-final original: loss = max_g ℓ_g, no weights.
   """
   hard_max: bool = False
+  group_sizes: tuple[int, ...] = ()
+  superclasses: tuple[int, ...] = ()
+  compat_undetached: bool = False
   grouped = True
 
   def __call__(self, logits, labels, weights, mask, state, hparams, iteration):
@@ -34,9 +43,23 @@ class GroupDRO:
                          weights, mask)
     if self.hard_max:
       return jnp.max(losses), state
-    q = state * jnp.exp(hparams['dro_eta'] * jax.lax.stop_gradient(losses))
-    q = q / jnp.sum(q)
-    return jnp.sum(q * losses), q
+    return self.robust_loss(losses, state, hparams)
+
+  def robust_loss(self, losses: jax.Array, q: jax.Array, hparams: dict) -> tuple[jax.Array, jax.Array]:
+    """(objective, new q) from per-group losses [G] and the previous weights q [G]."""
+    num_groups = losses.shape[0]
+    adjusted = losses
+    if self.group_sizes:
+      adjusted = losses + hparams.get('dro_adjustment', 0.0) / jnp.sqrt(jnp.asarray(self.group_sizes, jnp.float32))
+    step = adjusted if self.compat_undetached else jax.lax.stop_gradient(adjusted)
+    supers = jnp.asarray(self.superclasses or (0,) * num_groups)
+    logits = jnp.log(jax.lax.stop_gradient(q)) + hparams['dro_eta'] * step
+    top = jax.ops.segment_max(logits, supers, num_groups)
+    e = jnp.exp(logits - top[supers])
+    q = e / jax.ops.segment_sum(e, supers, num_groups)[supers]
+    class_weight = jax.ops.segment_sum(jnp.ones(num_groups), supers, num_groups)[supers] / num_groups
+    objective_losses = adjusted if self.compat_undetached else losses
+    return jnp.sum(class_weight * q * objective_losses), jax.lax.stop_gradient(q)
 
 
 def irm_gradients(logits: jax.Array, labels: jax.Array, vector: bool = False) -> jax.Array:
