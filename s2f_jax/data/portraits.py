@@ -64,14 +64,15 @@ def _files_from_raw_folders(folder: Path) -> list[list[tuple[Path, int]]]:
   return steps
 
 
-def _decode(file: Path, image_size: int) -> np.ndarray:
-  """PIL bilinear resize of one image (in its own mode, as torchvision's Resize) → uint8 [size, size, 3]."""
+def decode_image(file: Path | str, image_size: int, dataset: str = 'portraits') -> np.ndarray:
+  """PIL bilinear resize of one image (in its own mode, as torchvision's Resize) → uint8 [size, size, 3]; an
+  unreadable file is a UserError naming `dataset` and the file."""
   try:
     with Image.open(file) as image:
       image = image if image.mode in ('L', 'RGB') else image.convert('RGB')
       pixels = np.asarray(image.resize((image_size, image_size), Image.BILINEAR))
   except (OSError, ValueError) as e:
-    raise UserError(f"portraits: cannot decode image {file}: {' '.join(str(e).split())}") from None
+    raise UserError(f"{dataset}: cannot decode image {file}: {' '.join(str(e).split())}") from None
   return np.repeat(pixels[..., None], 3, axis=-1) if pixels.ndim == 2 else pixels
 
 
@@ -99,6 +100,6 @@ def load_portraits(root: str | Path, image_size: int = 32) -> RealSequence:
     raise UserError(f"portraits: no images for {', '.join(empty)} under {time_folder or raw_folder}")
   return RealSequence(
       name='portraits',
-      images=[np.stack([_decode(f, image_size) for f, _ in files]) for files in steps],
+      images=[np.stack([decode_image(f, image_size) for f, _ in files]) for files in steps],
       labels=[np.array([label for _, label in files], np.int32) for files in steps],
       class_names=CLASS_NAMES, step_names=STEP_NAMES)
