@@ -1,5 +1,12 @@
 """Shared test helpers: a tiny run configuration and a fixture recording every stage of real training."""
-import jax
+import os
+
+# The suite is bound by XLA CPU compile time (tiny models, many distinct programs): the tests, and the experiment
+# scripts they start as subprocesses, compile with backend optimisation off (about 2.5x faster compiles). Results
+# are checked against references with tolerances, never against timings.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+
+import jax  # noqa: E402
 import pytest
 
 from s2f_jax import config as config_lib, experiment

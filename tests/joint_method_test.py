@@ -68,7 +68,7 @@ def test_search_resume_and_fisher(tmp_path, monkeypatch):
   candidates = [('fc',), ('conv1', 'fc')]  # 2 of the 7 subsets keep the test quick
   monkeypatch.setattr(joint, 'all_subsets', lambda num_blocks: candidates)
   rows = _run(tmp_path / 'search', method='joint_model', num_epochs=2,
-              **{'joint.separate_layers': 'search', 'joint.resume_epochs': 2})
+              **{'joint.separate_layers': 'search', 'joint.resume_epochs': 2, 'joint.adjacent': (1.0,)})
   method_dir = tmp_path / 'search' / 'joint_model_adjacent_reg_l2'
   scores = json.loads((method_dir / 'search_valid_accuracies.json').read_text())
   assert list(scores) == [','.join(c) for c in candidates]
@@ -79,12 +79,16 @@ def test_search_resume_and_fisher(tmp_path, monkeypatch):
   assert resumed['Hyper-parameters'] == first['Hyper-parameters']
   assert resumed['Validation accuracy'] >= first['Validation accuracy']  # its epoch 0 is the winner
 
+  # The searched run's 'joint' stage (l2, β = 1, the winning layers) is the l2 reference of the epoch Fisher: the
+  # same stage trained with l2_fisher on the same layers (one training program fewer than a separate l2 run).
+  _run(tmp_path / 'l2_fisher', method='joint_model', num_epochs=2,
+       **{'joint.adjacent_reg_type': 'l2_fisher', 'joint.adjacent': (1.0,), 'joint.separate_layers': best})
   histories = {}
-  for kind in ('l2', 'l2_fisher'):
-    _run(tmp_path / kind, method='joint_model', num_epochs=2, **{'joint.adjacent_reg_type': kind,
-                                                                  'joint.adjacent': (1.0,)})
-    with open(tmp_path / kind / f'joint_model_adjacent_reg_{kind}' / 'history.jsonl') as f:
-      histories[kind] = [json.loads(line)['train_loss'] for line in f]
+  for kind, history in (('l2', method_dir / 'history.jsonl'),
+                        ('l2_fisher', tmp_path / 'l2_fisher' / 'joint_model_adjacent_reg_l2_fisher' / 'history.jsonl')):
+    records = [json.loads(line) for line in history.read_text().splitlines()]
+    histories[kind] = [r['train_loss'] for r in records if r['stage'] == 'joint']
+  assert len(histories['l2']) == len(histories['l2_fisher']) == 3  # epochs 0..2 of the one β
   assert histories['l2'][:2] == histories['l2_fisher'][:2]  # F = 1 in the first epoch
   assert histories['l2'][2:] != histories['l2_fisher'][2:]  # then the previous epoch's squared gradients
 
