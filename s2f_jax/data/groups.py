@@ -127,10 +127,12 @@ def _assign_subgroups(y: np.ndarray, correlation: float, rng: np.random.RandomSt
 
 
 def spurious_correlation(base: BaseDataset, task: str = 'parity', shift: str = 'recolor:recolor',
-                         correlation: float = 0.99, valid_fraction: float = 0.5, seed: int = 0) -> GroupData:
+                         correlation: float = 0.99, valid_fraction: float = 0.5, seed: int = 0,
+                         size: int = 0) -> GroupData:
   """Binary classes from `base` with a spurious subgroup attribute z (z = 1: the image carries `shift`).
 
-  The base train split is shuffled (`seed`) and cut into train and valid (`valid_fraction`); in each, exactly a
+  The base train split is shuffled (`seed`), its first `size` images kept (0 = all), and cut into train and valid
+  (`valid_fraction`); in each, exactly a
   fraction 1 − `correlation` of every class (rounded) gets z = 1 − y, so the majority group of class y is (y, z = y)
   and majority and minority images are different instances. The base test split gives a balanced test split: every
   image once clean (z = 0) and once shifted (z = 1). ids: base train indices, then base test indices + N_train
@@ -144,8 +146,10 @@ def spurious_correlation(base: BaseDataset, task: str = 'parity', shift: str = '
   state = subgroup_state(shift, base.num_classes)
   rng = np.random.RandomState(seed)
   n = len(base.train_labels)
-  order = rng.permutation(n)
-  cut = int(round(n * (1.0 - valid_fraction)))
+  if size < 0 or size > n:
+    raise UserError(f'spurious-correlation size={size} must be in 0..{n} (the base train split; 0 = all)')
+  order = rng.permutation(n)[:size or n]
+  cut = int(round(len(order) * (1.0 - valid_fraction)))
 
   def shifted(images, labels, z):
     out = images.copy()

@@ -1,0 +1,9 @@
+"""Model patching on the embedded digits, the ERM baseline only (see configs/model_patching.py).
+
+  python experiments/model_patching.py --config=configs/model_patching_erm.py --workdir=runs/model_patching_erm
+"""
+from configs import model_patching
+
+
+def get_config():
+  return model_patching.get_config('erm')

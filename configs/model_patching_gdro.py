@@ -1,0 +1,9 @@
+"""Model patching on the embedded digits, the GDRO baseline only (see configs/model_patching.py).
+
+  python experiments/model_patching.py --config=configs/model_patching_gdro.py --workdir=runs/model_patching_gdro
+"""
+from configs import model_patching
+
+
+def get_config():
+  return model_patching.get_config('gdro')
