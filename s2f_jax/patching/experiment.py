@@ -200,8 +200,9 @@ def _learner(ctx: RunContext, method: str, data: GroupData, p):
 
 def _grid(method: str, p) -> dict[str, np.ndarray]:
   m = p[method]
-  axes = {'learning_rate': tuple(m.learning_rate), 'weight_decay': tuple(m.weight_decay), 'dropout': (0.0,),
-          'dro_eta': (p.dro_eta,), 'dro_adjustment': (p.dro_adjustment,)}
+  axes = {'learning_rate': tuple(m.learning_rate), 'weight_decay': tuple(m.weight_decay), 'dropout': (0.0,)}
+  if method != 'erm':
+    axes.update(dro_eta=(p.dro_eta,), dro_adjustment=(p.dro_adjustment,))
   if method == 'camel':
     axes['consistency_weight'] = tuple(m.consistency_weight)
   return grid_lib.product_grid(axes)
