@@ -4,8 +4,8 @@ r"""Constrained fine-tuning under label noise, then Hessian generalisation measu
 
 Trains the config's erm_fine_tune (history model, then fine-tuning on the noisy final step with one run per radius;
 finished runs are reused), then prints and writes generalization.{json,md,pdf} to the method's folder: per radius
-the train/test loss and accuracy, the gap, the distance, HDM, the trace distance, the Hessian trace and noise
-stability (`s2f_jax.analysis.generalization`).
+the train/test loss and accuracy, the gap, the distance, HDM, the trace distance, the Hessian trace, the top
+eigenvalues, noise stability, and an eigenvalue density plot per radius (`s2f_jax.analysis.generalization`).
 """
 import os
 import sys
@@ -22,6 +22,8 @@ _CONFIG = cli.define_config('configs/hessian.py')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<model>/<setup>/seed<seed>).')
 _PROBES = flags.DEFINE_integer('num_probes', 50, 'Rademacher probes of the Hutchinson traces')
 _EXAMPLES = flags.DEFINE_integer('max_examples', 500, 'training examples whose mean loss the Hessians are of')
+_EIGENVALUES = flags.DEFINE_integer('num_eigenvalues', 1, 'top Hessian eigenvalues per radius (power iteration)')
+_DENSITY = flags.DEFINE_integer('density_steps', 50, 'Lanczos steps of the eigenvalue density plot (0 = none)')
 
 
 def main(argv):
@@ -34,7 +36,13 @@ def main(argv):
   sequence, _ = experiment.prepare(config)
   workdir = _WORKDIR.value or experiment.default_workdir(config, sequence)
   experiment.run(config, workdir)
-  rows = generalization.measure(workdir, config, num_probes=_PROBES.value, max_examples=_EXAMPLES.value)
+  for flag in (_PROBES, _EXAMPLES, _EIGENVALUES):
+    if flag.value < 1:
+      raise cli.UserError(f'--{flag.name}={flag.value} must be at least 1')
+  if _DENSITY.value < 0:
+    raise cli.UserError(f'--density_steps={_DENSITY.value} must be ≥ 0')
+  rows = generalization.measure(workdir, config, num_probes=_PROBES.value, max_examples=_EXAMPLES.value,
+                                num_eigenvalues=_EIGENVALUES.value, density_steps=_DENSITY.value)
   paths = generalization.write(rows, os.path.join(workdir, fine_tune_name(config)),
                                f'{config.model.name}-{config.model.num_blocks}, label noise {config.label_noise.rate}')
   print(generalization.markdown(rows))

@@ -1,5 +1,6 @@
 """The constrained fine-tuning experiment (experiments/hessian.py): one row per radius, distances inside the
 constraint, measures wired to the stored models, and the command line."""
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def measured(tmp_path_factory):
                           'constraint.head_centre': 'init', 'label_noise.rate': 0.2})
   workdir = str(tmp_path_factory.mktemp('hessian'))
   experiment.run(config, workdir)
-  rows = generalization.measure(workdir, config, num_probes=8, lanczos_steps=5, num_draws=4, max_examples=64)
+  rows = generalization.measure(workdir, config, num_probes=8, lanczos_steps=5, num_draws=4, max_examples=64,
+                                num_eigenvalues=2, density_steps=6)
   return config, workdir, rows
 
 
@@ -47,11 +49,26 @@ def test_one_row_per_radius_inside_its_ball(measured):
   assert rows[0]['distance'] < rows[1]['distance']  # the tight ball binds
 
 
+def test_top_eigenvalues_and_density(measured):
+  _, _, rows = measured
+  for row in rows:
+    top = row['top_eigenvalues']
+    assert len(top) == 2 and abs(top[0]) >= abs(top[1]) * (1 - 1e-3) and row['top_eigenvalue'] == top[0]
+    density = row[generalization.DENSITY]
+    # Ritz values of a short Lanczos run lie inside the spectrum, so none is larger in magnitude than the top
+    # eigenvalue (power iteration stops within 0.1 % relative change, hence the slack); the density integrates to ≈ 1.
+    assert np.abs(density['nodes']).max() <= abs(top[0]) * 1.01 + 1e-6
+    assert np.trapezoid(density['density'], density['grid']) == pytest.approx(1.0, abs=0.05)
+
+
 def test_outputs_and_cli(measured, tmp_path):
   _, _, rows = measured
   paths = generalization.write(rows, str(tmp_path), 'tiny')
-  assert sorted(os.path.basename(p) for p in paths) == ['generalization.json', 'generalization.md',
-                                                         'generalization.pdf']
+  assert sorted(os.path.basename(p) for p in paths) == sorted(
+      ['generalization.json', 'generalization.md', 'generalization.pdf'] +
+      [f"eigenvalue_density_radius{r['radius']:g}.pdf" for r in rows])
+  with open(os.path.join(tmp_path, 'generalization.json')) as f:
+    assert [r['top_eigenvalue'] for r in json.load(f)] == [r['top_eigenvalue'] for r in rows]
   assert generalization.markdown(rows).count('\n') == len(rows) + 1
   done = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'hessian.py'),
                          '--config.method=erm_all', f'--workdir={tmp_path / "w"}'], capture_output=True, text=True,

@@ -6,8 +6,9 @@ A finished `erm_fine_tune` run with `constraint.radius` = a tuple keeps the best
 trained on, noisy when `label_noise.rate` > 0), clean test loss and accuracy, the gap test − train loss (nats), the
 distance measure Σ_i ‖v_i‖ (v = θ − θ₀ on the Hessian layers, the head from its constraint centre), the Hessian
 distance measure HDM = Σ_i sqrt(C·v_iᵀH_ii^+v_i/n) and its trace variant, the total Hessian trace, and noise
-stability with its second-order prediction (σ²/2)·ΣTr H. Hessians are of the mean training loss over the first
-`max_examples` training examples, in eval mode.
+stability with its second-order prediction (σ²/2)·ΣTr H, the top eigenvalues of H over the selected layers (power
+iteration with deflation) and, optionally, its SLQ eigenvalue density. Hessians are of the mean training loss over the
+first `max_examples` training examples, in eval mode.
 """
 from __future__ import annotations
 
@@ -28,12 +29,16 @@ from s2f_jax.results import stored
 from s2f_jax.results.writer import markdown_table
 
 COLUMNS = ('radius', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'gap', 'distance', 'hdm',
-           'trace_distance', 'trace', 'noise_stability', 'noise_predicted')
+           'trace_distance', 'trace', 'top_eigenvalue', 'noise_stability', 'noise_predicted')
+DENSITY = 'eigenvalue_density'  # the row key of an `hessian.eigenvalue_density` result (figure only, not in JSON)
 
 
 def measure(workdir: str, config, num_probes: int = 50, lanczos_steps: int = 20, sigma: float = 1e-3,
-            num_draws: int = 20, max_examples: int = 500, seed: int = 0) -> list[dict]:
-  """One row per radius (`COLUMNS`) of the finished constrained fine-tuning run of `config` in `workdir`."""
+            num_draws: int = 20, max_examples: int = 500, seed: int = 0, num_eigenvalues: int = 1,
+            density_steps: int = 0) -> list[dict]:
+  """One row per radius (`COLUMNS`, plus 'top_eigenvalues': the `num_eigenvalues` largest in magnitude, and with
+  `density_steps` > 0 an SLQ density of that many Lanczos steps under `DENSITY`) of the finished constrained
+  fine-tuning run of `config` in `workdir`."""
   _, ctx = experiment.prepare(config)
   name = fine_tune_name(config)
   method = stored.methods(workdir).get(name)
@@ -58,13 +63,18 @@ def measure(workdir: str, config, num_probes: int = 50, lanczos_steps: int = 20,
     traces = hessian.hutchinson_traces(loss_fn, sel, key, tol=None, max_iter=num_probes)
     hdm = hessian.hessian_distance_measure(quadratic, len(final.train), traces)
     noise = hessian.noise_stability(loss_fn, sel, sigma, num_draws, jax.random.fold_in(key, 1), traces)
+    top = hessian.top_eigenvalues(loss_fn, sel, jax.random.fold_in(key, 2), num_eigenvalues)['eigenvalues']
     train_loss, train_acc = ctx.loss_accuracy(variables, final.train, learner)
     test_loss, test_acc = ctx.loss_accuracy(variables, final.test, learner)
     rows.append({'radius': float(hp.get('radius', np.inf)), 'train_loss': train_loss, 'train_accuracy': train_acc,
                  'test_loss': test_loss, 'test_accuracy': test_acc, 'gap': test_loss - train_loss,
                  'distance': float(np.sqrt(quadratic['sq_distance']).sum()), 'hdm': hdm['hdm'],
                  'trace_distance': hdm['trace_distance'], 'trace': float(traces['total']),
+                 'top_eigenvalue': float(top[0]), 'top_eigenvalues': [float(t) for t in top],
                  'noise_stability': noise['mean'], 'noise_predicted': noise['predicted']})
+    if density_steps:
+      rows[-1][DENSITY] = hessian.eigenvalue_density(loss_fn, sel, jax.random.fold_in(key, 3), steps=density_steps,
+                                                     num_points=2000)
   return sorted(rows, key=lambda r: r['radius'])
 
 
@@ -92,10 +102,15 @@ def figure(rows: Sequence[dict], title: str = '') -> Figure:
 
 
 def write(rows: Sequence[dict], directory: str, title: str = '') -> list[str]:
-  """generalization.json, generalization.md and generalization.pdf in `directory`."""
+  """generalization.json, generalization.md and generalization.pdf in `directory`, and per radius with a density
+  eigenvalue_density_radius<r>.pdf."""
   paths = [os.path.join(directory, f'generalization.{ext}') for ext in ('json', 'md', 'pdf')]
   with open(paths[0], 'w') as f:
-    json.dump(list(rows), f, indent=1)
+    json.dump([{k: v for k, v in r.items() if k != DENSITY} for r in rows], f, indent=1)
+  for r in rows:
+    if DENSITY in r:
+      paths.append(os.path.join(directory, f"eigenvalue_density_radius{r['radius']:g}.pdf"))
+      hessian.save_density(r[DENSITY], paths[-1], f"Hessian eigenvalue density, radius {r['radius']:g}")
   with open(paths[1], 'w') as f:
     f.write(markdown(rows) + '\n')
   save_figure(figure(rows, title), paths[2], 'generalization plot')
