@@ -87,7 +87,8 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.constraint.stem = False  # constrain conv1 too (the original leaves it free)
   c.label_noise = ml_collections.ConfigDict()
   c.label_noise.rate = 0.0  # symmetric noise on the final step's train labels: each flips w.p. rate to another class
-  c.label_noise.correction = 'none'  # none | backward | forward: fine-tuning loss corrected with F(rate)
+  c.label_noise.correction = 'none'  # none | backward | forward: fine-tuning loss corrected with F
+  c.label_noise.confusion = 'known'  # F: known = symmetric F(rate); dual_t = estimated by Dual-T from an uncorrected fine-tune
 
   # Robust objectives (dro_*, irm_*).
   c.dro_eta = 0.01  # Group DRO step size of the exponentiated-gradient group weights
@@ -174,6 +175,7 @@ def _validate_joint(config: ml_collections.ConfigDict) -> None:
 
 CONSTRAINT_NORMS = ('none', 'frob', 'inf_op')
 CORRECTIONS = ('none', 'backward', 'forward')
+CONFUSIONS = ('known', 'dual_t')
 
 
 def _validate_constraint(config: ml_collections.ConfigDict) -> None:
@@ -192,6 +194,8 @@ def _validate_constraint(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'label_noise.rate={n.rate} must be in [0, 1)')
   if n.correction not in CORRECTIONS:
     raise choices_error('label_noise.correction', n.correction, CORRECTIONS)
+  if n.confusion not in CONFUSIONS:
+    raise choices_error('label_noise.confusion', n.confusion, CONFUSIONS)
   if n.correction != 'none' and n.rate == 0:
     raise UserError(f'label_noise.correction={n.correction} needs label_noise.rate > 0')
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,7 +14,7 @@ from s2f_jax.errors import UserError
 from s2f_jax.results import stored
 from s2f_jax.training import label_noise
 
-from conftest import SMALL, tiny_config
+from conftest import SMALL, run_small, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,12 +76,32 @@ def test_corrected_objective_is_the_library_loss(kind):
   assert float(loss) == pytest.approx(float(expected), rel=1e-6) and state == 'state'
 
 
+def test_dual_t_estimates_the_confusion_from_an_uncorrected_fine_tune(tmp_path, captured):
+  rows = run_small(tmp_path, **{'method': 'erm_fine_tune', 'data.target_sizes': '150:300', 'label_noise.rate': 0.3,
+                                'label_noise.correction': 'forward', 'label_noise.confusion': 'dual_t'})
+  (row,) = rows
+  assert row['Method'] == 'erm_fine_tune_forward_corrected_dual_t'
+  F = np.asarray(row['Estimated confusion (Dual-T)'])
+  np.testing.assert_allclose(F.sum(1), 1.0, atol=1e-5)
+  # The stored estimate is Dual-T of the estimator stage's winner on the noisy final train split ...
+  sel = captured['dual_t_estimator'][0]
+  _, ctx = experiment.prepare(tiny_config(**{**SMALL, 'data.target_sizes': '150:300', 'label_noise.rate': 0.3}))
+  train = ctx.sequence.final.train
+  logits = ctx.learner().apply(sel.winner(), train.images, train=False)
+  expect = label_noise.estimate_confusion_dual_t(np.asarray(jax.nn.softmax(logits)), train.labels)
+  np.testing.assert_allclose(F, expect, atol=1e-5)
+  # ... and the corrected stage trains with exactly that matrix.
+  (stage,) = [k for k in captured if k.startswith('fine_tune')]
+  np.testing.assert_allclose(np.asarray(captured[stage][1].objective.matrix), F, atol=1e-5)
+
+
 @pytest.mark.parametrize('overrides,message', [
     ({'method': 'erm_fine_tune', 'constraint.norm': 'l3'}, "unknown constraint.norm 'l3'"),
     ({'method': 'erm_all', 'constraint.norm': 'frob'}, 'apply to the fine-tuning stage'),
     ({'method': 'erm_fine_tune', 'label_noise.correction': 'backward'}, 'needs label_noise.rate > 0'),
     ({'method': 'erm_fine_tune', 'constraint.norm': 'frob', 'constraint.radius': (0.0,)}, 'positive numbers'),
     ({'method': 'erm_fine_tune', 'label_noise.rate': 1.0}, 'must be in [0, 1)'),
+    ({'method': 'erm_fine_tune', 'label_noise.confusion': 'anchor'}, "unknown label_noise.confusion 'anchor'"),
 ])
 def test_bad_settings_are_user_errors(overrides, message):
   with pytest.raises(UserError, match=message.replace('[', r'\[').replace(')', r'\)')):

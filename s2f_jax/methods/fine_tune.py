@@ -18,7 +18,7 @@ from s2f_jax.methods.base import Method, RunContext, Selection, result_row, stag
 from s2f_jax.models import layer_names
 from s2f_jax.training import grid as grid_lib
 from s2f_jax.training.constraint import constraint_rules
-from s2f_jax.training.label_noise import CorrectedERM, symmetric_confusion
+from s2f_jax.training.label_noise import CorrectedERM, estimate_confusion_dual_t, symmetric_confusion
 from s2f_jax.training.loop import Examples
 from s2f_jax.training.objective import l2_penalty, reference_penalty
 from s2f_jax.training.per_sample import empirical_fisher, layer_scores
@@ -51,13 +51,29 @@ def fine_tune_name(config, kind: str = 'erm') -> str:
   lp = config.fine_tune_layers.strip() == 'linear_probe_fine_tune'
   k, noise = config.constraint, config.label_noise
   extra = ('' if k.norm == 'none' else f'_constrained_{k.norm}') + (
-      '' if noise.correction == 'none' else f'_{noise.correction}_corrected')
+      '' if noise.correction == 'none' else f'_{noise.correction}_corrected') + (
+      '_dual_t' if noise.correction != 'none' and noise.confusion == 'dual_t' else '')
   return f"{kind}_{'linear_probe_then_fine_tune' if lp else 'fine_tune'}{variant_suffix(config)}{extra}"
 
 
-def constrained_training(ctx: RunContext) -> tuple[dict, dict]:
+def dual_t_confusion(ctx: RunContext, start) -> np.ndarray:
+  """F̂ [K, K] by Dual-T (`label_noise.estimate_confusion_dual_t`) from the predicted probabilities, on the noisy
+  final train split in eval mode, of an uncorrected fine-tune of `start` on it (stage 'dual_t_estimator': every
+  layer, the config's grid, the best valid run)."""
+  final = [ctx.num_steps - 1]
+  train = ctx.examples(final)
+  sel = ctx.train_stage('dual_t_estimator', start, ctx.grid(), train, ctx.examples(final, 'valid'))
+  learner, variables = ctx.learner(), sel.winner()
+  probs = jax.jit(lambda x: jax.nn.softmax(learner.apply(variables, x, train=False)))
+  b = ctx.config.train.eval_batch_size
+  p = np.concatenate([np.asarray(probs(train.images[i:i + b])) for i in range(0, len(train), b)])
+  return estimate_confusion_dual_t(p, train.labels)
+
+
+def constrained_training(ctx: RunContext, start=None) -> tuple[dict, dict]:
   """(extra grid axes, learner kwargs) of the `constraint` and `label_noise.correction` options of a fine-tuning
-  stage: the radius grid axis and the projection rules (unit radius, scaled per run), the corrected objective."""
+  stage: the radius grid axis and the projection rules (unit radius, scaled per run), the corrected objective (F
+  known, or estimated by `dual_t_confusion` from `start`; then kwargs['confusion'] holds F̂)."""
   c = ctx.config
   axes, kwargs = {}, {}
   if c.constraint.norm != 'none':
@@ -66,8 +82,11 @@ def constrained_training(ctx: RunContext) -> tuple[dict, dict]:
                                             k.head_centre)
     axes['radius'] = tuple(sorted({float(r) for r in np.atleast_1d(k.radius)}))
   if c.label_noise.correction != 'none':
-    kwargs['objective'] = CorrectedERM.of(c.label_noise.correction,
-                                          symmetric_confusion(ctx.sequence.num_classes, c.label_noise.rate))
+    if c.label_noise.confusion == 'dual_t':
+      F = kwargs['confusion'] = dual_t_confusion(ctx, start)
+    else:
+      F = symmetric_confusion(ctx.sequence.num_classes, c.label_noise.rate)
+    kwargs['objective'] = CorrectedERM.of(c.label_noise.correction, F)
   return axes, kwargs
 
 
@@ -179,16 +198,19 @@ def fine_tune_after(ctx: RunContext, prev: Selection, kind: str) -> list[dict]:
   reference = prev.winner()
   fishers = [grid_lib.stack(fisher_of(ctx, reference, ctx.examples(history)), 1)] if 'fisher' in \
       c.regularization else None
-  axes, learner_kwargs = constrained_training(ctx)
+  start = ctx.init_variables() if c.ablate_init else reference
+  axes, learner_kwargs = constrained_training(ctx, start)
+  confusion = learner_kwargs.pop('confusion', None)
   grid = ctx.grid(**axes)
   num_runs = len(grid['learning_rate'])
   # with a radius grid, the best run per radius is kept (analysis.generalization reads them all)
   groups = np.abs(np.asarray(grid['radius'])[:, None] - np.asarray(axes['radius'])[None]).argmin(1) if axes else None
   penalties, aux = regularizer(ctx, [grid_lib.stack(reference['params'], 1)], fishers)
   aux = None if aux is None else grid_lib.stack(grid_lib.take(aux, 0), num_runs)
-  start = ctx.init_variables() if c.ablate_init else reference
   sel, extra = tune(ctx, 'fine_tune', start, False, plan, ctx.examples(final), ctx.examples(final, 'valid'), grid,
                     groups, penalties, aux, ctx.sequence.final.test, **learner_kwargs)
+  if confusion is not None:
+    extra['Estimated confusion (Dual-T)'] = np.round(confusion, 6).tolist()
   best = int(np.argmax(sel.valid_accuracy))
   return [result_row(fine_tune_name(c, kind), sel, ctx.test_accuracy(sel.winner(best)), best,
                      **{'All-previous test accuracy': ctx.test_accuracy(reference), 'Start stage': stage_of(prev)},
