@@ -46,13 +46,6 @@ class GroupedSplit:
     """int32 [N] group ids y · Z + z."""
     return (self.labels * num_subgroups + self.subgroups).astype(np.int32)
 
-  def take(self, index: np.ndarray) -> GroupedSplit:
-    return GroupedSplit(self.images[index], self.labels[index], self.subgroups[index], self.ids[index])
-
-  def by_group(self, num_subgroups: int = 2) -> GroupedSplit:
-    """The same examples sorted (stably) by group id: one contiguous block per group."""
-    return self.take(np.argsort(self.groups(num_subgroups), kind='stable'))
-
   def group_sizes(self, num_groups: int, num_subgroups: int = 2) -> np.ndarray:
     """int [G] examples per group (0 for empty groups)."""
     return np.bincount(self.groups(num_subgroups), minlength=num_groups)

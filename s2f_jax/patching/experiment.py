@@ -127,22 +127,19 @@ def _validate(config, data: GroupData) -> tuple[str, ...]:
     raise UserError(f'patching.batch_size={p.batch_size} is larger than the train split ({len(data.train)})')
   if 'camel' in methods:
     cfg = _cyclegan_config(p)
-    smallest = min(_domain_sizes(data, p.stage1.per_class))
+    smallest = min(min(len(x), len(y)) for x, y, _ in _domains(data, p.stage1.per_class))
     if smallest < cfg.batch_size:
       raise UserError(f'patching.stage1.batch_size={cfg.batch_size} is larger than the smallest CycleGAN domain '
                       f'({smallest} train images); lower it or the correlation')
   return methods
 
 
-def _domains(data: GroupData, per_class: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Per CycleGAN: (train indices of domain X = subgroup 0, of domain Y = subgroup 1), per class or pooled."""
+def _domains(data: GroupData, per_class: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Per CycleGAN: train indices of domain X (subgroup 0), of domain Y (subgroup 1), and of every image it
+  translates (its class, or all images when pooled)."""
   t = data.train
   classes = [np.arange(len(t))] if not per_class else [np.flatnonzero(t.labels == c) for c in range(data.num_classes)]
-  return [(idx[t.subgroups[idx] == 0], idx[t.subgroups[idx] == 1]) for idx in classes]
-
-
-def _domain_sizes(data: GroupData, per_class: bool) -> list[int]:
-  return [min(len(a), len(b)) for a, b in _domains(data, per_class)]
+  return [(idx[t.subgroups[idx] == 0], idx[t.subgroups[idx] == 1], idx) for idx in classes]
 
 
 def stage1_views(config, data: GroupData, directory: str, key: jax.Array) -> np.ndarray:
@@ -158,9 +155,7 @@ def stage1_views(config, data: GroupData, directory: str, key: jax.Array) -> np.
   cfg = _cyclegan_config(p)
   views = np.zeros((len(t), 2) + t.images.shape[1:], np.uint8)
   os.makedirs(directory, exist_ok=True)
-  members = [np.arange(len(t))] if not p.stage1.per_class else [np.flatnonzero(t.labels == c)
-                                                                for c in range(data.num_classes)]
-  for k, ((x_idx, y_idx), idx) in enumerate(zip(_domains(data, p.stage1.per_class), members)):
+  for k, (x_idx, y_idx, idx) in enumerate(_domains(data, p.stage1.per_class)):
     state, _ = cyclegan.train_cyclegan(t.images[x_idx], t.images[y_idx], cfg, jax.random.fold_in(key, k),
                                        description=f'cyclegan {k}')
     f_img, g_img = cyclegan.translate(state, t.images[idx], train_mode=p.stage1.translate_train_mode)
@@ -179,10 +174,11 @@ def stage1_views(config, data: GroupData, directory: str, key: jax.Array) -> np.
 def _examples(split: GroupedSplit, num_subgroups: int, grouped: bool, views: np.ndarray | None = None) -> Examples:
   """Examples sorted by group (grouped: group ids for the sampler and per-group evaluation); `views` [N, 2, ...]
   become images [N, 3, H, W, 3] (original, F(x), G(x))."""
-  order = np.argsort(split.groups(num_subgroups), kind='stable')
+  groups = split.groups(num_subgroups)
+  order = np.argsort(groups, kind='stable')
   images = split.images if views is None else np.concatenate([split.images[:, None], views], axis=1)
   return Examples(images[order], split.labels[order].astype(np.int32), np.ones(len(split), np.float32),
-                  split.groups(num_subgroups)[order] if grouped else None)
+                  groups[order] if grouped else None)
 
 
 def _learner(ctx: RunContext, method: str, data: GroupData, p):

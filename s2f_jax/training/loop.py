@@ -307,7 +307,11 @@ def group_accuracies(learner: Learner, variables: PyTree, examples: Examples, ev
   """Accuracy [R, G] of stacked variables [R, ...] on each group of `examples` (eval mode; NaN for empty groups)."""
   _, _, correct = _evaluate_all(learner, variables, examples, eval_batch_size)
   ids, num_groups = _group_ids(examples)
-  sizes = np.bincount(ids, minlength=num_groups)
+  return _accuracy_by_group(correct, np.bincount(ids, minlength=num_groups))
+
+
+def _accuracy_by_group(correct: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+  """Correct predictions [R, G] / group sizes [G] → accuracy [R, G], NaN for empty groups."""
   with np.errstate(invalid='ignore', divide='ignore'):
     return np.where(sizes > 0, correct / sizes, np.nan)
 
@@ -433,7 +437,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     loss, acc, correct = map(np.asarray, evaluator(variables, images, labels, ids, num_groups=num_valid_groups))
     if options.select == 'accuracy':
       return loss, acc, acc
-    return loss, acc, np.min((correct / np.maximum(valid_sizes, 1))[:, valid_sizes > 0], axis=1)
+    return loss, acc, np.nanmin(_accuracy_by_group(correct, valid_sizes), axis=1)
   hp = sharding.shard_runs(sharding.pad_runs({k: np.asarray(v, np.float32) for k, v in hparams.items()}, size), mesh)
   keys = sharding.shard_runs(sharding.pad_runs(keys, size), mesh)
   aux = sharding.shard_runs(sharding.pad_runs(aux, size), mesh)
