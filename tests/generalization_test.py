@@ -10,6 +10,7 @@ import pytest
 
 from s2f_jax import experiment
 from s2f_jax.analysis import generalization, hessian
+from s2f_jax.errors import UserError
 from s2f_jax.results import stored
 
 from conftest import tiny_config
@@ -61,6 +62,28 @@ def test_top_eigenvalues_and_density(measured):
     assert np.trapezoid(density['density'], density['grid']) == pytest.approx(1.0, abs=0.05)
 
 
+def test_trace_estimators(measured):
+  config, workdir, rows = measured
+  kwargs = dict(num_probes=8, lanczos_steps=5, num_draws=4, max_examples=64)
+  exact = generalization.measure(workdir, config, trace_estimator='gauss_newton', **kwargs)
+  psd = generalization.measure(workdir, config, trace_estimator='slq_psd', **kwargs)
+  method = stored.methods(workdir)['erm_fine_tune_constrained_frob']
+  final = experiment.prepare(config)[1].sequence.final
+  for g, row in enumerate(exact):
+    variables = stored.load_variables(workdir, (method.row['Stage'][0], g))
+    sel = hessian.select_leaves(variables['params'], hessian.select_layers(variables['params']))
+    loss = hessian.batch_loss(experiment.prepare(config)[1].learner(), variables, final.train.images[:64],
+                              final.train.labels[:64])
+    assert row['trace'] == pytest.approx(hessian.gauss_newton_traces(loss, sel)['total'], rel=1e-6)
+    assert row['noise_predicted'] == pytest.approx(1e-3 ** 2 / 2 * row['trace'], rel=1e-9)
+    assert row['trace_estimator'] == 'gauss_newton' and rows[g]['trace_estimator'] == 'hutchinson'
+    assert row['hdm'] == rows[g]['hdm']  # only the trace-based columns change
+    # ReLU ConvNet: the diagonal blocks are PSD Gauss–Newton blocks, so SLQ's Tr(H^+) estimates the same traces
+    assert 0.5 < psd[g]['trace'] / row['trace'] < 2
+  with pytest.raises(UserError, match="unknown trace estimator 'exact'; valid choices: hutchinson, slq_psd, gauss"):
+    generalization.measure(workdir, config, trace_estimator='exact')
+
+
 def test_outputs_and_cli(measured, tmp_path):
   _, _, rows = measured
   paths = generalization.write(rows, str(tmp_path), 'tiny')
@@ -74,4 +97,8 @@ def test_outputs_and_cli(measured, tmp_path):
                          '--config.method=erm_all', f'--workdir={tmp_path / "w"}'], capture_output=True, text=True,
                         cwd=ROOT)
   assert done.returncode == 2 and 'needs method=erm_fine_tune' in done.stderr
+  assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / 'w').exists()
+  done = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'hessian.py'), '--trace_estimator=exact',
+                         f'--workdir={tmp_path / "w"}'], capture_output=True, text=True, cwd=ROOT)
+  assert done.returncode == 2 and "unknown trace_estimator 'exact'; valid choices: hutchinson" in done.stderr
   assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / 'w').exists()

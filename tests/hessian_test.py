@@ -186,6 +186,108 @@ def test_traces_max_over_mini_batches(mlp):
   np.testing.assert_array_equal(out['stderr'], out['batch_stderr'][best, [0, 1]])
 
 
+# ----- Tr(H_ii^+) by SLQ and exact Gauss–Newton traces
+
+
+def test_psd_traces_match_exact_psd_parts(mlp):
+  h = mlp.per_example.mean(0)
+  blocks = [h[b, b] for b in mlp.blocks]
+  exact = np.array([np.linalg.eigvalsh(a).clip(0).sum() for a in blocks])
+  # 12 Lanczos steps span each 12-weight layer, so every probe gives vᵢᵀH_ii^+vᵢ exactly: only the probes vary
+  out = hs.psd_traces(mlp.loss, mlp.sel, jax.random.key(6), num_probes=400, steps=12)
+  assert out['layers'] == mlp.names and out['batch_trace'].shape == (1, 2)
+  assert np.all(np.abs(out['trace'] - exact) < 3 * out['stderr']), (out['trace'], exact, out['stderr'])
+  assert np.all(out['stderr'] < 0.05 * exact)
+  plain = np.trace(blocks[0])
+  assert out['trace'][0] > plain + 5 * out['stderr'][0]  # the hidden block is indefinite: Tr(H^+) > Tr(H)
+  np.testing.assert_allclose(out['total'], out['trace'].sum(), rtol=1e-14)
+  halves = hs.psd_traces(mlp.loss, mlp.sel, jax.random.key(6), num_probes=200, steps=12, batch_size=6)
+  expected = [[np.linalg.eigvalsh(mlp.per_example[i:i + 6].mean(0)[b, b]).clip(0).sum() for b in mlp.blocks]
+              for i in (0, 6)]
+  assert np.all(np.abs(halves['batch_trace'] - expected) < 3.5 * halves['batch_stderr'])
+  np.testing.assert_array_equal(halves['trace'], halves['batch_trace'].max(0))
+
+
+class ReluMLP(nn.Module):
+  """3 → 4 (ReLU) → 3 logits: piecewise linear in each kernel, so its diagonal Hessian blocks are Gauss–Newton."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name='out')(nn.relu(nn.Dense(4, name='hidden')(x)))
+
+
+def _block_traces(loss_of_flat, flat, blocks):
+  h = np.asarray(jax.hessian(loss_of_flat)(flat))
+  return np.array([np.trace(h[b, b]) for b in blocks])
+
+
+def test_gauss_newton_traces_are_the_hessian_blocks_of_a_relu_net(mlp):
+  module = ReluMLP()
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), module.init(jax.random.key(3), mlp.x)['params'])
+  sel = hs.select_leaves(params, mlp.names)
+  weights = np.linspace(0.5, 2.0, len(mlp.y))
+  loss = hs.batch_loss(lambda p, images: module.apply({'params': p}, images), params, mlp.x, mlp.y, weights)
+
+  def reference(flat, rows):  # weighted mean CE written by hand, on the examples `rows`
+    hidden = jax.nn.relu(mlp.x[rows] @ flat[:12].reshape(3, 4) + params['hidden']['bias'])
+    logits = hidden @ flat[12:].reshape(4, 3) + params['out']['bias']
+    ce = -jax.nn.log_softmax(logits)[jnp.arange(len(rows)), mlp.y[rows]]
+    return jnp.sum(weights[rows] * ce) / weights[rows].sum()
+  flat = jnp.asarray(_flat(sel, mlp.names))
+  out = hs.gauss_newton_traces(loss, sel, chunk=5)
+  assert out['layers'] == mlp.names and np.all(out['stderr'] == 0)
+  np.testing.assert_allclose(out['trace'], _block_traces(lambda f: reference(f, np.arange(12)), flat, mlp.blocks),
+                             rtol=1e-10)
+  per_example = [_block_traces(lambda f: reference(f, np.array([i])), flat, mlp.blocks) for i in range(12)]
+  np.testing.assert_allclose(out['example_trace'], per_example, rtol=1e-10, atol=1e-14)
+  batches = hs.gauss_newton_traces(loss, sel, batch_size=5)  # batches of 5, 5, 2 (+ 3 zero-weight pads)
+  expected = [_block_traces(lambda f: reference(f, np.arange(12)[s]), flat, mlp.blocks)
+              for s in (slice(0, 5), slice(5, 10), slice(10, 12))]
+  np.testing.assert_allclose(batches['batch_trace'], expected, rtol=1e-10)
+  np.testing.assert_array_equal(batches['trace'], batches['batch_trace'].max(0))
+  with pytest.raises(UserError, match='gauss_newton_traces: needs a BatchLoss'):
+    hs.gauss_newton_traces(lambda s: loss(s), sel)
+
+
+@pytest.mark.parametrize('name, include', [('convnet', hs.DEFAULT_INCLUDE), ('resnet', r'block0/conv2/kernel|^fc/k')])
+def test_gauss_newton_traces_are_the_hessian_blocks_of_the_repo_models(x64, name, include):
+  """Eval-mode BN with random statistics, ReLU, pooling, a residual block: every selected kernel enters once."""
+  model = make_model(name, 1, 3, 4)
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+  variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.init(jax.random.key(0), images[:1] / 255.0))
+  variables['batch_stats'] = jax.tree.map(  # BN statistics not at their initial 0 / 1
+      lambda a: jnp.asarray(np.abs(1 + 0.3 * rng.normal(size=a.shape)), jnp.float64), variables['batch_stats'])
+  loss = hs.batch_loss(Learner(model, InputScaling((128.0,) * 3, (64.0,) * 3)), variables, images,
+                       np.array([0, 1, 2, 1, 0]))
+  sel = hs.select_leaves(variables, hs.select_layers(variables, include))
+  assert np.all(np.asarray(loss.per_example(sel)) > 0.1)  # unsaturated softmax: non-trivial curvature
+  sizes = np.cumsum([0] + [sel[n].size for n in sel])
+
+  def loss_of_flat(flat):
+    return loss({n: flat[a:b].reshape(sel[n].shape) for n, a, b in zip(sel, sizes[:-1], sizes[1:])})
+  diagonal = np.diag(np.asarray(jax.jit(jax.hessian(loss_of_flat))(_flat(sel, list(sel)))))
+  exact = [diagonal[a:b].sum() for a, b in zip(sizes[:-1], sizes[1:])]
+  np.testing.assert_allclose(hs.gauss_newton_traces(loss, sel)['trace'], exact, rtol=1e-9)
+
+
+def test_gauss_newton_traces_of_a_smooth_net_are_its_gauss_newton_part(mlp):
+  def logits(flat, xi):
+    return (jnp.tanh(xi @ flat[:12].reshape(3, 4) + mlp.params['hidden']['bias']) @ flat[12:].reshape(4, 3)
+            + mlp.params['out']['bias'])
+  flat = jnp.asarray(_flat(mlp.sel, mlp.names))
+  gauss_newton = 0
+  for xi in mlp.x:
+    j = np.asarray(jax.jacfwd(logits)(flat, xi))  # [3 logits, 24 weights]
+    p = np.asarray(jax.nn.softmax(logits(flat, xi)))
+    gauss_newton = gauss_newton + j.T @ (np.diag(p) - np.outer(p, p)) @ j / len(mlp.x)
+  out = hs.gauss_newton_traces(mlp.loss, mlp.sel)
+  np.testing.assert_allclose(out['trace'], [np.trace(gauss_newton[b, b]) for b in mlp.blocks], rtol=1e-10)
+  h = mlp.per_example.mean(0)
+  np.testing.assert_allclose(out['trace'][1], np.trace(h[12:, 12:]), rtol=1e-10)  # logits are linear in `out`
+  assert abs(out['trace'][0] - np.trace(h[:12, :12])) > 0.01  # but not in the tanh layer's kernel
+
+
 # ----- quadratic forms and the Hessian distance measure
 
 

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from s2f_jax import experiment
 from s2f_jax.analysis import hessian
 from s2f_jax.analysis.figures import save_figure
-from s2f_jax.errors import UserError
+from s2f_jax.errors import UserError, choices_error
 from s2f_jax.methods.fine_tune import fine_tune_name
 from s2f_jax.results import stored
 from s2f_jax.results.writer import markdown_table
@@ -31,14 +31,22 @@ from s2f_jax.results.writer import markdown_table
 COLUMNS = ('radius', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'gap', 'distance', 'hdm',
            'trace_distance', 'trace', 'top_eigenvalue', 'noise_stability', 'noise_predicted')
 DENSITY = 'eigenvalue_density'  # the row key of an `hessian.eigenvalue_density` result (figure only, not in JSON)
+TRACE_ESTIMATORS = ('hutchinson', 'slq_psd', 'gauss_newton')
 
 
 def measure(workdir: str, config, num_probes: int = 50, lanczos_steps: int = 20, sigma: float = 1e-3,
             num_draws: int = 20, max_examples: int = 500, seed: int = 0, num_eigenvalues: int = 1,
-            density_steps: int = 0) -> list[dict]:
-  """One row per radius (`COLUMNS`, plus 'top_eigenvalues': the `num_eigenvalues` largest in magnitude, and with
-  `density_steps` > 0 an SLQ density of that many Lanczos steps under `DENSITY`) of the finished constrained
-  fine-tuning run of `config` in `workdir`."""
+            density_steps: int = 0, trace_estimator: str = 'hutchinson') -> list[dict]:
+  """One row per radius (`COLUMNS`, plus 'top_eigenvalues': the `num_eigenvalues` largest in magnitude,
+  'trace_estimator', and with `density_steps` > 0 an SLQ density of that many Lanczos steps under `DENSITY`) of the
+  finished constrained fine-tuning run of `config` in `workdir`.
+
+  The per-layer traces behind 'trace', 'trace_distance' and 'noise_predicted' come from `trace_estimator`:
+  'hutchinson' (Tr H_ii from `num_probes` shared probes, the original's), 'slq_psd' (Tr H_ii^+ by SLQ, the paper's,
+  `num_probes` probes per layer of `lanczos_steps` steps) or 'gauss_newton' (exact Tr of the Gauss–Newton blocks,
+  = Tr H_ii for the ReLU conv nets here)."""
+  if trace_estimator not in TRACE_ESTIMATORS:
+    raise choices_error('trace estimator', trace_estimator, TRACE_ESTIMATORS)
   _, ctx = experiment.prepare(config)
   name = fine_tune_name(config)
   method = stored.methods(workdir).get(name)
@@ -60,7 +68,7 @@ def measure(workdir: str, config, num_probes: int = 50, lanczos_steps: int = 20,
     loss_fn = hessian.batch_loss(learner, variables, final.train.images[:n], final.train.labels[:n])
     key = jax.random.fold_in(jax.random.PRNGKey(seed), g)
     quadratic = hessian.quadratic_form(loss_fn, sel, v, 'block_psd', steps=lanczos_steps)
-    traces = hessian.hutchinson_traces(loss_fn, sel, key, tol=None, max_iter=num_probes)
+    traces = _traces(trace_estimator, loss_fn, sel, key, num_probes, lanczos_steps)
     hdm = hessian.hessian_distance_measure(quadratic, len(final.train), traces)
     noise = hessian.noise_stability(loss_fn, sel, sigma, num_draws, jax.random.fold_in(key, 1), traces)
     top = hessian.top_eigenvalues(loss_fn, sel, jax.random.fold_in(key, 2), num_eigenvalues)['eigenvalues']
@@ -71,11 +79,20 @@ def measure(workdir: str, config, num_probes: int = 50, lanczos_steps: int = 20,
                  'distance': float(np.sqrt(quadratic['sq_distance']).sum()), 'hdm': hdm['hdm'],
                  'trace_distance': hdm['trace_distance'], 'trace': float(traces['total']),
                  'top_eigenvalue': float(top[0]), 'top_eigenvalues': [float(t) for t in top],
-                 'noise_stability': noise['mean'], 'noise_predicted': noise['predicted']})
+                 'noise_stability': noise['mean'], 'noise_predicted': noise['predicted'],
+                 'trace_estimator': trace_estimator})
     if density_steps:
       rows[-1][DENSITY] = hessian.eigenvalue_density(loss_fn, sel, jax.random.fold_in(key, 3), steps=density_steps,
                                                      num_points=2000)
   return sorted(rows, key=lambda r: r['radius'])
+
+
+def _traces(estimator: str, loss_fn, sel, key, num_probes: int, lanczos_steps: int) -> dict:
+  if estimator == 'hutchinson':
+    return hessian.hutchinson_traces(loss_fn, sel, key, tol=None, max_iter=num_probes)
+  if estimator == 'slq_psd':
+    return hessian.psd_traces(loss_fn, sel, key, num_probes=num_probes, steps=lanczos_steps)
+  return hessian.gauss_newton_traces(loss_fn, sel)
 
 
 def markdown(rows: Sequence[dict]) -> str:
