@@ -7,6 +7,8 @@ weight 3).
       (`separate_layers='all'`), `JointObjective`, `JointL2` and the l2 `JointAdjacent` penalty,
       trained on `Examples.concat` of the T steps' splits: every iteration takes one batch of 100 from each step
       (T·100 examples) and the T per-step models run `vmap`ped over the steps; an epoch is ceil(n/100) iterations.
+  (a2) the same joint model with `unroll_steps=True` (`joint.unroll_steps`): the T steps' forwards one after
+      another in the same compiled program instead of `vmap`ped.
   (b) single: an ordinary `Learner(model)` (ERM, l2 penalty) trained on ONE step's n examples; ceil(n/100)
       iterations of 100. It is timed on each of the T steps' splits; "T single epochs" is the sum of those T times.
 Both process the same T·n examples per (joint, or T single) epoch. For reference, (c) pooled: the single learner on
@@ -25,6 +27,7 @@ Run: python benchmarks/joint_benchmark.py [--quick] [--model convnet --blocks 4 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import sys
@@ -118,6 +121,7 @@ def main() -> None:
   joint_learner = Learner(model=JointForward(model, layout), scaling=scaling, objective=JointObjective(),
                           penalties=(Penalty('weight_decay', JointL2(layout, False)),
                                      Penalty('adjacent', JointAdjacent(layout, 'l2', False))))
+  unrolled_learner = dataclasses.replace(joint_learner, model=JointForward(model, layout, unroll_steps=True))
   joint_init = grid_lib.stack(jax.device_get(jax.jit(lambda k: layout.init(model, k, x))(jax.random.key(0))), 1)
   single_learner = Learner(model, scaling, (l2_penalty(),))
   single_init = jax.device_get(jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(0)))
@@ -127,15 +131,18 @@ def main() -> None:
 
   pooled_train = ungrouped(Split(joint_train.images, joint_train.labels))
   joint_compile, _ = timed_fit(joint_learner, joint_init, joint_hp, joint_train, valid, 1, batch)
+  unrolled_compile, _ = timed_fit(unrolled_learner, joint_init, joint_hp, joint_train, valid, 1, batch)
   single_compile, _ = timed_fit(single_learner, single_init, single_hp, singles[0], valid, 1, batch)
   if args.pooled:
     pooled_compile, _ = timed_fit(single_learner, single_init, single_hp, pooled_train, valid, 1, steps * batch)
   setup_s = time.perf_counter() - start
-  joint_s, single_s, pooled_s, joint_rate = [], [[] for _ in range(steps)], [], []
+  joint_s, unrolled_s, single_s, pooled_s, joint_rate = [], [], [[] for _ in range(steps)], [], []
   for _ in range(args.repeats):
     _, result = timed_fit(joint_learner, joint_init, joint_hp, joint_train, valid, args.epochs, batch)
     joint_s.append(result.train_seconds / args.epochs)
     joint_rate.append(result.examples_per_second)
+    _, result = timed_fit(unrolled_learner, joint_init, joint_hp, joint_train, valid, args.epochs, batch)
+    unrolled_s.append(result.train_seconds / args.epochs)
     for t in range(steps):
       _, result = timed_fit(single_learner, single_init, single_hp, singles[t], valid, args.epochs, batch)
       single_s[t].append(result.train_seconds / args.epochs)
@@ -168,6 +175,12 @@ def main() -> None:
   median_ratio = float(np.median(joint_s) / np.sum([np.median(s) for s in single_s]))
   print(f'\njoint epoch ≤ {steps} single epochs: {"yes" if joint <= total else "no"} '
         f'(ratio of best times {joint / total:.2f}; of median times {median_ratio:.2f})')
+  unrolled = min(unrolled_s)
+  unrolled_median = float(np.median(unrolled_s) / np.sum([np.median(s) for s in single_s]))
+  print(f'(a2) joint with the steps unrolled (joint.unroll_steps=True): {unrolled:.2f} s per epoch (timings: '
+        + ', '.join(f'{s:.2f}' for s in unrolled_s) + f'; warm-up fit incl. compile: {unrolled_compile:.1f} s); '
+        f'≤ {steps} single epochs: {"yes" if unrolled <= total else "no"} (ratio of best times '
+        f'{unrolled / total:.2f}; of median times {unrolled_median:.2f}); vmapped / unrolled: {joint / unrolled:.2f}')
   print(f'\ntotal: {time.perf_counter() - start:.0f} s (data, inits and warm-up fits: {setup_s:.0f} s); '
         f'load average after: {os.getloadavg()[0]:.2f}')
 

@@ -1,5 +1,6 @@
 """The joint model's options end to end (spec §4): the adjacent penalty's effect, independence without coupling,
 search, resume, the epoch Fisher and the efficient-L2 sweep."""
+import dataclasses
 import json
 import os
 
@@ -48,7 +49,7 @@ def test_uncoupled_steps_train_independently():
         'final_weight': np.array([3.0])}
   valid = Examples(images[80:], labels[80:], np.ones(40, np.float32))  # the final step's own examples
 
-  def final_modules(step0_labels):
+  def final_modules(step0_labels, learner=learner):
     train = Examples(images, np.concatenate([step0_labels, labels[40:]]), np.ones(120, np.float32), groups)
     result = fit(learner, grid_lib.stack(init, 1), hp, jax.random.key(1)[None], train, valid,
                  FitOptions(num_epochs=6, batch_size=10, patience=10))
@@ -58,6 +59,11 @@ def test_uncoupled_steps_train_independently():
   b, result_b = final_modules((labels[:40] + 1) % 3)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert result_a.best_valid_accuracy == result_b.best_valid_accuracy and result_a.best_epoch[0] > 0
+  # the steps' forwards unrolled instead of vmapped: the same training up to float rounding
+  unrolled = dataclasses.replace(learner, model=JointForward(model, layout, unroll_steps=True))
+  c, result_c = final_modules(labels[:40], unrolled)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, c)
+  assert result_c.best_epoch[0] == result_a.best_epoch[0]
   step0 = [np.asarray(result_a.best_variables['params']['fc']['dense']['kernel'][0, 0]),
            np.asarray(result_b.best_variables['params']['fc']['dense']['kernel'][0, 0])]
   assert not np.allclose(*step0)  # step 0 itself did see its labels

@@ -21,7 +21,7 @@ COUNTED = [('conv1', 'conv', 'kernel'), ('layer1', 'conv', 'kernel'), ('fc', 'de
 
 
 # Jitted so that the tests stay fast on CPU; `path` is concrete (closed over) for init_joint, traced elsewhere.
-JOINT_APPLY = jax.jit(joint_apply, static_argnums=(0, 1), static_argnames='train')
+JOINT_APPLY = jax.jit(joint_apply, static_argnums=(0, 1), static_argnames=('train', 'unroll'))
 MODEL_INIT = jax.jit(MODEL.init)
 EVAL_APPLY = jax.jit(MODEL.apply)
 ADJACENT = jax.jit(adjacent_penalty, static_argnums=2)
@@ -135,6 +135,10 @@ def test_joint_apply_matches_loop(train):
     expected, _ = _train_apply(step_variables(joint, path, t), x[t], 0.5, keys[t])
     _close(dropped[t], expected)
   assert not np.allclose(dropped, logits)
+  mask = np.array([[True, True, False, True], [True] * 4, [False, True, True, True]])
+  vmapped, unrolled = (JOINT_APPLY(MODEL, JointLayout.separate(path), joint, x, train=True, dropout_rate=0.5, rng=rng,
+                                   mask=mask, unroll=unroll) for unroll in (False, True))
+  _close(unrolled, vmapped)
 
 
 def test_batch_stats_of_shared_module_are_mean_of_step_updates():

@@ -56,11 +56,12 @@ class JointForward:
 
   Training inputs are the batches of the steps with data side by side ([S·B, ...], step-major, the grouped batch
   plan's layout); evaluation (train=False) runs the final step's model. data_steps: the S steps with data (default
-  all T).
+  all T). unroll_steps: the steps' forwards one after another instead of vmapped (`joint_apply`'s `unroll`).
   """
   model: nn.Module
   layout: JointLayout | LowRankLayout
   data_steps: tuple[int, ...] | None = None
+  unroll_steps: bool = False
 
   def apply(self, variables, x, train=False, dropout_rate=0.0, frozen=(), mask=None, rngs=None, mutable=False):
     layout = self.layout
@@ -70,7 +71,8 @@ class JointForward:
     steps = layout.num_steps if self.data_steps is None else len(self.data_steps)
     logits, stats = joint_apply(self.model, layout, variables, x.reshape((steps, -1) + x.shape[1:]), True,
                                 dropout_rate, (rngs or {}).get('dropout'),
-                                None if mask is None else mask.reshape(steps, -1), step_ids=self.data_steps)
+                                None if mask is None else mask.reshape(steps, -1), step_ids=self.data_steps,
+                                unroll=self.unroll_steps)
     return logits.reshape(-1, logits.shape[-1]), {'batch_stats': stats}
 
 
@@ -198,7 +200,7 @@ def joint_learner(ctx: RunContext, model: nn.Module, layout: JointLayout | LowRa
     penalties = (Penalty('weight_decay', JointL2(layout, j.weight_l2_by_time)),)
   if j.adjacent_reg_type != 'none':
     penalties += (Penalty('adjacent', JointAdjacent(layout, j.adjacent_reg_type, j.weight_l2_by_time)),)
-  return ctx.learner(penalties=penalties, model=JointForward(model, layout),
+  return ctx.learner(penalties=penalties, model=JointForward(model, layout, unroll_steps=j.unroll_steps),
                      objective=JointObjective(j.loss_weight_increasing),
                      tracker=EpochFisher() if j.adjacent_reg_type == 'l2_fisher' else None)
 

@@ -330,7 +330,7 @@ class LowRankLayout:
 def joint_apply(model: nn.Module, layout: JointLayout | LowRankLayout, joint: dict, x: jax.Array,
                 train: bool = False, dropout_rate: float | jax.Array = 0.0, rng: jax.Array | None = None,
                 mask: jax.Array | None = None, steps_used: jax.Array | Sequence | None = None,
-                step_ids: Sequence[int] | None = None) -> tuple[jax.Array, dict]:
+                step_ids: Sequence[int] | None = None, unroll: bool = False) -> tuple[jax.Array, dict]:
   """Forward of every step at once (vmap over time): x [T, B, H, W, C] → (logits [T, B, C], new joint batch_stats).
 
   train: batch-statistics BN and dropout; each module's running stats become the mean of the updates of the used
@@ -342,6 +342,9 @@ def joint_apply(model: nn.Module, layout: JointLayout | LowRankLayout, joint: di
   the other steps are still returned (computed with every example counted in BN, so finite) and must get zero weight
   in the loss.
   step_ids: run only these S steps (x [S, B, ...] → logits [S, B, C]; steps_used and mask index them); default all.
+  unroll: run the steps one after another in the same program (a loop over the static step ids) instead of `vmap`:
+  each step is then an ordinary single-model forward. Same results; faster on CPU, where XLA turns vmapped
+  convolutions into slow grouped ones (docs/benchmarks.md); compile time grows with the number of steps.
   """
   ids = np.arange(layout.num_steps) if step_ids is None else np.asarray(step_ids)
   used = _steps_used(steps_used, mask, len(ids))
@@ -355,7 +358,12 @@ def joint_apply(model: nn.Module, layout: JointLayout | LowRankLayout, joint: di
                       rngs=rngs, mutable=['batch_stats'] if train else False, **layout.step_kwargs(t))
     return out if train else (out, {})
 
-  logits, updates = jax.vmap(apply)(jnp.asarray(ids), x, keys, mask)
+  if unroll:
+    outs = [apply(int(t), x[i], None if keys is None else keys[i], None if mask is None else mask[i])
+            for i, t in enumerate(ids)]
+    logits, updates = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  else:
+    logits, updates = jax.vmap(apply)(jnp.asarray(ids), x, keys, mask)
   if not train:
     return logits, joint['batch_stats']
   return logits, layout.merge_stats(joint['batch_stats'], updates['batch_stats'], used, step_ids)
