@@ -35,7 +35,7 @@ def layer_activations(model: nn.Module, variables: PyTree, images: np.ndarray, s
     inter = state['intermediates']
     return {n: inter[n]['__call__'][0].reshape(x.shape[0], -1) for n in names}
 
-  out = _batched(run, images, batch_size)
+  out = in_chunks(run, images, batch_size)
   return {n: out[n] for n in names}  # layer order (pytrees come back with sorted keys)
 
 
@@ -51,10 +51,10 @@ def representations(model: nn.Module, variables: PyTree, images: np.ndarray, sca
     _, state = model.apply(variables, scaling(x), train=False, mutable=['intermediates'])
     return {'features': state['intermediates']['fc']['features'][0]}
 
-  return _batched(run, images, batch_size)['features']
+  return in_chunks(run, images, batch_size)['features']
 
 
-def _batched(run, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+def in_chunks(run, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
   """`run` (images [b, H, W, 3] -> {name: [b, ...]}) jitted over chunks of `batch_size`, concatenated on the host."""
   run = jax.jit(run)
   chunks = [jax.device_get(run(jnp.asarray(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from s2f_jax.analysis.activations import in_chunks
 from s2f_jax.data.sequence import Split
 from s2f_jax.errors import UserError
 from s2f_jax.methods import layers_spec
@@ -64,10 +65,9 @@ def dual_t_confusion(ctx: RunContext, start) -> np.ndarray:
   train = ctx.examples(final)
   sel = ctx.train_stage('dual_t_estimator', start, ctx.grid(), train, ctx.examples(final, 'valid'))
   learner, variables = ctx.learner(), sel.winner()
-  probs = jax.jit(lambda x: jax.nn.softmax(learner.apply(variables, x, train=False)))
-  b = ctx.config.train.eval_batch_size
-  p = np.concatenate([np.asarray(probs(train.images[i:i + b])) for i in range(0, len(train), b)])
-  return estimate_confusion_dual_t(p, train.labels)
+  probs = in_chunks(lambda x: {'p': jax.nn.softmax(learner.apply(variables, x, train=False))}, train.images,
+                    ctx.config.train.eval_batch_size)['p']
+  return estimate_confusion_dual_t(probs, train.labels)
 
 
 def constrained_training(ctx: RunContext, start=None) -> tuple[dict, dict]:
