@@ -1,7 +1,10 @@
-r"""Runs a sweep's jobs (method variants × architectures × sequences × seeds, plus oracle runs) one after another.
+r"""Runs a sweep's jobs (method variants × architectures × sequences × seeds, plus oracle runs).
 
   python experiments/sweep.py --config=configs/sweeps/<name>.py[:quick] --root=DIR [--config.KEY=VALUE ...]
-      [--task_index=i --num_tasks=n] [--only=KEY=VALUE ...] [--dry_run]
+      [--task_index=i --num_tasks=n] [--only=KEY=VALUE ...] [--dry_run] [--noseeds_together]
+
+The seeds of a job (same sequence, model, variant) run side by side: every stage trains all seeds' grid points in
+one compiled fit, each seed's own data sample a slot of it (`--noseeds_together`: one job after another).
 
 Each job runs in `DIR/<model>_<N>blocks_<dataset>/<setup>/seed<seed>/` (the `experiments/main.py` layout); finished
 jobs are skipped and interrupted ones resume, so the same command continues a sweep. `--task_index=i --num_tasks=n`
@@ -24,6 +27,7 @@ _ROOT = flags.DEFINE_string('root', 'runs', 'Folder the jobs write their run fol
 _TASK_INDEX = flags.DEFINE_integer('task_index', 0, 'This task (0..num_tasks-1): runs jobs k with k mod n = i.')
 _NUM_TASKS = flags.DEFINE_integer('num_tasks', 1, 'Number of tasks the job list is split over.')
 _ONLY = flags.DEFINE_multi_string('only', [], 'KEY=VALUE: keep the jobs whose key matches (repeatable).')
+_SEEDS_TOGETHER = flags.DEFINE_bool('seeds_together', True, "Run a job's seeds side by side, their fits merged.")
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the selected jobs and their workdirs; run and write nothing.')
 
 
@@ -65,7 +69,7 @@ def main(argv):
       print(f'{k:4d}  {sweep.job_state(job, root):8s}  {job.describe()}  {job.workdir(root)}')
     print(f'{len(selected)} jobs ({scope})')
     return
-  counts = sweep.run_sweep(selected, root, (_TASK_INDEX.value, _NUM_TASKS.value))
+  counts = sweep.run_sweep(selected, root, (_TASK_INDEX.value, _NUM_TASKS.value), _SEEDS_TOGETHER.value)
   print(f'{len(selected)} jobs ({scope}): ' + ', '.join(f'{v} {k}' for k, v in counts.items()))
   if counts['failed']:
     print(f'error: {counts["failed"]} of {len(selected)} jobs failed; see {os.path.join(root, sweep.FAILURES_FILE)}',

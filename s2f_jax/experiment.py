@@ -7,6 +7,7 @@ errors are raised before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from s2f_jax.methods.joint import check_joint
 from s2f_jax.models import make_model
 from s2f_jax.results import read_metrics, run_metadata, write_config, write_metrics
 from s2f_jax.training.label_noise import inject_label_noise, symmetric_confusion
+from s2f_jax.training.merged import FitBatcher
 from s2f_jax.training.objective import InputScaling
 
 log = logging.getLogger('s2f_jax')
@@ -76,8 +78,11 @@ def prepare(config: ml_collections.ConfigDict) -> tuple[Sequence, RunContext]:
   return sequence, ctx
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> list[dict]:
-  """Runs every method of `config.method` and returns all metrics rows (finished methods are read back)."""
+def run(config: ml_collections.ConfigDict, workdir: str | None = None, batcher: FitBatcher | None = None
+        ) -> list[dict]:
+  """Runs every method of `config.method` and returns all metrics rows (finished methods are read back).
+
+  batcher: given when this run is one of several run side by side (`run_together`)."""
   sequence, ctx = prepare(config)
   workdir = workdir or default_workdir(config, sequence)
   model_name = f'{config.model.name} {config.model.num_blocks} blocks'
@@ -93,12 +98,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> list[d
     fresh = not os.path.exists(partial)
     os.makedirs(partial, exist_ok=True)
     try:
-      rows += _run_method(config, method, ctx, partial, final_dir, model_name, sequence, shared_dir)
+      rows += _run_method(config, method, ctx, partial, final_dir, model_name, sequence, shared_dir, batcher)
     except BaseException:
       if fresh and not any(os.path.isdir(os.path.join(partial, d)) for d in ('stages', 'checkpoints')):
         shutil.rmtree(partial, ignore_errors=True)  # nothing to resume from
       raise
   return rows
+
+
+def run_together(configs: list[ml_collections.ConfigDict], workdirs: list[str]
+                 ) -> list[tuple[list[dict] | None, Exception | None]]:
+  """Runs several experiments side by side (e.g. the seeds of one setting), each `run(config, workdir)` in its own
+  thread: stage fits that are waiting at the same time and differ only in data (and so in input scaling) train as
+  one fit (`training.merged`). Returns (rows, None) or (None, the exception) per experiment."""
+  tasks = [functools.partial(lambda b, c, w: run(c, w, b), c=c, w=w) for c, w in zip(configs, workdirs)]
+  return FitBatcher().run(tasks)
 
 
 def shared_fingerprint(config: ml_collections.ConfigDict) -> str:
@@ -110,12 +124,12 @@ def shared_fingerprint(config: ml_collections.ConfigDict) -> str:
   return f'{zlib.crc32(text.encode()):08x}'
 
 
-def _run_method(config, method, ctx, partial, final_dir, model_name, sequence, shared_dir) -> list[dict]:
+def _run_method(config, method, ctx, partial, final_dir, model_name, sequence, shared_dir, batcher) -> list[dict]:
   tic = time.time()
   method_config = ml_collections.ConfigDict(config.to_dict())
   method_config.method = method
   write_config(os.path.join(partial, 'config.json'), method_config.to_dict())
-  method_ctx = RunContext(method_config, sequence, partial, ctx.model, ctx.scaling, shared_dir)
+  method_ctx = RunContext(method_config, sequence, partial, ctx.model, ctx.scaling, shared_dir, batcher=batcher)
   rows = METHODS[method].run(method_ctx)
   meta = run_metadata()
   eps = method_ctx.examples_per_second

@@ -334,14 +334,26 @@ def check_data(selected: list[Job]) -> None:
       raise UserError(f'data.root {root!r} (dataset {name!r}) does not exist')
 
 
-def run_sweep(selected: list[Job], root: str, task: tuple[int, int] = (0, 1)) -> dict[str, int]:
-  """Runs `selected` jobs one after another with `experiment.run` in their workdirs under `root`.
+def seed_groups(selected: list[Job]) -> list[list[Job]]:
+  """The jobs grouped by their key without the seed (first-appearance order): each group runs side by side."""
+  groups: dict[tuple, list[Job]] = {}
+  for job in selected:
+    groups.setdefault(tuple((k, v) for k, v in job.key.items() if k != 'seed'), []).append(job)
+  return list(groups.values())
+
+
+def run_sweep(selected: list[Job], root: str, task: tuple[int, int] = (0, 1), seeds_together: bool = True
+              ) -> dict[str, int]:
+  """Runs `selected` jobs in their workdirs under `root`: with `seeds_together` the seeds of a job key run side by
+  side (`experiment.run_together`: each stage trains all seeds' grid points in one fit, each seed's data a slot),
+  otherwise one job after another (`experiment.run`).
 
   A job whose methods are all finished is skipped; an interrupted one resumes (experiment.run). An exception in a job
   (not KeyboardInterrupt) is appended to `<root>/failures.jsonl` and the sweep goes on. Every job appends a line
-  (key, workdir, status done/skipped/failed, seconds) to `<root>/sweep_status.jsonl`. A job whose shared stage is
-  being trained by another task is put off to the end of this task's list. Returns the count per status. A dataset
-  without its files configured is a UserError before anything runs.
+  (key, workdir, status done/skipped/failed, seconds — an equal share of the group's time when seeds ran together)
+  to `<root>/sweep_status.jsonl`. Jobs whose shared stage is being trained by another task are put off to the end
+  of this task's list. Returns the count per status. A dataset without its files configured is a UserError before
+  anything runs.
   """
   check_data(selected)
   os.makedirs(root, exist_ok=True)
@@ -362,40 +374,52 @@ def run_sweep(selected: list[Job], root: str, task: tuple[int, int] = (0, 1)) ->
     log.info('sweep [%d/%d] %s in %.1f s: %s%s', finished, total, status, seconds, job.describe(), eta)
     bar.update(1)
 
-  def attempt(job: Job) -> None:
-    if job_state(job, root) == 'finished':
-      record(job, 'skipped', 0.0)
-      return
+  def attempt(jobs: list[Job]) -> None:
     tic = time.time()
-    try:
-      rows = experiment.run(job.config, job.workdir(root))
-    except Exception as e:  # noqa: BLE001 — a failed job is recorded and the sweep goes on
-      seconds = time.time() - tic
-      _append(os.path.join(root, FAILURES_FILE), {
-          'time': _now(), 'key': job.key, 'workdir': job.workdir(root), 'error': type(e).__name__,
-          'message': _one_line(e), 'traceback': traceback.format_exc()})
-      log.warning('sweep: job failed (%s: %s): %s', type(e).__name__, _one_line(e), job.describe())
-      record(job, 'failed', seconds, error=type(e).__name__)
-      return
-    seconds = time.time() - tic
-    ran_seconds.append(seconds)
-    record(job, 'done', seconds, results={str(r.get('Method')): r.get('Test accuracy') for r in rows})
+    if len(jobs) == 1:
+      try:
+        outcomes = [(experiment.run(jobs[0].config, jobs[0].workdir(root)), None)]
+      except Exception as e:  # noqa: BLE001 — a failed job is recorded and the sweep goes on
+        outcomes = [(None, e)]
+    else:
+      outcomes = experiment.run_together([j.config for j in jobs], [j.workdir(root) for j in jobs])
+    seconds = (time.time() - tic) / len(jobs)
+    extra = {'together': len(jobs)} if len(jobs) > 1 else {}
+    for job, (rows, error) in zip(jobs, outcomes):
+      if error is not None:
+        _append(os.path.join(root, FAILURES_FILE), {
+            'time': _now(), 'key': job.key, 'workdir': job.workdir(root), 'error': type(error).__name__,
+            'message': _one_line(error), 'traceback': ''.join(traceback.format_exception(error))})
+        log.warning('sweep: job failed (%s: %s): %s', type(error).__name__, _one_line(error), job.describe())
+        record(job, 'failed', seconds, error=type(error).__name__, **extra)
+        continue
+      ran_seconds.append(seconds)
+      record(job, 'done', seconds, results={str(r.get('Method')): r.get('Test accuracy') for r in rows}, **extra)
 
+  def locks(jobs: list[Job]) -> list[str]:
+    return sorted({path for job in jobs for path in _lock_paths(job, root)})
+
+  units = seed_groups(selected) if seeds_together else [[job] for job in selected]
   try:
     deferred = []
-    for job in selected:
-      if job_state(job, root) == 'finished':
-        record(job, 'skipped', 0.0)
+    for unit in units:
+      todo = []
+      for job in unit:
+        if job_state(job, root) == 'finished':
+          record(job, 'skipped', 0.0)
+        else:
+          todo.append(job)
+      if not todo:
         continue
-      with _locked(_lock_paths(job, root), blocking=False) as got:
+      with _locked(locks(todo), blocking=False) as got:
         if got:
-          attempt(job)
+          attempt(todo)
           continue
-      log.info('sweep: %s waits for a shared stage another task is training', job.describe())
-      deferred.append(job)
-    for job in deferred:
-      with _locked(_lock_paths(job, root), blocking=True):
-        attempt(job)
+      log.info('sweep: %s waits for a shared stage another task is training', todo[0].describe())
+      deferred.append(todo)
+    for todo in deferred:
+      with _locked(locks(todo), blocking=True):
+        attempt([job for job in todo if job_state(job, root) != 'finished'] or todo)
   finally:
     bar.close()
   return counts

@@ -69,6 +69,12 @@ def _data() -> tuple[Examples, Examples]:
 
 
 @functools.cache
+def _other_data() -> tuple[Examples, Examples]:
+  """A second data slot: other digits."""
+  return _examples(2 * NUM_TRAIN, NUM_TRAIN), _examples(3 * NUM_TRAIN, NUM_VALID)
+
+
+@functools.cache
 def _model():
   return make_model('convnet', 1, 10, width=8)
 
@@ -228,13 +234,45 @@ def test_grid_equals_serial_runs(parallel_runs):
   assert all(s.best_epoch[0] > 0 for s in _serial_results())
 
 
+def test_data_slots_equal_separate_fits():
+  """Runs on two data slots (other examples, input scaling, init and key per slot, as seeds) in one fit give each
+  slot's separate fit."""
+  other = _other_data()
+  learners = (_learner(), dataclasses.replace(_learner(), scaling=InputScaling.standardise(other[0].images)))
+  keys, inits = (KEY, jax.random.key(8)), (_init(0), _init(1))
+  rows = _grid_rows(GRID, [0, 3])
+  merged = fit(learners[0], grid_lib.concat([grid_lib.stack(v, 2) for v in inits]),
+               {k: np.tile(v, 2) for k, v in rows.items()}, jnp.stack([keys[0]] * 2 + [keys[1]] * 2),
+               [_data()[0], other[0]], [_data()[1], other[1]], FitOptions(num_epochs=3, patience=10, batch_size=BATCH),
+               slots=np.array([0, 0, 1, 1]), scalings=[x.scaling for x in learners])
+  for slot, data in enumerate((_data(), other)):
+    single = fit(learners[slot], grid_lib.stack(inits[slot], 2), rows, jnp.stack([keys[slot]] * 2), *data,
+                 FitOptions(num_epochs=3, patience=10, batch_size=BATCH))
+    part = slice(2 * slot, 2 * slot + 2)
+    np.testing.assert_array_equal(merged.best_valid_accuracy[part], single.best_valid_accuracy)
+    np.testing.assert_allclose([h['valid_loss'][part] for h in merged.history],
+                               [h['valid_loss'] for h in single.history], rtol=1e-5)
+    _assert_trees_close(grid_lib.take(merged.best_variables, part), single.best_variables, atol=1e-5)
+  assert abs(merged.history[-1]['valid_loss'][0] - merged.history[-1]['valid_loss'][2]) > 1e-3  # slots differ
+
+
+def test_data_slots_must_agree():
+  train, valid = _data()
+  with pytest.raises(ValueError, match='train data slots differ'):
+    fit(_learner(), grid_lib.stack(_init(0), 1), _grid_rows(GRID, [0]), jnp.stack([KEY]),
+        [train, _examples(0, NUM_TRAIN - 1)], [valid, valid], FitOptions(num_epochs=1), slots=np.array([0]))
+
+
 # ---------------------------------------------------------------------------------------------- 3. 1 vs 2 devices
 
 
 def _device_summary() -> dict:
-  """A 3-run fit (odd, so 2 devices pad the run axis) summarised as JSON-able numbers."""
+  """A 3-run fit (odd, so 2 devices pad the run axis) on two data slots, summarised as JSON-able numbers."""
   grid = _grid_rows(GRID, [0, 1, 3])
-  result = _fit(grid, num_epochs=2)
+  other = _other_data()
+  result = fit(_learner(), grid_lib.stack(_init(0), 3), grid, jnp.stack([KEY] * 3), [_data()[0], other[0]],
+               [_data()[1], other[1]], FitOptions(num_epochs=2, patience=10, batch_size=BATCH),
+               slots=np.array([0, 1, 1]), scalings=[_learner().scaling, InputScaling.standardise(other[0].images)])
   leaves = _leaves(result.best_variables)
   checksum = [[float(np.sum(v[r], dtype=np.float64)) for v in leaves.values()] +
               [float(np.sum(np.square(v[r], dtype=np.float64))) for v in leaves.values()] for r in range(3)]
@@ -315,7 +353,7 @@ def trained_epochs(monkeypatch):
     init_opt, train_epoch, keep_best = original(learner, batch_size)
 
     def counted(*args, **kwargs):
-      epochs.append(int(args[6]))
+      epochs.append(int(args[7]))
       return train_epoch(*args, **kwargs)
     counted.compiled = train_epoch
     return init_opt, counted, keep_best

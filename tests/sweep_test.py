@@ -10,9 +10,13 @@ import sys
 import ml_collections
 import pytest
 
+import numpy as np
+
 from s2f_jax import experiment, sweep
 from s2f_jax.errors import UserError
 from s2f_jax.methods import METHODS, Method
+from s2f_jax.results import read_metrics
+from s2f_jax.training import merged
 
 from conftest import SMALL, tiny_config
 
@@ -223,6 +227,46 @@ def test_job_waits_while_another_task_trains_its_shared_stage(tmp_path, monkeypa
   assert sweep.run_sweep(jobs, root) == {'done': 3, 'skipped': 0, 'failed': 0}
   assert order == ['erm_all', 'erm_fine_tune', 'erm_fine_tune/lp']
   other_task.close()
+
+
+def test_seeds_together_merge_fits_and_equal_seeds_apart(tmp_path, monkeypatch):
+  c = tiny_sweep(methods=('erm_final,erm_fine_tune',), sequences=1)
+  c.seeds = (1007, 1008)
+  jobs = sweep.jobs(c)
+  assert [len(g) for g in sweep.seed_groups(jobs)] == [2]
+  slots = []
+  original = merged.fit
+
+  def spy(*args, **kwargs):
+    slots.append(len(args[4]) if isinstance(args[4], list) else 1)
+    return original(*args, **kwargs)
+  monkeypatch.setattr(merged, 'fit', spy)
+  apart, together = str(tmp_path / 'apart'), str(tmp_path / 'together')
+  assert sweep.run_sweep(jobs, apart, seeds_together=False)['done'] == 2
+  assert slots == [1] * 6  # per seed: erm_final, the history model, the fine-tuning stage
+  slots.clear()
+  assert sweep.run_sweep(jobs, together)['done'] == 2
+  assert slots == [2] * 3  # each stage once, both seeds' data as slots
+  for job in jobs:
+    for method in ('erm_final', 'erm_fine_tune'):
+      a, b = (read_metrics(os.path.join(job.workdir(root), method)) for root in (apart, together))
+      for ra, rb in zip(a, b):
+        assert ra['Hyper-parameters'] == rb['Hyper-parameters'] and ra['Seed'] == rb['Seed'] == job.key['seed']
+        assert abs(ra['Test accuracy'] - rb['Test accuracy']) < 1e-9
+        np.testing.assert_allclose(ra['Grid validation accuracies'], rb['Grid validation accuracies'], atol=1e-9)
+  # the seeds really differ (each draws its own data)
+  accs = [read_metrics(os.path.join(j.workdir(together), 'erm_final'))[0]['Test accuracy'] for j in jobs]
+  assert accs[0] != accs[1]
+  assert [s['together'] for s in status_lines(together)] == [2, 2]
+
+  def flaky(config, workdir=None, batcher=None):  # one seed fails; the other still finishes
+    if config.seed == 1008:
+      raise RuntimeError('boom')
+    return [{'Method': 'm', 'Test accuracy': 0.5}]
+  monkeypatch.setattr(experiment, 'run', flaky)
+  other = str(tmp_path / 'other')
+  assert sweep.run_sweep(jobs, other) == {'done': 1, 'skipped': 0, 'failed': 1}
+  assert [s['status'] for s in status_lines(other)] == ['done', 'failed']
 
 
 # --------------------------------------------------------------------------------------------- command line

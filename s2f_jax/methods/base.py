@@ -20,7 +20,8 @@ import numpy as np
 
 from s2f_jax.data.sequence import Sequence, Split
 from s2f_jax.training import checkpoint, grid as grid_lib
-from s2f_jax.training.loop import Examples, FitOptions, Learner, fit, evaluate
+from s2f_jax.training.loop import Examples, FitOptions, Learner, evaluate
+from s2f_jax.training.merged import FitBatcher, FitRequest
 from s2f_jax.training.objective import InputScaling, Penalty, l2_penalty
 
 PyTree = Any
@@ -51,7 +52,9 @@ class RunContext:
   """Everything a method needs for one (dataset, sequence, model, seed) run in `workdir`.
 
   image_shape: (H, W, 3) of the model's input; () = that of the sequence (experiments without a sequence, such as
-  model patching, pass sequence=None and set it)."""
+  model patching, pass sequence=None and set it).
+  batcher: set when the run is one of several (seeds) run side by side: its stages' fits go through it and merge
+  with the other runs' (`training.merged`)."""
   config: ml_collections.ConfigDict
   sequence: Sequence | None
   workdir: str
@@ -61,6 +64,7 @@ class RunContext:
   image_shape: tuple[int, ...] = ()
   train_seconds: float = 0.0
   examples_per_second: list = dataclasses.field(default_factory=list)
+  batcher: FitBatcher | None = None
 
   @property
   def num_steps(self) -> int:
@@ -136,8 +140,9 @@ class RunContext:
         eval_batch_size=c.train.eval_batch_size, compat_early_stopping=c.compat.early_stopping_previous,
         checkpoint_dir=os.path.join(root, 'checkpoints', name),
         checkpoint_every_s=c.train.checkpoint_every_s, parallel_runs=c.train.parallel_runs, description=name)
-    result = fit(learner or self.learner(), init, grid, jnp.stack([stage_key] * num_runs), train, valid, options,
-                 aux=aux, describe_run=lambda r: grid_lib.describe(grid, r))
+    request = FitRequest(learner or self.learner(), init, grid, jnp.stack([stage_key] * num_runs), train, valid,
+                         options, aux, lambda r: f'seed {c.seed}, {grid_lib.describe(grid, r)}')
+    result = request.run() if self.batcher is None else self.batcher.fit(request)
     self.train_seconds += result.train_seconds
     self.examples_per_second.append(result.examples_per_second)
 

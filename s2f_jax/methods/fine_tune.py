@@ -239,7 +239,7 @@ def schedule_grid(ctx: RunContext, decay: str, t: int) -> tuple[dict[str, np.nda
                       f'step {t}; use learning_rate_decay=exponential or none for sequences this long')
     grids.append(ctx.grid(learning_rate=(lr,)))
   groups = np.concatenate([np.full(len(g['learning_rate']), i) for i, g in enumerate(grids)])
-  return grid_lib.concat_grids(grids), groups
+  return grid_lib.concat(grids), groups
 
 
 def sequential_fine_tune(ctx: RunContext) -> list[dict]:

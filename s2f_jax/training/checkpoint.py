@@ -4,10 +4,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+_LOCK = threading.Lock()  # orbax checkpointers are not safe to run concurrently (runs side by side use threads)
 
 
 def _abstract(tree: Any) -> Any:
@@ -17,16 +21,16 @@ def _abstract(tree: Any) -> Any:
 def save_tree(path: str, tree: Any) -> None:
   """Writes a pytree of arrays to the directory `path` (replaced if present), blocking until done."""
   path = os.path.abspath(path)
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  with ocp.StandardCheckpointer() as ckpt:
+  with _LOCK, ocp.StandardCheckpointer() as ckpt:
+    if os.path.exists(path):
+      shutil.rmtree(path)
     ckpt.save(path, tree)
     ckpt.wait_until_finished()
 
 
 def load_tree(path: str, like: Any) -> Any:
   """Reads the pytree saved at `path`; `like` gives structure, shapes, dtypes and shardings."""
-  with ocp.StandardCheckpointer() as ckpt:
+  with _LOCK, ocp.StandardCheckpointer() as ckpt:
     return ckpt.restore(os.path.abspath(path), _abstract(like))
 
 

@@ -15,9 +15,9 @@ def product_grid(axes: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
   return {n: np.asarray([p[i] for p in points], np.float32) for i, n in enumerate(names)}
 
 
-def concat_grids(grids: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Stacks grids with the same keys one after another along the run axis."""
-  return {k: np.concatenate([g[k] for g in grids]) for k in grids[0]}
+def concat(trees: Sequence[Any]) -> Any:
+  """Joins pytrees of the same structure (grids, stacked variables) one after another along the run axis."""
+  return jax.tree_util.tree_map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *trees)
 
 
 def run_hparams(grid: Mapping[str, np.ndarray], r: int) -> dict[str, float]:

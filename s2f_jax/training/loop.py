@@ -105,9 +105,10 @@ class Learner:
     return params if self.reparam is None else self.reparam(params)
 
   def apply(self, variables: PyTree, images: jax.Array, *, train: bool, hparams: dict | None = None,
-            rng: jax.Array | None = None, mask: jax.Array | None = None):
-    """Logits [B, C] (and the new batch stats when `train`)."""
-    x = self.scaling(images)
+            rng: jax.Array | None = None, mask: jax.Array | None = None, scale: jax.Array | None = None):
+    """Logits [B, C] (and the new batch stats when `train`); `scale`: optional float32 [2, 3] (mean, std) that
+    replaces `scaling`'s (per data slot in `fit`)."""
+    x = self.scaling(images) if scale is None else (images.astype(jnp.float32) - scale[0]) / scale[1]
     variables = {'params': self.model_params(variables['params']), 'batch_stats': variables['batch_stats']}
     if not train:
       return self.model.apply(variables, x, train=False)
@@ -262,30 +263,37 @@ def _batch_plan(key: jax.Array, sizes: tuple[int, ...], batch_size: int) -> tupl
 
 @functools.lru_cache(maxsize=None)
 def _evaluator(learner: Learner, eval_batch_size: int):
-  """Jitted evaluate(variables [R], images, labels, group ids) -> (mean CE [R], accuracy [R], correct predictions
-  per group [R, num_groups]) in eval mode, over every example (the last partial batch is padded and masked)."""
+  """Jitted evaluate(variables [R], slots [R], data) -> (mean CE [R], accuracy [R], correct predictions per group
+  [R, num_groups]) in eval mode, over every example (the last partial batch is padded and masked).
+
+  data = (images [D, N, ...], labels [D, N], group ids [D, N], scales [D, 2, 3]): D same-sized data slots; run r
+  is evaluated on slot slots[r]."""
 
   @functools.partial(jax.jit, static_argnames=('num_groups', 'groups', 'chunk'))
-  def evaluate(variables, images, labels, group_ids, num_groups=1, groups=1, chunk=None):
-    n = labels.shape[0]
+  def evaluate(variables, slots, data, num_groups=1, groups=1, chunk=None):
+    images, labels, group_ids, scales = data
+    n = labels.shape[1]
     b = min(eval_batch_size, n)
     nb = -(-n // b)
-    pad = nb * b - n
-    xb = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)]).reshape(
-        (nb, b) + images.shape[1:])
-    yb, gb = (jnp.concatenate([a, jnp.zeros(pad, a.dtype)]).reshape(nb, b) for a in (labels, group_ids))
+
+    def batched(a):  # [D, N, ...] → [D, nb, b, ...], zero-padded
+      a = jnp.concatenate([a, jnp.zeros((a.shape[0], nb * b - n) + a.shape[2:], a.dtype)], axis=1)
+      return a.reshape((a.shape[0], nb, b) + a.shape[2:])
+    xb, yb, gb = batched(images), batched(labels), batched(group_ids)
     mb = (jnp.arange(nb * b) < n).reshape(nb, b)
 
-    def one_run(v):
-      def body(_, xs):
-        x, y, g, m = xs
-        logits = learner.apply(v, x, train=False)
+    def one_run(args):
+      v, slot = args
+
+      def body(_, i):
+        x, y, g, m = xb[slot, i], yb[slot, i], gb[slot, i], mb[i]
+        logits = learner.apply(v, x, train=False, scale=scales[slot])
         correct = ((jnp.argmax(logits, -1) == y) & m).astype(jnp.int32)
         return None, (jnp.sum(cross_entropy(logits, y) * m), jax.ops.segment_sum(correct, g, num_groups))
-      _, (losses, corrects) = jax.lax.scan(body, None, (xb, yb, gb, mb))
+      _, (losses, corrects) = jax.lax.scan(body, None, jnp.arange(nb))
       per_group = jnp.sum(corrects, axis=0)
       return jnp.sum(losses) / n, jnp.sum(per_group) / n, per_group
-    return over_runs(one_run, variables, groups, chunk)
+    return over_runs(one_run, (variables, slots), groups, chunk)
   return evaluate
 
 
@@ -319,9 +327,15 @@ def _accuracy_by_group(correct: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 def _evaluate_all(learner, variables, examples, eval_batch_size):
   num_runs = len(jax.tree_util.tree_leaves(variables)[0])
   ids, num_groups = _group_ids(examples)
-  out = _evaluator(learner, eval_batch_size)(variables, examples.images, examples.labels, ids,
+  data = (examples.images[None], examples.labels[None], ids[None], _scales([learner.scaling]))
+  out = _evaluator(learner, eval_batch_size)(variables, np.zeros(num_runs, np.int32), data,
                                              num_groups=num_groups, chunk=runs_per_chunk(0, num_runs))
   return tuple(np.asarray(a) for a in out)
+
+
+def _scales(scalings: Sequence[InputScaling]) -> np.ndarray:
+  """float32 [D, 2, 3]: the (mean, std) of every data slot's input scaling."""
+  return np.asarray([[s.mean, s.std] for s in scalings], np.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -332,12 +346,13 @@ def _compiled(learner: Learner, batch_size: int):
   """
   tracker = learner.tracker
 
-  def loss_fn(params, batch_stats, obj_state, tracked, images, labels, weights, mask, hparams, rng, aux, iteration):
+  def loss_fn(params, batch_stats, obj_state, tracked, images, labels, weights, mask, hparams, rng, aux, iteration,
+              scale):
     lead = images.shape[:-3]  # (G, B) or (G, B, V): all views go through one forward pass
     view_mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (len(lead) - 2)), lead)
     logits, new_stats = learner.apply({'params': params, 'batch_stats': batch_stats},
                                       images.reshape((-1,) + images.shape[-3:]), train=True, hparams=hparams,
-                                      rng=rng, mask=view_mask.ravel())
+                                      rng=rng, mask=view_mask.ravel(), scale=scale)
     logits = logits.reshape(lead + (-1,))
     data_term, obj_state = learner.objective(logits, labels, weights, mask, obj_state, hparams, iteration)
     total = data_term + learner.penalty(params, hparams, aux, tracked)
@@ -346,8 +361,8 @@ def _compiled(learner: Learner, batch_size: int):
     correct = jnp.sum((jnp.argmax(originals, -1) == labels) & mask)
     return total, (new_stats, obj_state, jnp.sum(ce * mask.ravel()), correct)
 
-  def one_run_epoch(state, hparams, key, active, aux, data, epoch, sizes):
-    images, labels, weights = data
+  def one_run_epoch(state, hparams, key, active, aux, slot, data, epoch, sizes):
+    images, labels, weights, scales = data
     tx = learner.optimizer(state[0], 0.0)  # the learning rate lives in opt_state (inject_hyperparams)
     epoch_key = jax.random.fold_in(key, epoch)
     idx, mask = _batch_plan(jax.random.fold_in(epoch_key, 0), sizes, batch_size)
@@ -357,12 +372,12 @@ def _compiled(learner: Learner, batch_size: int):
     def step(carry, xs):
       params, batch_stats, opt_state, obj_state, tracked = carry
       i, bidx, bmask = xs
-      batch = images[bidx]
+      batch = images[slot, bidx]
       if learner.augment is not None:
         batch = learner.augment(jax.random.fold_in(augment_key, i), batch)
       (total, (new_stats, obj_state, ce_sum, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, batch_stats, obj_state, tracked, batch, labels[bidx], weights[bidx], bmask, hparams,
-          jax.random.fold_in(drop_key, i), aux, (epoch - 1) * nb + i)
+          params, batch_stats, obj_state, tracked, batch, labels[slot, bidx], weights[slot, bidx], bmask, hparams,
+          jax.random.fold_in(drop_key, i), aux, (epoch - 1) * nb + i, scales[slot])
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       if tracker is not None:
@@ -378,8 +393,8 @@ def _compiled(learner: Learner, batch_size: int):
     return new_state, (jnp.sum(ce_sums) / seen, jnp.sum(corrects) / seen, finite)
 
   @functools.partial(jax.jit, static_argnames=('sizes', 'groups', 'chunk'))
-  def train_epoch(state, hparams, keys, active, aux, data, epoch, sizes, groups, chunk):
-    return over_runs(lambda args: one_run_epoch(*args, data, epoch, sizes), (state, hparams, keys, active, aux),
+  def train_epoch(state, hparams, keys, active, aux, slots, data, epoch, sizes, groups, chunk):
+    return over_runs(lambda args: one_run_epoch(*args, data, epoch, sizes), (state, hparams, keys, active, aux, slots),
                      groups, chunk)
 
   @functools.partial(jax.jit, static_argnames='num_groups')
@@ -398,8 +413,9 @@ def _compiled(learner: Learner, batch_size: int):
 
 
 def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray], keys: jax.Array,
-        train: Examples, valid: Examples, options: FitOptions = FitOptions(), aux: PyTree = None,
-        describe_run: Callable[[int], str] | None = None) -> FitResult:
+        train: Examples | Sequence[Examples], valid: Examples | Sequence[Examples], options: FitOptions = FitOptions(),
+        aux: PyTree = None, describe_run: Callable[[int], str] | None = None, slots: np.ndarray | None = None,
+        scalings: Sequence[InputScaling] | None = None) -> FitResult:
   """Trains R runs in one compiled program and returns each run's best epoch.
 
   Args:
@@ -407,12 +423,20 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     init_variables: {'params', 'batch_stats'} stacked on a leading run axis [R, ...].
     hparams: {'learning_rate', 'weight_decay', 'dropout', …} each a float array [R].
     keys: [R] PRNG keys (shuffling and dropout); a run's results depend only on its own key and hyper-parameters.
-    train, valid: examples (train weights are per-sample loss weights).
+    train, valid: examples (train weights are per-sample loss weights), or lists of D *data slots* of the same
+      sizes and groups (e.g. one sample of the data per seed), run r training and validating on slot `slots[r]`.
     options: loop settings; with `checkpoint_dir` the fit saves its state periodically and resumes from it.
     aux: per-run constants for penalties (e.g. reference weights), stacked [R, ...], or None.
     describe_run: names run r in error messages.
+    slots: int [R] data slot per run (default: all 0); scalings: the input scaling of every slot (default: the
+      learner's).
   """
   num_runs = len(next(iter(hparams.values())))
+  trains, valids = ([x] if isinstance(x, Examples) else list(x) for x in (train, valid))
+  slots = np.zeros(num_runs, np.int32) if slots is None else np.asarray(slots, np.int32)
+  scales = _scales(scalings or [learner.scaling] * len(trains))
+  _check_slots(trains, valids, slots, len(scales))
+  train, valid = trains[0], valids[0]
   mesh = sharding.run_mesh()
   size = sharding.padded_size(num_runs, mesh)
   groups = 1 if mesh is None else mesh.devices.size
@@ -429,22 +453,24 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   valid_sizes = np.bincount(valid_ids, minlength=num_valid_groups)
   evaluator = functools.partial(_evaluator(learner, options.eval_batch_size), groups=groups, chunk=chunk)
 
-  def evaluate(variables, images, labels, ids=None):
-    """(mean CE, accuracy, selection metric) [R] numpy; `ids`: valid group ids (for the worst-group metric)."""
-    if ids is None:
-      loss, acc, _ = map(np.asarray, evaluator(variables, images, labels, jnp.zeros(labels.shape, jnp.int32)))
-      return loss, acc, acc
-    loss, acc, correct = map(np.asarray, evaluator(variables, images, labels, ids, num_groups=num_valid_groups))
-    if options.select == 'accuracy':
+  def evaluate(variables, data, is_valid=True):
+    """(mean CE, accuracy, selection metric) [R] numpy on the train or valid slots."""
+    num_groups = num_valid_groups if is_valid else 1
+    loss, acc, correct = map(np.asarray, evaluator(variables, run_slots, data, num_groups=num_groups))
+    if options.select == 'accuracy' or not is_valid:
       return loss, acc, acc
     return loss, acc, np.nanmin(_accuracy_by_group(correct, valid_sizes), axis=1)
   hp = sharding.shard_runs(sharding.pad_runs({k: np.asarray(v, np.float32) for k, v in hparams.items()}, size), mesh)
   keys = sharding.shard_runs(sharding.pad_runs(keys, size), mesh)
   aux = sharding.shard_runs(sharding.pad_runs(aux, size), mesh)
   variables = sharding.shard_runs(sharding.pad_runs(init_variables, size), mesh)
-  data = sharding.replicate((train.images, train.labels, train.weights), mesh)
-  valid_data = sharding.replicate((valid.images, valid.labels, valid_ids), mesh)
-  train_eval = sharding.replicate((train.images if train.images.ndim == 4 else train.images[:, 0], train.labels), mesh)
+  run_slots = sharding.shard_runs(sharding.pad_runs(slots, size), mesh)
+  data = sharding.replicate((_stack([t.images for t in trains]), _stack([t.labels for t in trains]),
+                             _stack([t.weights for t in trains]), scales), mesh)
+  valid_data = sharding.replicate((_stack([v.images for v in valids]), _stack([v.labels for v in valids]),
+                                   _stack([_group_ids(v)[0] for v in valids]), scales), mesh)
+  train_eval = sharding.replicate((data[0] if train.images.ndim == 4 else data[0][:, :, 0], data[1],
+                                   jnp.zeros(data[1].shape, jnp.int32), scales), mesh)
 
   state = (variables['params'], variables['batch_stats'],
            *init_state(variables['params'], hp['learning_rate'], hp.get('radius', jnp.ones_like(hp['learning_rate'])),
@@ -454,8 +480,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   restored = checkpoint.restore({'state': state, 'best': best}) if checkpoint else None
   if restored is None:
     epoch, examples, elapsed = 0, 0, 0.0
-    tr_loss, tr_acc, _ = evaluate(variables, *train_eval)
-    va_loss, va_acc, va_metric = evaluate(variables, *valid_data)
+    tr_loss, tr_acc, _ = evaluate(variables, train_eval, is_valid=False)
+    va_loss, va_acc, va_metric = evaluate(variables, valid_data)
     history = [_record(0, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric)]
     stopping = EarlyStopping.start(va_metric, options.patience, options.compat_early_stopping)
   else:
@@ -474,9 +500,9 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     epoch += 1
     tic = time.time()
     active = stopping.active.copy()
-    state, (tr_loss, tr_acc, finite) = train_epoch(state, hp, keys, sharding.shard_runs(active, mesh), aux, data,
-                                                   epoch)
-    va_loss, va_acc, va_metric = evaluate({'params': state[0], 'batch_stats': state[1]}, *valid_data)
+    state, (tr_loss, tr_acc, finite) = train_epoch(state, hp, keys, sharding.shard_runs(active, mesh), aux,
+                                                   run_slots, data, epoch)
+    va_loss, va_acc, va_metric = evaluate({'params': state[0], 'batch_stats': state[1]}, valid_data)
     tr_loss, tr_acc, finite = map(np.asarray, (tr_loss, tr_acc, finite))
     bad = np.flatnonzero(active & ~finite)
     if bad.size:
@@ -499,6 +525,23 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       best_valid_accuracy=stopping.best_acc[:num_runs], best_epoch=stopping.best_epoch[:num_runs],
       stop_epoch=stopping.stop_epoch[:num_runs],
       history=history, train_seconds=elapsed, examples_per_second=examples / max(elapsed, 1e-9))
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+  """[D, ...] from D same-shaped arrays (a view for one)."""
+  return np.asarray(arrays[0])[None] if len(arrays) == 1 else np.stack(arrays)
+
+
+def _check_slots(trains: list[Examples], valids: list[Examples], slots: np.ndarray, num_scalings: int) -> None:
+  """ValueError unless the data slots agree in shapes and group sizes and every run names an existing slot."""
+  if not (len(trains) == len(valids) == num_scalings):
+    raise ValueError(f'fit: {len(trains)} train, {len(valids)} valid slots and {num_scalings} scalings')
+  for name, split in (('train', trains), ('valid', valids)):
+    shapes = {(x.images.shape, tuple(np.bincount(_group_ids(x)[0]))) for x in split}
+    if len(shapes) > 1:
+      raise ValueError(f'fit: the {name} data slots differ in shape or group sizes: {sorted(shapes)}')
+  if slots.size and (slots.min() < 0 or slots.max() >= len(trains)):
+    raise ValueError(f'fit: slots must lie in 0..{len(trains) - 1}')
 
 
 def _record(epoch: int, tr_loss, tr_acc, va_loss, va_acc, num_runs: int, select: str, metric) -> dict:
