@@ -107,6 +107,22 @@ class _Pending:
   done: bool = False
 
 
+def _train(entries: list[_Pending]) -> None:
+  """Runs the entries' requests as one fit. If a merged fit fails, each request is retried alone, so that only the
+  tasks whose own fit fails (e.g. one seed's NaN loss) see an error."""
+  try:
+    results = fit_together([e.request for e in entries])
+  except Exception as e:  # noqa: BLE001 — handed to the waiting task
+    if len(entries) > 1:
+      for entry in entries:
+        _train([entry])
+    else:
+      entries[0].error = e
+    return
+  for entry, result in zip(entries, results):
+    entry.result = result
+
+
 class FitBatcher:
   """Runs tasks in threads and merges the fits they wait for at the same time (`fit` is called from the tasks)."""
 
@@ -156,12 +172,7 @@ class FitBatcher:
       for entry in batch:
         groups.setdefault(entry.request.merge_key(), []).append(entry)
       for entries in groups.values():
-        try:
-          for entry, result in zip(entries, fit_together([e.request for e in entries])):
-            entry.result = result
-        except Exception as e:  # noqa: BLE001 — every task of a failed fit sees its error
-          for entry in entries:
-            entry.error = e
+        _train(entries)
         with self._cond:
           for entry in entries:
             entry.done = True
