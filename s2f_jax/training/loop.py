@@ -284,6 +284,7 @@ def _evaluator(learner: Learner, eval_batch_size: int):
 
     def one_run(args):
       v, slot = args
+      slot = _shared_slot(slot, images)
 
       def body(_, i):
         x, y, g, m = xb[slot, i], yb[slot, i], gb[slot, i], mb[i]
@@ -333,6 +334,12 @@ def _evaluate_all(learner, variables, examples, eval_batch_size):
   return tuple(np.asarray(a) for a in out)
 
 
+def _shared_slot(slot: jax.Array, images: jax.Array) -> jax.Array | int:
+  """The constant 0 when there is one data slot (images [1, N, ...]), so that the runs of a vmap share the data
+  they read instead of gathering a copy each (unbatched inputs keep e.g. eval convolutions one wide conv)."""
+  return 0 if images.shape[0] == 1 else slot
+
+
 def _scales(scalings: Sequence[InputScaling]) -> np.ndarray:
   """float32 [D, 2, 3]: the (mean, std) of every data slot's input scaling."""
   return np.asarray([[s.mean, s.std] for s in scalings], np.float32)
@@ -363,6 +370,7 @@ def _compiled(learner: Learner, batch_size: int):
 
   def one_run_epoch(state, hparams, key, active, aux, slot, data, epoch, sizes):
     images, labels, weights, scales = data
+    slot = _shared_slot(slot, images)
     tx = learner.optimizer(state[0], 0.0)  # the learning rate lives in opt_state (inject_hyperparams)
     epoch_key = jax.random.fold_in(key, epoch)
     idx, mask = _batch_plan(jax.random.fold_in(epoch_key, 0), sizes, batch_size)
