@@ -234,6 +234,23 @@ def test_grid_equals_serial_runs(parallel_runs):
   assert all(s.best_epoch[0] > 0 for s in _serial_results())
 
 
+def test_stopped_runs_skip_training_and_keep_their_metrics():
+  """A grid run that stops early (patience 1; lr 0: only BN statistics move) is not trained further: its train metrics stay
+  those of its last epoch, and the other runs equal their own fits."""
+  rows = _grid_rows(GRID, [0, 0])
+  rows['learning_rate'] = np.array([1e-3, 0.0], np.float32)
+  grid_result = _fit(rows, num_epochs=4, patience=1)
+  stop = int(grid_result.stop_epoch[1])
+  assert grid_result.stop_epoch[0] == 4 and stop < 4
+  for key in ('train_loss', 'train_accuracy'):
+    after = [h[key][1] for h in grid_result.history[stop:]]
+    assert after == after[:1] * (5 - stop) and not math.isnan(after[0]), (key, after)
+  single = _fit(_grid_rows(rows, [0]), num_epochs=4, patience=1)
+  for key in ('train_loss', 'valid_loss'):
+    np.testing.assert_allclose([h[key][0] for h in grid_result.history], [h[key][0] for h in single.history],
+                               rtol=1e-5)
+
+
 def test_data_slots_equal_separate_fits():
   """Runs on two data slots (other examples, input scaling, init and key per slot, as seeds) in one fit give each
   slot's separate fit."""
@@ -569,6 +586,21 @@ def test_over_runs_equals_python_loop(groups, chunk):
     want = fn({k: v[r] for k, v in tree.items()})
     np.testing.assert_allclose(got['rows'][r], want['rows'], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got['total'][r], want['total'], rtol=1e-5)
+
+
+@pytest.mark.parametrize('chunk, primitives', [(None, {'vmapped': True, 'scan': False, 'cond': False}),
+                                               (1, {'vmapped': False, 'scan': True, 'cond': True}),
+                                               (2, {'vmapped': True, 'scan': True, 'cond': False})])
+def test_over_runs_vmaps_all_at_once_or_maps_one_at_a_time(chunk, primitives):
+  """chunk=None vmaps every run (the GPU/TPU default); chunk=1 on one device maps them unbatched in sequence, so a
+  run's lax.cond stays a branch (a stopped run skips its epoch) instead of becoming a select of both."""
+  def fn(x):
+    return lax.cond(x[0] > 0, lambda v: v * 2.0, lambda v: -v, x)
+  x = np.arange(12, dtype=np.float32).reshape(4, 3) - 5.0
+  np.testing.assert_array_equal(jax.jit(lambda t: over_runs(fn, t, 1, chunk))(x),
+                                np.where(x[:, :1] > 0, 2 * x, -x))
+  text = str(jax.make_jaxpr(lambda t: over_runs(fn, t, 1, chunk))(x))
+  assert {'vmapped': 'select_n' in text, 'scan': 'scan[' in text, 'cond': 'cond[' in text} == primitives, text
 
 
 # ----------------------------------------------------------------------------------------------------- 10. evaluate

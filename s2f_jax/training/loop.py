@@ -104,6 +104,11 @@ class Learner:
   def model_params(self, params: PyTree) -> PyTree:
     return params if self.reparam is None else self.reparam(params)
 
+  def unscaled(self) -> 'Learner':
+    """This learner with the default input scaling: `fit` passes every data slot's scaling as data, so its
+    compiled programs are cached (and fits merged) per unscaled learner, e.g. shared by the seeds of a sweep."""
+    return dataclasses.replace(self, scaling=InputScaling())
+
   def apply(self, variables: PyTree, images: jax.Array, *, train: bool, hparams: dict | None = None,
             rng: jax.Array | None = None, mask: jax.Array | None = None, scale: jax.Array | None = None):
     """Logits [B, C] (and the new batch stats when `train`); `scale`: optional float32 [2, 3] (mean, std) that
@@ -219,8 +224,14 @@ class EarlyStopping:
 def over_runs(fn: Callable, tree: PyTree, groups: int = 1, chunk: int | None = None) -> PyTree:
   """Maps `fn` over the leading run axis of `tree`: `groups` slices side by side (one per device, `vmap`), and
   within each, `chunk` runs at a time `vmap`ed, the chunks in sequence (`lax.map`). chunk=None: all at once."""
+  if chunk is None:
+    per_group = jax.vmap(fn)
+  else:  # chunk 1: a plain lax.map, so on one device each run sees unbatched values (its lax.conds really branch)
+    per_group = functools.partial(jax.lax.map, fn, batch_size=None if chunk == 1 else chunk)
+  if groups == 1:
+    return per_group(tree)
   split = jax.tree_util.tree_map(lambda x: x.reshape((groups, -1) + x.shape[1:]), tree)
-  out = jax.vmap(lambda t: jax.lax.map(fn, t, batch_size=chunk))(split)
+  out = jax.vmap(per_group)(split)
   return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
 
 
@@ -329,7 +340,7 @@ def _evaluate_all(learner, variables, examples, eval_batch_size):
   num_runs = len(jax.tree_util.tree_leaves(variables)[0])
   ids, num_groups = _group_ids(examples)
   data = (examples.images[None], examples.labels[None], ids[None], _scales([learner.scaling]))
-  out = _evaluator(learner, eval_batch_size)(variables, np.zeros(num_runs, np.int32), data,
+  out = _evaluator(learner.unscaled(), eval_batch_size)(variables, np.zeros(num_runs, np.int32), data,
                                              num_groups=num_groups, chunk=runs_per_chunk(0, num_runs))
   return tuple(np.asarray(a) for a in out)
 
@@ -392,13 +403,16 @@ def _compiled(learner: Learner, batch_size: int):
         tracked = tracker.update(tracked, grads, jnp.sum(bmask))
       return (params, new_stats, opt_state, obj_state, tracked), (total, ce_sum, correct)
 
-    new_state, (totals, ce_sums, corrects) = jax.lax.scan(step, state, (jnp.arange(nb), idx, mask))
-    if tracker is not None:
-      new_state = (*new_state[:4], tracker.finish_epoch(new_state[4]))
-    new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new_state, state)
-    seen = jnp.sum(mask)
-    finite = jnp.all(jnp.isfinite(totals))
-    return new_state, (jnp.sum(ce_sums) / seen, jnp.sum(corrects) / seen, finite)
+    def train(state):
+      new_state, (totals, ce_sums, corrects) = jax.lax.scan(step, state, (jnp.arange(nb), idx, mask))
+      if tracker is not None:
+        new_state = (*new_state[:4], tracker.finish_epoch(new_state[4]))
+      seen = jnp.sum(mask)
+      return new_state, (jnp.sum(ce_sums) / seen, jnp.sum(corrects) / seen, jnp.all(jnp.isfinite(totals)))
+
+    def skip(state):  # a run that stopped early keeps its state (vmapped, cond computes both and selects)
+      return state, (jnp.float32(jnp.nan), jnp.float32(jnp.nan), jnp.bool_(True))
+    return jax.lax.cond(active, train, skip, state)
 
   @functools.partial(jax.jit, static_argnames=('sizes', 'groups', 'chunk'))
   def train_epoch(state, hparams, keys, active, aux, slots, data, epoch, sizes, groups, chunk):
@@ -449,7 +463,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   size = sharding.padded_size(num_runs, mesh)
   groups = 1 if mesh is None else mesh.devices.size
   chunk = runs_per_chunk(options.parallel_runs, size // groups)
-  init_state, train_epoch_fn, keep_best = _compiled(learner, options.batch_size)
+  init_state, train_epoch_fn, keep_best = _compiled(learner.unscaled(), options.batch_size)
   sizes = train.group_sizes() if learner.objective.grouped else (len(train),)
   train_epoch = functools.partial(train_epoch_fn, sizes=sizes, groups=groups, chunk=chunk)
   per_epoch = sizes[0] if len(sizes) == 1 else max(-(-n // options.batch_size) for n in sizes) * options.batch_size * len(sizes)
@@ -459,7 +473,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     raise ValueError("FitOptions.select='worst_group' needs valid.groups")
   valid_ids, num_valid_groups = _group_ids(valid)
   valid_sizes = np.bincount(valid_ids, minlength=num_valid_groups)
-  evaluator = functools.partial(_evaluator(learner, options.eval_batch_size), groups=groups, chunk=chunk)
+  evaluator = functools.partial(_evaluator(learner.unscaled(), options.eval_batch_size), groups=groups, chunk=chunk)
 
   def evaluate(variables, data, is_valid=True):
     """(mean CE, accuracy, selection metric) [R] numpy on the train or valid slots."""
@@ -512,6 +526,9 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
                                                    run_slots, data, epoch)
     va_loss, va_acc, va_metric = evaluate({'params': state[0], 'batch_stats': state[1]}, valid_data)
     tr_loss, tr_acc, finite = map(np.asarray, (tr_loss, tr_acc, finite))
+    # runs that had stopped were not trained: their train metrics stay those of their last epoch
+    tr_loss, tr_acc = (np.where(active, x, _padded(history[-1][k], len(x))) for x, k in
+                       ((tr_loss, 'train_loss'), (tr_acc, 'train_accuracy')))
     bad = np.flatnonzero(active & ~finite)
     if bad.size:
       raise TrainingDiverged(f'training loss became NaN/inf in epoch {epoch} of {options.description} for '
@@ -533,6 +550,11 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       best_valid_accuracy=stopping.best_acc[:num_runs], best_epoch=stopping.best_epoch[:num_runs],
       stop_epoch=stopping.stop_epoch[:num_runs],
       history=history, train_seconds=elapsed, examples_per_second=examples / max(elapsed, 1e-9))
+
+
+def _padded(values: list[float], size: int) -> np.ndarray:
+  """A history entry's per-run values [num_runs] as float32 [size] (padding runs repeat the last)."""
+  return sharding.pad_runs(np.asarray(values, np.float32), size)
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:

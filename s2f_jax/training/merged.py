@@ -18,7 +18,6 @@ import numpy as np
 from s2f_jax.training import grid as grid_lib
 from s2f_jax.training.checkpoint import FitCheckpoint
 from s2f_jax.training.loop import Examples, FitOptions, FitResult, Learner, fit
-from s2f_jax.training.objective import InputScaling
 
 PyTree = Any
 
@@ -51,7 +50,7 @@ class FitRequest:
       return structure, tuple((np.shape(x), np.asarray(x).dtype.str) for x in leaves)
     data = tuple((x.images.shape, x.images.dtype.str, None if x.groups is None else tuple(np.bincount(x.groups)))
                  for x in (self.train, self.valid))
-    return (dataclasses.replace(self.learner, scaling=InputScaling()),
+    return (self.learner.unscaled(),
             dataclasses.replace(self.options, checkpoint_dir=None, description=''),
             shapes(self.init), shapes(self.aux), tuple(sorted(self.grid)), data)
 
