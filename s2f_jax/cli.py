@@ -6,6 +6,7 @@ loss prints one line and exits with code 1. Never a traceback for user error.
 from __future__ import annotations
 
 import logging
+import runpy
 import sys
 from typing import Callable
 
@@ -20,11 +21,43 @@ def _fail(message: str, code: int) -> None:
   sys.exit(code)
 
 
+_default_config: list[str] = []  # the default --config of define_config
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, UserError, ValueError, TypeError, KeyError, AttributeError, OSError, SyntaxError) as e:
+  except (KeyError, AttributeError) as e:
+    _fail(_unknown_override(argv) or e, 2)
+  except (flags.Error, UserError, ValueError, TypeError, OSError, SyntaxError) as e:
     _fail(e, 2)
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """'unknown config key …; valid keys: …' for the first `--config.KEY=VALUE` whose KEY the config file lacks, or
+  None when there is none (or the config cannot be loaded here)."""
+  path = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), None)
+  path = path or (_default_config[0] if _default_config else None)
+  try:
+    file, _, arg = path.partition(':')
+    get_config = runpy.run_path(file)['get_config']
+    config = get_config(arg) if arg else get_config()
+  except Exception:  # noqa: BLE001 — fall back to the parser's own message
+    return None
+  for a in argv[1:]:
+    if not a.startswith('--config.'):
+      continue
+    key = a[len('--config.'):].split('=', 1)[0]
+    node, parts = config, key.split('.')
+    for i, part in enumerate(parts):
+      if not hasattr(node, 'keys'):
+        return f'--config.{key}: {".".join(parts[:i])!r} is a value, not a group of keys'
+      if part not in node:
+        under = f' under {".".join(parts[:i])!r}' if i else ''
+        return f'unknown config key {".".join(parts[:i + 1])!r} in --config.{key}; valid keys{under}: ' + \
+            ', '.join(sorted(node.keys()))
+      node = node[part]
+  return None
 
 
 def _last_line(e: BaseException) -> str:
@@ -38,11 +71,12 @@ def _last_line(e: BaseException) -> str:
 def define_config(default: str = 'configs/default.py') -> flags.FlagHolder:
   """`--config` (an ml_collections config file) with `--config.KEY=VALUE` overrides; a bad override key is
   reported (one line, exit 2) right away, because ml_collections inspects the command line here."""
+  _default_config[:] = [default]
   try:
     from ml_collections import config_flags
     return config_flags.DEFINE_config_file('config', default, 'Config file (ml_collections).')
   except Exception as e:  # noqa: BLE001 — any failure here is a malformed command line
-    _fail(f'bad --config override: unknown or malformed key {_last_line(e)!r}', 2)
+    _fail(_unknown_override(sys.argv) or f'bad --config override: unknown or malformed key {_last_line(e)!r}', 2)
 
 
 def config_value(holder: flags.FlagHolder):
