@@ -235,8 +235,8 @@ def test_grid_equals_serial_runs(parallel_runs):
 
 
 def test_stopped_runs_skip_training_and_keep_their_metrics():
-  """A grid run that stops early (patience 1; lr 0: only BN statistics move) is not trained further: its train metrics stay
-  those of its last epoch, and the other runs equal their own fits."""
+  """A grid run that stops early (patience 1; lr 0: only BN statistics move) is not trained further: its train
+  metrics stay those of its last epoch, and the other runs equal their own fits."""
   rows = _grid_rows(GRID, [0, 0])
   rows['learning_rate'] = np.array([1e-3, 0.0], np.float32)
   grid_result = _fit(rows, num_epochs=4, patience=1)

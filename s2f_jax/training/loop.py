@@ -463,7 +463,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   size = sharding.padded_size(num_runs, mesh)
   groups = 1 if mesh is None else mesh.devices.size
   chunk = runs_per_chunk(options.parallel_runs, size // groups)
-  init_state, train_epoch_fn, keep_best = _compiled(learner.unscaled(), options.batch_size)
+  programs_learner = learner.unscaled()  # the scalings are data (`scales`), so seeds share the compiled programs
+  init_state, train_epoch_fn, keep_best = _compiled(programs_learner, options.batch_size)
   sizes = train.group_sizes() if learner.objective.grouped else (len(train),)
   train_epoch = functools.partial(train_epoch_fn, sizes=sizes, groups=groups, chunk=chunk)
   per_epoch = sizes[0] if len(sizes) == 1 else max(-(-n // options.batch_size) for n in sizes) * options.batch_size * len(sizes)
@@ -473,7 +474,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     raise ValueError("FitOptions.select='worst_group' needs valid.groups")
   valid_ids, num_valid_groups = _group_ids(valid)
   valid_sizes = np.bincount(valid_ids, minlength=num_valid_groups)
-  evaluator = functools.partial(_evaluator(learner.unscaled(), options.eval_batch_size), groups=groups, chunk=chunk)
+  evaluator = functools.partial(_evaluator(programs_learner, options.eval_batch_size), groups=groups, chunk=chunk)
 
   def evaluate(variables, data, is_valid=True):
     """(mean CE, accuracy, selection metric) [R] numpy on the train or valid slots."""
