@@ -1,17 +1,21 @@
-"""Training speed: per-architecture throughput, the 8-point grid trained three ways, and the CPU conv/pool kernels.
+"""Training speed: per-architecture throughput, the 8-point grid trained four ways, and the CPU conv/pool kernels.
 
 1. Throughput: one run, batch 100, 32×32 random uint8 images, 10 classes, width 64; a 1-epoch `fit` compiles, then
    a timed `fit` of `--epochs` epochs (its `train_seconds`: train epochs plus a 10-example valid pass each).
 2. Grid: lr {1e-3,1e-4} × weight decay {1e-4,1e-2} × dropout {0,0.5} on digits (1300 train / 197 valid, 16×16,
    batch 50), trained (a) as one fit with all 8 runs vmapped, (b) one fit with the runs in sequence inside the
-   compiled program, (c) 8 serial fits of one run. Wall seconds after a warm-up fit of each. (b) and (c) run the
-   same per-run program and must give the same best valid accuracies (asserted); (a)'s batched matmuls round
+   compiled program, (d) as (b) in concurrent lanes, one per core (the CPU default), (c) 8 serial fits of one run.
+   Wall seconds after a warm-up fit of each. (b), (d) and (c) run the same per-run program and must give the same
+   best valid accuracies (asserted); (a)'s batched matmuls round
    differently in the last bits, which can move a run's accuracy by an example (printed).
-3. Kernels (on CPU): `patches_conv` vs `lax.conv_general_dilated` and `max_pool_3x3_s2` vs `nn.max_pool`,
+3. Cores (on CPU): the most any way of training independent runs side by side can gain from the cores here: 4
+   one-run fits of the default grid model in one process alone, then in one process per core at the same time
+   (each process starts timing once every process has compiled).
+4. Kernels (on CPU): `patches_conv` vs `lax.conv_general_dilated` and `max_pool_3x3_s2` vs `nn.max_pool`,
    forward+backward, single and vmapped over 8 runs.
 
 Waits (at most 10 min) for the 1-minute load average to drop below 1.2 before measuring. Prints markdown tables.
-Run: python benchmarks/train_benchmark.py [--quick] [--sections throughput,grid,kernels]
+Run: python benchmarks/train_benchmark.py [--quick] [--sections throughput,grid,cores,kernels]
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ import argparse
 import datetime
 import functools
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -31,6 +38,7 @@ from s2f_jax.data.sources import load_digits
 from s2f_jax.models import make_model
 from s2f_jax.models.layers import max_pool_3x3_s2, patches_conv
 from s2f_jax.training import grid as grid_lib
+from s2f_jax.training import sharding
 from s2f_jax.training.loop import Examples, FitOptions, Learner, fit
 from s2f_jax.training.objective import InputScaling, l2_penalty
 
@@ -104,42 +112,89 @@ def digits_split(size: int = 16, num_train: int = 1300) -> tuple[Examples, Examp
   return Examples(x[:num_train], y[:num_train], w[:num_train]), Examples(x[num_train:], y[num_train:], w[num_train:])
 
 
-def grid_three_ways(names: list[str], epochs: int) -> bool:
-  """Prints the grid table; returns whether (b) and (c) agree for every model ((a) may differ by float rounding)."""
+def grid_four_ways(names: list[str], epochs: int) -> bool:
+  """Prints the grid table; returns whether (b), (d) and (c) agree for every model ((a) may differ by float
+  rounding)."""
   train, valid = digits_split()
   hp = grid_lib.product_grid(GRID)
   keys = jax.random.split(jax.random.key(1), 8)
-  print(f'\n## 8-point grid, three ways ({len(train)} train / {len(valid)} valid digits, 16×16, batch 50, '
+  lanes = sharding.lane_count(0, 8, None)
+  print(f'\n## 8-point grid, four ways ({len(train)} train / {len(valid)} valid digits, 16×16, batch 50, '
         f'{epochs} epochs; wall s after warm-up)\n')
-  print('| model | (a) vmap 8 (s) | (b) in sequence (s) | (c) 8 serial fits (s) | (c)/(a) | (c)/(b) '
-        '| max Δ best valid acc (a)−(c) | (b)−(c) | max Δ epoch-0 valid loss (a)−(c) |')
-  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+  print(f'| model | (a) vmap 8 (s) | (b) in sequence (s) | (d) {lanes} lanes (s) | (c) 8 serial fits (s) | (c)/(a) '
+        '| (c)/(b) | (c)/(d) | max Δ best valid acc (a)−(c) | (b)−(c) | (d)−(c) | max Δ epoch-0 valid loss (a)−(c) |')
+  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
   agree = True
   for label in names:
     name, num_blocks, width = GRID_MODELS[label]
     learner, init = setup(name, num_blocks, width, train, 8)
 
-    def runs(r: slice, parallel_runs: int = 0, num_epochs: int = epochs) -> tuple[np.ndarray, np.ndarray]:
+    def runs(r: slice, parallel_runs: int = 0, num_epochs: int = epochs, lanes: int = 1
+             ) -> tuple[np.ndarray, np.ndarray]:
       """Best valid accuracy and epoch-0 valid loss of the runs `r` trained in one fit."""
-      options = FitOptions(num_epochs=num_epochs, patience=1000, batch_size=50, parallel_runs=parallel_runs)
+      options = FitOptions(num_epochs=num_epochs, patience=1000, batch_size=50, parallel_runs=parallel_runs,
+                           lanes=lanes)
       result = fit(learner, grid_lib.take(init, r), grid_lib.take(hp, r), keys[r], train, valid, options)
       return result.best_valid_accuracy, np.asarray(result.history[0]['valid_loss'])
 
-    ways = [lambda: runs(slice(0, 8), 8), lambda: runs(slice(0, 8), 1),
+    ways = [lambda: runs(slice(0, 8), 8), lambda: runs(slice(0, 8), 1), lambda: runs(slice(0, 8), 1, lanes=lanes),
             lambda: tuple(map(np.concatenate, zip(*(runs(slice(r, r + 1)) for r in range(8)))))]
-    runs(slice(0, 8), 8, 1), runs(slice(0, 8), 1, 1), runs(slice(0, 1), 0, 1)  # compile
+    runs(slice(0, 8), 8, 1), runs(slice(0, 8), 1, 1), runs(slice(0, 8), 1, 1, lanes), runs(slice(0, 1), 0, 1)
     seconds, outs = [], []
     for way in ways:
       tic = time.perf_counter()
       outs.append(way())
       seconds.append(time.perf_counter() - tic)
-    (acc_a, loss_a), (acc_b, _), (acc_c, loss_c) = outs
-    delta_a, delta_b = float(np.abs(acc_a - acc_c).max()), float(np.abs(acc_b - acc_c).max())
-    agree &= delta_b <= 1e-3
-    a, b, c = seconds
-    print(f'| {name}-{num_blocks} w{width} | {a:.2f} | {b:.2f} | {c:.2f} | {c / a:.2f}x | {c / b:.2f}x '
-          f'| {delta_a:.4f} | {delta_b:.4f} | {np.abs(loss_a - loss_c).max():.1e} |', flush=True)
+    (acc_a, loss_a), (acc_b, _), (acc_d, _), (acc_c, loss_c) = outs
+    delta_a, delta_b, delta_d = (float(np.abs(acc - acc_c).max()) for acc in (acc_a, acc_b, acc_d))
+    agree &= max(delta_b, delta_d) <= 1e-3
+    a, b, d, c = seconds
+    print(f'| {name}-{num_blocks} w{width} | {a:.2f} | {b:.2f} | {d:.2f} | {c:.2f} | {c / a:.2f}x | {c / b:.2f}x '
+          f'| {c / d:.2f}x | {delta_a:.4f} | {delta_b:.4f} | {delta_d:.4f} | {np.abs(loss_a - loss_c).max():.1e} |',
+          flush=True)
   return agree
+
+
+def serial_fits(count: int, epochs: int, barrier: str | None = None) -> float:
+  """Wall seconds of `count` one-run fits of the default grid model, timed after a warm-up fit; with `barrier` (a
+  path prefix) it writes `<barrier>.ready` after the warm-up and starts timing once `go` exists beside it."""
+  train, valid = digits_split()
+  learner, init = setup(*GRID_MODELS['default'], train, 1)
+  hp = grid_lib.take(grid_lib.product_grid(GRID), slice(0, 1))
+  options = FitOptions(num_epochs=epochs, patience=1000, batch_size=50)
+  one = lambda: fit(learner, init, hp, jax.random.split(jax.random.key(1), 1), train, valid, options)
+  one()
+  if barrier:
+    open(barrier + '.ready', 'w').close()
+    while not os.path.exists(os.path.join(os.path.dirname(barrier), 'go')):
+      time.sleep(0.01)
+  tic = time.perf_counter()
+  for _ in range(count):
+    one()
+  return time.perf_counter() - tic
+
+
+def cores(epochs: int, count: int = 4) -> None:
+  """Prints `count` serial one-run fits timed in one process alone and in one process per core at once."""
+  n = len(os.sched_getaffinity(0))
+  print(f'\n## Cores: {count} one-run fits of the default grid model per process ({epochs} epochs; wall s)\n')
+  print('| processes at once | slowest process (s) | fits / s | vs one process |')
+  print('|---:|---:|---:|---:|')
+  rate_alone = None
+  for procs in (1, n):
+    with tempfile.TemporaryDirectory() as tmp:
+      barriers = [os.path.join(tmp, str(i)) for i in range(procs)]
+      children = [subprocess.Popen([sys.executable, __file__, '--cores-child', b, '--fits', str(count),
+                                    '--grid-epochs', str(epochs)], stdout=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, CI='1'))
+                  for b in barriers]
+      while not all(os.path.exists(b + '.ready') for b in barriers):
+        time.sleep(0.05)
+      open(os.path.join(tmp, 'go'), 'w').close()
+      slowest = max(float(c.communicate()[0].split()[-1]) for c in children)
+    rate = procs * count / slowest
+    rate_alone = rate_alone or rate
+    print(f'| {procs} | {slowest:.2f} | {rate:.2f} | {rate / rate_alone:.2f}x |', flush=True)
 
 
 def kernels() -> None:
@@ -178,7 +233,7 @@ def kernels() -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--sections', default='throughput,grid,kernels', help='comma list, run in the order given')
+  parser.add_argument('--sections', default='throughput,grid,cores,kernels', help='comma list, run in the order given')
   parser.add_argument('--models', default='convnet,resnet,densenet')
   parser.add_argument('--blocks', default='1,4')
   parser.add_argument('--grid-models', default='tiny,default', help='of ' + ','.join(GRID_MODELS))
@@ -186,10 +241,15 @@ def main() -> None:
   parser.add_argument('--grid-epochs', type=int, default=4)
   parser.add_argument('--examples', type=int, default=400, help='throughput training examples')
   parser.add_argument('--quick', action='store_true', help='throughput of 1-block models only')
+  parser.add_argument('--fits', type=int, default=4, help='one-run fits per process in the cores section')
+  parser.add_argument('--cores-child', help=argparse.SUPPRESS)  # internal: one process of the cores section
   args = parser.parse_args()
+  if args.cores_child:
+    print(serial_fits(args.fits, args.grid_epochs, args.cores_child))
+    return
   sections = args.sections.split(',')
-  if not set(sections) <= {'throughput', 'grid', 'kernels'}:
-    parser.error(f'--sections: {args.sections!r}; choose from throughput, grid, kernels')
+  if not set(sections) <= {'throughput', 'grid', 'cores', 'kernels'}:
+    parser.error(f'--sections: {args.sections!r}; choose from throughput, grid, cores, kernels')
   blocks = [1] if args.quick else [int(b) for b in args.blocks.split(',')]
   load = wait_for_quiet()
   print(f'{datetime.datetime.now():%Y-%m-%d %H:%M}; devices: {jax.devices()}; {os.cpu_count()} CPUs; '
@@ -200,12 +260,14 @@ def main() -> None:
     if section == 'throughput':
       throughput(args.models.split(','), blocks, args.epochs, args.examples)
     elif section == 'grid':
-      agree = grid_three_ways(args.grid_models.split(','), args.grid_epochs)
+      agree = grid_four_ways(args.grid_models.split(','), args.grid_epochs)
+    elif section == 'cores':
+      cores(args.grid_epochs, args.fits)
     elif section == 'kernels':
       with jax.default_device(jax.devices('cpu')[0]):
         kernels()
     print(f'\n{section}: {time.perf_counter() - tic:.0f} s; load average after: {os.getloadavg()[0]:.2f}')
-  assert agree, 'best valid accuracies differ between runs in sequence (b) and serial fits (c)'
+  assert agree, 'best valid accuracies differ between runs in sequence (b) or lanes (d) and serial fits (c)'
 
 
 if __name__ == '__main__':

@@ -45,6 +45,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.train.patience = 5  # stop after more than this many epochs without a new best valid accuracy
   c.train.checkpoint_every_s = 60.0
   c.train.parallel_runs = 0  # runs (grid points) trained side by side per device; 0 = auto (CPU 1, GPU/TPU all)
+  c.train.lanes = 0  # CPU: concurrent lanes the runs are cut into, one thread each; 0 = auto (one per core)
 
   c.grid = ml_collections.ConfigDict()
   c.grid.learning_rate = (1e-3, 1e-4)
@@ -147,7 +148,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise choices_error('joint.loss_samples', config.joint.loss_samples, LOSS_SAMPLES)
   _validate_joint(config)
   _validate_constraint(config)
-  _non_negative(config, 'num_epochs', 'train.patience', 'train.parallel_runs', 'irm_anneal_steps')
+  _non_negative(config, 'num_epochs', 'train.patience', 'train.parallel_runs', 'train.lanes', 'irm_anneal_steps')
   for key in ('dro_eta', 'irm_penalty'):
     if not isinstance(config[key], (int, float)) or config[key] < 0:
       raise UserError(f'{key}={config[key]!r} must be a non-negative number')

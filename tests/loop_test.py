@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +28,7 @@ from s2f_jax.errors import TrainingDiverged
 from s2f_jax.models import make_model
 from s2f_jax.models.layers import max_pool_3x3_s2, patches_conv
 from s2f_jax.training import grid as grid_lib
-from s2f_jax.training import loop
+from s2f_jax.training import loop, sharding
 from s2f_jax.training.loop import EarlyStopping, Examples, FitOptions, Learner, evaluate, fit, over_runs
 from s2f_jax.training.objective import InputScaling, cross_entropy, l2_penalty, masked_mean, reference_penalty
 
@@ -232,6 +233,40 @@ def test_grid_equals_serial_runs(parallel_runs):
   finals = [_leaves(s.best_variables)['params/fc/dense/kernel'] for s in _serial_results()]
   assert all(np.abs(finals[0] - f).max() > 1e-3 for f in finals[1:])
   assert all(s.best_epoch[0] > 0 for s in _serial_results())
+
+
+def test_lanes_equal_one_lane():
+  """3 runs cut into 2 concurrent lanes (padded to 2 + 2) train exactly as in one lane: the same trained variables
+  bit for bit (each run runs the same per-run program), accuracies and best epochs; losses to float rounding (the
+  evaluation vmaps 4 runs instead of 3)."""
+  rows = _grid_rows(GRID, [0, 1, 2])
+  one, two = _fit(rows, lanes=1), _fit(rows, lanes=2)
+  for h1, h2 in zip(one.history, two.history, strict=True):
+    for key in h1:
+      np.testing.assert_allclose(h1[key], h2[key], rtol=0 if 'loss' not in key else 1e-6, err_msg=key)
+  np.testing.assert_array_equal(one.best_epoch, two.best_epoch)
+  for k, v in _leaves(one.best_variables).items():
+    np.testing.assert_array_equal(v, _leaves(two.best_variables)[k], err_msg=k)
+  assert len(set(two.best_valid_accuracy)) > 1  # the runs differ
+
+
+def test_lanes_split_join_and_run_in_their_own_threads():
+  tree = {'a': np.arange(12).reshape(6, 2), 'b': jnp.arange(6.0)}
+  with sharding.Lanes(3) as lanes:
+    parts = lanes.split(tree)
+    assert [p['a'][:, 0].tolist() for p in parts] == [[0, 2], [4, 6], [8, 10]]
+    joined = lanes.join(parts)
+    assert isinstance(joined['a'], np.ndarray)
+    np.testing.assert_array_equal(joined['b'], tree['b'])
+    threads = lanes.map(lambda p, i: (i, threading.current_thread().name), parts, [0, 1, 2])
+  assert [i for i, _ in threads] == [0, 1, 2]
+  assert all(name.startswith('lane') for _, name in threads)
+  with sharding.Lanes(1) as lanes:  # one lane: plain calls in the caller's thread
+    assert lanes.map(lambda _: threading.current_thread().name, lanes.split(tree)) == [
+        threading.current_thread().name]
+  assert sharding.lane_count(3, 2, None) == 2 and sharding.lane_count(1, 8, None) == 1
+  assert sharding.lane_count(0, 8, None) == min(8, len(os.sched_getaffinity(0)))
+  assert sharding.padded_size(3, None, 2) == 4
 
 
 def test_stopped_runs_skip_training_and_keep_their_metrics():

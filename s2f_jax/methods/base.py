@@ -139,7 +139,8 @@ class RunContext:
         batch_size=c.train.batch_size if batch_size is None else batch_size, select=select,
         eval_batch_size=c.train.eval_batch_size, compat_early_stopping=c.compat.early_stopping_previous,
         checkpoint_dir=os.path.join(root, 'checkpoints', name),
-        checkpoint_every_s=c.train.checkpoint_every_s, parallel_runs=c.train.parallel_runs, description=name)
+        checkpoint_every_s=c.train.checkpoint_every_s, parallel_runs=c.train.parallel_runs,
+        lanes=c.train.lanes, description=name)
     request = FitRequest(learner or self.learner(), init, grid, jnp.stack([stage_key] * num_runs), train, valid,
                          options, aux, lambda r: f'seed {c.seed}, {grid_lib.describe(grid, r)}')
     result = request.run() if self.batcher is None else self.batcher.fit(request)

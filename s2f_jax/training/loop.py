@@ -148,6 +148,8 @@ class FitOptions:
 
   select: the valid metric that picks the best epoch and drives early stopping: 'accuracy', or 'worst_group'
   (the lowest per-group accuracy; needs `valid.groups`).
+  parallel_runs: runs `vmap`ed side by side within a lane (`runs_per_chunk`); lanes: concurrent lanes the runs
+  are cut into on a single CPU device (`sharding.lane_count`; 0 = auto, one per core). Neither changes results.
   """
   num_epochs: int = 100
   patience: int = 5
@@ -157,6 +159,7 @@ class FitOptions:
   checkpoint_dir: str | None = None
   checkpoint_every_s: float = 60.0
   parallel_runs: int = 0
+  lanes: int = 0
   description: str = 'fit'
   select: str = 'accuracy'
 
@@ -460,9 +463,10 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   _check_slots(trains, valids, slots, len(scales))
   train, valid = trains[0], valids[0]
   mesh = sharding.run_mesh()
-  size = sharding.padded_size(num_runs, mesh)
+  num_lanes = sharding.lane_count(options.lanes, num_runs, mesh)
+  size = sharding.padded_size(num_runs, mesh, num_lanes)
   groups = 1 if mesh is None else mesh.devices.size
-  chunk = runs_per_chunk(options.parallel_runs, size // groups)
+  chunk = runs_per_chunk(options.parallel_runs, size // groups // num_lanes)
   programs_learner = learner.unscaled()  # the scalings are data (`scales`), so seeds share the compiled programs
   init_state, train_epoch_fn, keep_best = _compiled(programs_learner, options.batch_size)
   sizes = train.group_sizes() if learner.objective.grouped else (len(train),)
@@ -474,83 +478,96 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     raise ValueError("FitOptions.select='worst_group' needs valid.groups")
   valid_ids, num_valid_groups = _group_ids(valid)
   valid_sizes = np.bincount(valid_ids, minlength=num_valid_groups)
-  evaluator = functools.partial(_evaluator(programs_learner, options.eval_batch_size), groups=groups, chunk=chunk)
+  # every run evaluated on the same data (one slot): vmapped over all runs by default, so the first layer is one
+  # wide op (on CPU 2x faster than runs in sequence, and concurrent lanes do not help evaluation)
+  eval_chunk = None if len(trains) == 1 and options.parallel_runs == 0 else chunk
+  evaluator = functools.partial(_evaluator(programs_learner, options.eval_batch_size), groups=groups,
+                                chunk=eval_chunk)
 
-  def evaluate(variables, data, is_valid=True):
-    """(mean CE, accuracy, selection metric) [R] numpy on the train or valid slots."""
-    num_groups = num_valid_groups if is_valid else 1
-    loss, acc, correct = map(np.asarray, evaluator(variables, run_slots, data, num_groups=num_groups))
-    if options.select == 'accuracy' or not is_valid:
-      return loss, acc, acc
-    return loss, acc, np.nanmin(_accuracy_by_group(correct, valid_sizes), axis=1)
-  hp = sharding.shard_runs(sharding.pad_runs({k: np.asarray(v, np.float32) for k, v in hparams.items()}, size), mesh)
-  keys = sharding.shard_runs(sharding.pad_runs(keys, size), mesh)
-  aux = sharding.shard_runs(sharding.pad_runs(aux, size), mesh)
-  variables = sharding.shard_runs(sharding.pad_runs(init_variables, size), mesh)
-  run_slots = sharding.shard_runs(sharding.pad_runs(slots, size), mesh)
-  data = sharding.replicate((_stack([t.images for t in trains]), _stack([t.labels for t in trains]),
-                             _stack([t.weights for t in trains]), scales), mesh)
-  valid_data = sharding.replicate((_stack([v.images for v in valids]), _stack([v.labels for v in valids]),
-                                   _stack([_group_ids(v)[0] for v in valids]), scales), mesh)
-  train_eval = sharding.replicate((data[0] if train.images.ndim == 4 else data[0][:, :, 0], data[1],
-                                   jnp.zeros(data[1].shape, jnp.int32), scales), mesh)
+  with sharding.Lanes(num_lanes) as lanes:
+    def evaluate(variables, data, is_valid=True):
+      """(mean CE, accuracy, selection metric) [R] numpy on the train or valid slots; variables per lane."""
+      num_groups = num_valid_groups if is_valid else 1
+      loss, acc, correct = map(np.asarray, evaluator(lanes.join(variables), all_slots, data, num_groups=num_groups))
+      if options.select == 'accuracy' or not is_valid:
+        return loss, acc, acc
+      return loss, acc, np.nanmin(_accuracy_by_group(correct, valid_sizes), axis=1)
 
-  state = (variables['params'], variables['batch_stats'],
-           *init_state(variables['params'], hp['learning_rate'], hp.get('radius', jnp.ones_like(hp['learning_rate'])),
-                       num_groups=len(sizes)))
-  best = variables
-  checkpoint = FitCheckpoint(options.checkpoint_dir) if options.checkpoint_dir else None
-  restored = checkpoint.restore({'state': state, 'best': best}) if checkpoint else None
-  if restored is None:
-    epoch, examples, elapsed = 0, 0, 0.0
-    tr_loss, tr_acc, _ = evaluate(variables, train_eval, is_valid=False)
-    va_loss, va_acc, va_metric = evaluate(variables, valid_data)
-    history = [_record(0, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric)]
-    stopping = EarlyStopping.start(va_metric, options.patience, options.compat_early_stopping)
-  else:
-    epoch, device_state, host = restored
-    state, best = device_state['state'], device_state['best']
-    if mesh is None:  # restored arrays come back committed to the device, which would recompile every jitted step
-      state, best = jax.device_put(jax.device_get((state, best)))
-    history, examples, elapsed = host['history'], host['examples'], host['seconds']
-    stopping = EarlyStopping(**{k: np.asarray(v) if isinstance(v, list) else v for k, v in host['stopping'].items()})
-  stopping.active[num_runs:] = False  # padding runs
-  describe_run = describe_run or (lambda r: f'run {r}')
-  last_save = time.time()
-  bar = progress_bar(options.num_epochs, options.description)
-  bar.update(epoch)
-  while epoch < options.num_epochs and stopping.active.any():
-    epoch += 1
-    tic = time.time()
-    active = stopping.active.copy()
-    state, (tr_loss, tr_acc, finite) = train_epoch(state, hp, keys, sharding.shard_runs(active, mesh), aux,
-                                                   run_slots, data, epoch)
-    va_loss, va_acc, va_metric = evaluate({'params': state[0], 'batch_stats': state[1]}, valid_data)
-    tr_loss, tr_acc, finite = map(np.asarray, (tr_loss, tr_acc, finite))
-    # runs that had stopped were not trained: their train metrics stay those of their last epoch
-    tr_loss, tr_acc = (np.where(active, x, _padded(history[-1][k], len(x))) for x, k in
-                       ((tr_loss, 'train_loss'), (tr_acc, 'train_accuracy')))
-    bad = np.flatnonzero(active & ~finite)
-    if bad.size:
-      raise TrainingDiverged(f'training loss became NaN/inf in epoch {epoch} of {options.description} for '
-                             f'{describe_run(int(bad[0]))}; lower the learning rate or check the inputs')
-    examples += per_epoch * int(active.sum())
-    improved = stopping.update(va_metric, epoch)
-    best = keep_best(best, {'params': state[0], 'batch_stats': state[1]}, sharding.shard_runs(improved, mesh))
-    history.append(_record(epoch, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric))
-    elapsed += time.time() - tic
-    bar.update(1)
-    bar.set_postfix(best_valid=f'{stopping.best_acc[:num_runs].max():.3f}', running=int(stopping.active.sum()))
-    if checkpoint and (time.time() - last_save >= options.checkpoint_every_s):
-      host = {'stopping': stopping.to_json(), 'history': history, 'examples': examples, 'seconds': elapsed}
-      checkpoint.save(epoch, {'state': state, 'best': best}, host)
-      last_save = time.time()
-  bar.close()
-  return FitResult(
-      best_variables=jax.tree_util.tree_map(lambda x: x[:num_runs], best),
-      best_valid_accuracy=stopping.best_acc[:num_runs], best_epoch=stopping.best_epoch[:num_runs],
-      stop_epoch=stopping.stop_epoch[:num_runs],
-      history=history, train_seconds=elapsed, examples_per_second=examples / max(elapsed, 1e-9))
+    def per_lane(tree):  # run-axis values, padded and placed, as a list with one pytree per lane
+      return lanes.split(sharding.shard_runs(sharding.pad_runs(tree, size), mesh))
+    hp = per_lane({k: np.asarray(v, np.float32) for k, v in hparams.items()})
+    keys, aux, variables, run_slots = map(per_lane, (keys, aux, init_variables, slots))
+    all_slots = lanes.join(run_slots)
+    data = sharding.replicate((_stack([t.images for t in trains]), _stack([t.labels for t in trains]),
+                               _stack([t.weights for t in trains]), scales), mesh)
+    valid_data = sharding.replicate((_stack([v.images for v in valids]), _stack([v.labels for v in valids]),
+                                     _stack([_group_ids(v)[0] for v in valids]), scales), mesh)
+    train_eval = sharding.replicate((data[0] if train.images.ndim == 4 else data[0][:, :, 0], data[1],
+                                     jnp.zeros(data[1].shape, jnp.int32), scales), mesh)
+
+    def initial_state(v, h):
+      return (v['params'], v['batch_stats'],
+              *init_state(v['params'], h['learning_rate'], h.get('radius', jnp.ones_like(h['learning_rate'])),
+                          num_groups=len(sizes)))
+    state = lanes.map(initial_state, variables, hp)
+    best = variables
+    checkpoint = FitCheckpoint(options.checkpoint_dir) if options.checkpoint_dir else None
+    restored = checkpoint.restore({'state': lanes.join(state), 'best': lanes.join(best)}) if checkpoint else None
+    if restored is None:
+      epoch, examples, elapsed = 0, 0, 0.0
+      tr_loss, tr_acc, _ = evaluate(variables, train_eval, is_valid=False)
+      va_loss, va_acc, va_metric = evaluate(variables, valid_data)
+      history = [_record(0, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric)]
+      stopping = EarlyStopping.start(va_metric, options.patience, options.compat_early_stopping)
+    else:
+      epoch, device_state, host = restored
+      state, best = device_state['state'], device_state['best']
+      if mesh is None:  # restored arrays come back committed to the device, which would recompile every jitted step
+        state, best = jax.device_put(jax.device_get((state, best)))
+      state, best = lanes.split(state), lanes.split(best)
+      history, examples, elapsed = host['history'], host['examples'], host['seconds']
+      stopping = EarlyStopping(**{k: np.asarray(v) if isinstance(v, list) else v for k, v in host['stopping'].items()})
+    stopping.active[num_runs:] = False  # padding runs
+    describe_run = describe_run or (lambda r: f'run {r}')
+    last_save = time.time()
+    bar = progress_bar(options.num_epochs, options.description)
+    bar.update(epoch)
+    while epoch < options.num_epochs and stopping.active.any():
+      epoch += 1
+      tic = time.time()
+      active = stopping.active.copy()
+      outs = lanes.map(lambda st, h, k, a, x, r: train_epoch(st, h, k, sharding.shard_runs(a, mesh), x, r, data, epoch),
+                       state, hp, keys, lanes.split(active), aux, run_slots)
+      state = [o[0] for o in outs]
+      tr_loss, tr_acc, finite = (np.concatenate([np.asarray(o[1][i]) for o in outs]) for i in range(3))
+      variables = [{'params': st[0], 'batch_stats': st[1]} for st in state]
+      va_loss, va_acc, va_metric = evaluate(variables, valid_data)
+      # runs that had stopped were not trained: their train metrics stay those of their last epoch
+      tr_loss, tr_acc = (np.where(active, x, _padded(history[-1][k], len(x))) for x, k in
+                         ((tr_loss, 'train_loss'), (tr_acc, 'train_accuracy')))
+      bad = np.flatnonzero(active & ~finite)
+      if bad.size:
+        raise TrainingDiverged(f'training loss became NaN/inf in epoch {epoch} of {options.description} for '
+                               f'{describe_run(int(bad[0]))}; lower the learning rate or check the inputs')
+      examples += per_epoch * int(active.sum())
+      improved = stopping.update(va_metric, epoch)
+      best = lanes.map(lambda b, v, i: keep_best(b, v, sharding.shard_runs(i, mesh)), best, variables,
+                       lanes.split(improved))
+      history.append(_record(epoch, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric))
+      elapsed += time.time() - tic
+      bar.update(1)
+      bar.set_postfix(best_valid=f'{stopping.best_acc[:num_runs].max():.3f}', running=int(stopping.active.sum()))
+      if checkpoint and (time.time() - last_save >= options.checkpoint_every_s):
+        host = {'stopping': stopping.to_json(), 'history': history, 'examples': examples, 'seconds': elapsed}
+        checkpoint.save(epoch, {'state': lanes.join(state), 'best': lanes.join(best)}, host)
+        last_save = time.time()
+    bar.close()
+    best = lanes.join(best)
+    return FitResult(
+        best_variables=jax.tree_util.tree_map(lambda x: x[:num_runs], best),
+        best_valid_accuracy=stopping.best_acc[:num_runs], best_epoch=stopping.best_epoch[:num_runs],
+        stop_epoch=stopping.stop_epoch[:num_runs],
+        history=history, train_seconds=elapsed, examples_per_second=examples / max(elapsed, 1e-9))
 
 
 def _padded(values: list[float], size: int) -> np.ndarray:
