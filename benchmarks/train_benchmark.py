@@ -10,7 +10,8 @@
    differently in the last bits, which can move a run's accuracy by an example (printed).
 3. Cores (on CPU): the most any way of training independent runs side by side can gain from the cores here: 4
    one-run fits of the default grid model in one process alone, then in one process per core at the same time
-   (each process starts timing once every process has compiled).
+   (each process starts timing once every process has compiled); with XLA's default CPU threading and with one
+   thread per process.
 4. Kernels (on CPU): `patches_conv` vs `lax.conv_general_dilated` and `max_pool_3x3_s2` vs `nn.max_pool`,
    forward+backward, single and vmapped over 8 runs.
 
@@ -178,23 +179,32 @@ def cores(epochs: int, count: int = 4) -> None:
   """Prints `count` serial one-run fits timed in one process alone and in one process per core at once."""
   n = len(os.sched_getaffinity(0))
   print(f'\n## Cores: {count} one-run fits of the default grid model per process ({epochs} epochs; wall s)\n')
-  print('| processes at once | slowest process (s) | fits / s | vs one process |')
-  print('|---:|---:|---:|---:|')
-  rate_alone = None
-  for procs in (1, n):
-    with tempfile.TemporaryDirectory() as tmp:
-      barriers = [os.path.join(tmp, str(i)) for i in range(procs)]
-      children = [subprocess.Popen([sys.executable, __file__, '--cores-child', b, '--fits', str(count),
-                                    '--grid-epochs', str(epochs)], stdout=subprocess.PIPE, text=True,
-                                   env=dict(os.environ, CI='1'))
-                  for b in barriers]
-      while not all(os.path.exists(b + '.ready') for b in barriers):
-        time.sleep(0.05)
-      open(os.path.join(tmp, 'go'), 'w').close()
-      slowest = max(float(c.communicate()[0].split()[-1]) for c in children)
-    rate = procs * count / slowest
-    rate_alone = rate_alone or rate
-    print(f'| {procs} | {slowest:.2f} | {rate:.2f} | {rate / rate_alone:.2f}x |', flush=True)
+  print('| XLA CPU threads per process | processes at once | slowest process (s) | fits / s | vs one process |')
+  print('|---|---:|---:|---:|---:|')
+  single = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+  for threads, flags in (('default', os.environ.get('XLA_FLAGS', '')), ('1', single)):
+    rate_alone = None
+    for procs in (1, n):
+      slowest = _concurrent_children(procs, count, epochs, flags)
+      rate = procs * count / slowest
+      rate_alone = rate_alone or rate
+      print(f'| {threads} | {procs} | {slowest:.2f} | {rate:.2f} | {rate / rate_alone:.2f}x |', flush=True)
+
+
+def _concurrent_children(procs: int, count: int, epochs: int, xla_flags: str) -> float:
+  """Wall seconds of the slowest of `procs` processes each timing `serial_fits(count)` at the same time."""
+  with tempfile.TemporaryDirectory() as tmp:
+    barriers = [os.path.join(tmp, str(i)) for i in range(procs)]
+    children = [subprocess.Popen([sys.executable, __file__, '--cores-child', b, '--fits', str(count),
+                                  '--grid-epochs', str(epochs)], stdout=subprocess.PIPE, text=True,
+                                 env=dict(os.environ, CI='1', XLA_FLAGS=xla_flags))
+                for b in barriers]
+    while not all(os.path.exists(b + '.ready') for b in barriers):
+      if any(c.poll() is not None for c in children):
+        raise RuntimeError('a process of the cores section ended before timing; run it alone to see why')
+      time.sleep(0.05)
+    open(os.path.join(tmp, 'go'), 'w').close()
+    return max(float(c.communicate()[0].split()[-1]) for c in children)
 
 
 def kernels() -> None:
