@@ -1,7 +1,8 @@
 """THE training loop: every method trains through `fit`.
 
-A fit trains R independent *runs* at once (grid points × seeds), stacked on a leading run axis and `vmap`ed. One
-epoch is one compiled call that `lax.scan`s over shuffled mini-batches of device-resident data. After every epoch the
+A fit trains R independent *runs* at once (grid points × seeds), stacked on a leading run axis and `vmap`ed (on
+CPU: one after another inside the program, in one concurrent lane per core; `FitOptions`). One epoch is one
+compiled call that `lax.scan`s over shuffled mini-batches of device-resident data. After every epoch the
 valid split is evaluated in eval mode; the best epoch (strictly higher valid accuracy, epoch 0 included) is kept per
 run, and a run stops after more than `patience` epochs without beating its best (`compat_early_stopping` compares
 with the previous epoch instead, as the original did).
