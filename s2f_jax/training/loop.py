@@ -482,7 +482,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   valid_ids, num_valid_groups = _group_ids(valid)
   valid_sizes = np.bincount(valid_ids, minlength=num_valid_groups)
   # every run evaluated on the same data (one slot): vmapped over all runs by default, so the first layer is one
-  # wide op (on CPU 4x faster than runs in sequence, with the same examples in flight; lanes do not help here)
+  # wide op (on CPU 3-6x faster than runs in sequence, with the same examples in flight; lanes do not help)
   eval_chunk = None if len(trains) == 1 and options.parallel_runs == 0 else chunk
   evaluator = functools.partial(_evaluator(programs_learner, options.eval_batch_size), groups=groups,
                                 chunk=eval_chunk)
