@@ -124,7 +124,8 @@ def grid_four_ways(names: list[str], epochs: int) -> bool:
   print(f'\n## 8-point grid, four ways ({len(train)} train / {len(valid)} valid digits, 16×16, batch 50, '
         f'{epochs} epochs; wall s after warm-up)\n')
   print(f'| model | (a) vmap 8 (s) | (b) in sequence (s) | (d) {lanes} lanes (s) | (c) 8 serial fits (s) | (c)/(a) '
-        '| (c)/(b) | (c)/(d) | max Δ best valid acc (a)−(c) | (b)−(c) | (d)−(c) | max Δ epoch-0 valid loss (a)−(c) |')
+        '| (c)/(b) | (c)/(d) | max Δ best valid acc (a)−(c) | (b)−(c) | (d)−(c) '
+        '| max Δ epoch-0 valid loss (a)−(c) |')
   print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
   agree, evaluation_rows = True, []
   for label in names:
