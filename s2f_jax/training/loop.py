@@ -489,18 +489,20 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
 
   with sharding.Lanes(num_lanes) as lanes:
     def evaluate(variables, data, is_valid=True):
-      """(mean CE, accuracy, selection metric) [R] numpy on the train or valid slots; variables per lane."""
+      """(mean CE, accuracy, selection metric) [R] numpy on the train or valid slots; variables of all lanes."""
       num_groups = num_valid_groups if is_valid else 1
-      loss, acc, correct = map(np.asarray, evaluator(lanes.join(variables), all_slots, data, num_groups=num_groups))
+      loss, acc, correct = map(np.asarray, evaluator(variables, all_slots, data, num_groups=num_groups))
       if options.select == 'accuracy' or not is_valid:
         return loss, acc, acc
       return loss, acc, np.nanmin(_accuracy_by_group(correct, valid_sizes), axis=1)
 
-    def per_lane(tree):  # run-axis values, padded and placed, as a list with one pytree per lane
-      return lanes.split(sharding.shard_runs(sharding.pad_runs(tree, size), mesh))
-    hp = per_lane({k: np.asarray(v, np.float32) for k, v in hparams.items()})
-    keys, aux, variables, run_slots = map(per_lane, (keys, aux, init_variables, slots))
-    all_slots = lanes.join(run_slots)
+    def placed(tree):  # run-axis values, padded and placed
+      return sharding.shard_runs(sharding.pad_runs(tree, size), mesh)
+    init_variables = placed(init_variables)
+    hp = lanes.split(placed({k: np.asarray(v, np.float32) for k, v in hparams.items()}))
+    all_slots = placed(slots)
+    keys, aux = (lanes.split(placed(x)) for x in (keys, aux))
+    variables, run_slots = lanes.split(init_variables), lanes.split(all_slots)
     data = sharding.replicate((_stack([t.images for t in trains]), _stack([t.labels for t in trains]),
                                _stack([t.weights for t in trains]), scales), mesh)
     valid_data = sharding.replicate((_stack([v.images for v in valids]), _stack([v.labels for v in valids]),
@@ -518,8 +520,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     restored = checkpoint.restore({'state': lanes.join(state), 'best': lanes.join(best)}) if checkpoint else None
     if restored is None:
       epoch, examples, elapsed = 0, 0, 0.0
-      tr_loss, tr_acc, _ = evaluate(variables, train_eval, is_valid=False)
-      va_loss, va_acc, va_metric = evaluate(variables, valid_data)
+      tr_loss, tr_acc, _ = evaluate(init_variables, train_eval, is_valid=False)
+      va_loss, va_acc, va_metric = evaluate(init_variables, valid_data)
       history = [_record(0, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric)]
       stopping = EarlyStopping.start(va_metric, options.patience, options.compat_early_stopping)
     else:
@@ -544,7 +546,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       state = [o[0] for o in outs]
       tr_loss, tr_acc, finite = (np.concatenate([np.asarray(o[1][i]) for o in outs]) for i in range(3))
       variables = [{'params': st[0], 'batch_stats': st[1]} for st in state]
-      va_loss, va_acc, va_metric = evaluate(variables, valid_data)
+      va_loss, va_acc, va_metric = evaluate(lanes.join(variables), valid_data)
       # runs that had stopped were not trained: their train metrics stay those of their last epoch
       tr_loss, tr_acc = (np.where(active, x, _padded(history[-1][k], len(x))) for x, k in
                          ((tr_loss, 'train_loss'), (tr_acc, 'train_accuracy')))
