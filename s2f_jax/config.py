@@ -148,7 +148,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise choices_error('joint.loss_samples', config.joint.loss_samples, LOSS_SAMPLES)
   _validate_joint(config)
   _validate_constraint(config)
-  _non_negative(config, 'num_epochs', 'train.patience', 'train.parallel_runs', 'train.lanes', 'irm_anneal_steps')
+  _non_negative(config, 'seed', 'num_epochs', 'train.patience', 'train.parallel_runs', 'train.lanes',
+                'irm_anneal_steps')
+  if config.seed >= 2 ** 32:  # numpy's legacy seeding (spec §1.5) takes 32-bit seeds
+    raise UserError(f'seed={config.seed} must be below 2**32 = {2 ** 32}')
   for key in ('dro_eta', 'irm_penalty'):
     if not isinstance(config[key], (int, float)) or config[key] < 0:
       raise UserError(f'{key}={config[key]!r} must be a non-negative number')
@@ -259,10 +262,12 @@ def side_layer_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...] | str
 
 
 def validate_for_sequence(config: ml_collections.ConfigDict, num_steps: int) -> None:
-  """Checks that need the sequence length (per-step `fine_tune_layers` specs)."""
-  from s2f_jax.methods import layers_spec
+  """Checks that need the sequence length (per-step `fine_tune_layers` specs, learning-rate schedules)."""
+  from s2f_jax.methods import fine_tune, layers_spec
   if 'sequential_fine_tune' in methods_of(config):
     layers_spec.step_plans(config.fine_tune_layers, num_steps, config.model.num_blocks)
+    if config.fine_tune_mode == 'standard':
+      fine_tune.check_schedule(config.learning_rate_decay, num_steps)
 
 
 def _lookup(config, dotted: str):

@@ -51,6 +51,12 @@ BAD_INPUTS = {
                                       ['sweep_efficient_reg', 'side_tune', 'low_rank_adapt']),
     'debug mode with dro': (['--config.method=dro_fine_tune', '--config.fine_tune_mode=standard_using_joint'],
                             ['standard_using_joint', 'erm_fine_tune']),
+    'too many densenet blocks': (['--config.model.name=densenet', '--config.model.num_blocks=4'],
+                                 ['DenseNet', 'spatial size', 'fewer blocks']),
+    'seed too large': (['--config.seed=5000000000'], ['seed=5000000000', '2**32']),
+    'linear decay past zero': (['--config.method=sequential_fine_tune', '--config.learning_rate_decay=linear',
+                                '--config.data.shift_sequence=' + ':'.join(['rotation'] * 10)],
+                               ['learning_rate_decay=linear', 'step 10', 'exponential']),
     'adapter rank too large': (['--config.method=erm_fine_tune', '--config.fine_tune_mode=low_rank_adapt',
                                 '--config.adapter_rank=500'], ['500', 'layer1', 'largest valid rank']),
 }
@@ -69,6 +75,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path):
     assert word in lines[0], (word, lines[0])
   assert 'Traceback' not in proc.stderr
   assert not workdir.exists()
+
+
+def test_half_prepared_tfds_root_is_one_line_exit_2(tmp_path):
+  pytest.importorskip('tensorflow_datasets')
+  (tmp_path / 'tfds' / 'mnist' / '3.0.1').mkdir(parents=True)  # a variant folder without dataset_info.json
+  workdir = tmp_path / 'work'
+  proc = run_main(TINY + ['--config.data.name=tfds:mnist', f'--config.data.root={tmp_path / "tfds"}'], workdir)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()]
+  assert proc.stderr.startswith('error: tfds:mnist: not prepared under') and not workdir.exists()
 
 
 def read_csv(path):

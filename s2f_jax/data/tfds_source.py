@@ -6,6 +6,8 @@ parquet), e.g. `tfds build svhn_cropped --data_dir=<root> --file_format=array_re
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,18 @@ def _read_split(source: Any, image_size: int, what: str) -> tuple[np.ndarray, np
   return stacked, labels
 
 
+@contextlib.contextmanager
+def _absl_errors_only():
+  """Silences absl's warnings (tfds warns about half-prepared folders before raising), so an error stays one line."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def load_tfds(root: str | Path, image_size: int, name: str) -> BaseDataset:
   """The 'train' and 'test' splits of tfds dataset `name` prepared under `root`, as uint8 [N, size, size, 3] images.
 
@@ -55,7 +69,8 @@ def load_tfds(root: str | Path, image_size: int, name: str) -> BaseDataset:
   except ImportError:
     raise UserError(f'{what} needs TensorFlow Datasets: pip install tensorflow-datasets importlib_resources') from None
   try:
-    sources = tfds.data_source(name, data_dir=str(root), download=False)
+    with _absl_errors_only():
+      sources = tfds.data_source(name, data_dir=str(root), download=False)
   except Exception as e:  # tfds raises several types (DatasetNotFoundError, NotImplementedError, ...) for "not here"
     reason = str(e).strip().split('\n')[0].split('. ')[0].rstrip('.') or type(e).__name__  # first sentence
     raise UserError(f'{what}: not prepared under {root} in a random-access format ({reason}); prepare it with '

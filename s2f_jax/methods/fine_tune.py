@@ -226,18 +226,31 @@ def erm_fine_tune(ctx: RunContext) -> list[dict]:
   return fine_tune_after(ctx, prev, 'erm')
 
 
+def schedule_rates(decay: str, t: int) -> list[float]:
+  """Step t's learning rate under each schedule of `decay` ('linear' or 'exponential'); UserError once a linear
+  schedule reaches 0."""
+  rates = []
+  for start, change in LR_SCHEDULES[decay]:
+    lr = start - t * change if decay == 'linear' else start * change ** t
+    if lr <= 0:
+      raise UserError(f'learning_rate_decay=linear (start {start:g}, step {change:g}) reaches lr={lr:g} at '
+                      f'step {t}; use learning_rate_decay=exponential or none for sequences this long')
+    rates.append(lr)
+  return rates
+
+
+def check_schedule(decay: str, num_steps: int) -> None:
+  """UserError unless every step 0..num_steps−1 of a sequential run has a positive learning rate."""
+  if decay != 'none':
+    schedule_rates(decay, num_steps - 1)
+
+
 def schedule_grid(ctx: RunContext, decay: str, t: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Step t's runs and their schedule (group) ids: for 'none' the lr axis is tuned per step (one group)."""
   if decay == 'none':
     g = ctx.grid()
     return g, np.zeros(len(g['learning_rate']), int)
-  grids = []
-  for start, change in LR_SCHEDULES[decay]:
-    lr = start - t * change if decay == 'linear' else start * change ** t
-    if lr <= 0:
-      raise UserError(f'linear learning-rate schedule (start {start:g}, step {change:g}) reaches lr={lr:g} at '
-                      f'step {t}; use learning_rate_decay=exponential or none for sequences this long')
-    grids.append(ctx.grid(learning_rate=(lr,)))
+  grids = [ctx.grid(learning_rate=(lr,)) for lr in schedule_rates(decay, t)]
   groups = np.concatenate([np.full(len(g['learning_rate']), i) for i, g in enumerate(grids)])
   return grid_lib.concat(grids), groups
 
