@@ -175,6 +175,13 @@ def _validate_joint(config: ml_collections.ConfigDict) -> None:
   betas = tuple(j.adjacent) if isinstance(j.adjacent, (tuple, list)) else (j.adjacent,)
   if any(not isinstance(v, (int, float)) or v < 0 for v in betas):
     raise UserError(f'joint.adjacent={betas} must hold non-negative numbers')
+  unused = ('joint.adjacent_reg_type=none' if j.adjacent_reg_type == 'none' else 'joint.ablate' if j.ablate
+            else 'joint.sweep_efficient_reg (β = 0.1)' if j.sweep_efficient_reg else None)
+  if betas and unused and 'joint_model' in methods_of(config):
+    raise UserError(f'joint.adjacent={betas} is not used with {unused}; leave it empty')
+  w = j.last_step_loss_weight
+  if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+    raise UserError(f'joint.last_step_loss_weight={w!r} must be a positive number')
   _non_negative(config, 'joint.resume_epochs')
 
 

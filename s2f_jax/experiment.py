@@ -90,11 +90,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, batcher: 
   shared_dir = os.path.join(workdir, 'shared', shared_fingerprint(config))
   for method in config_lib.methods_of(config):
     final_dir = os.path.join(workdir, method_name(method, config))
-    if os.path.exists(os.path.join(final_dir, 'DONE')):
-      log.info('%s already finished in %s; skipping', method, final_dir)
-      rows += read_metrics(final_dir)
-      continue
     partial = final_dir + '.partial'
+    if os.path.exists(os.path.join(final_dir, 'DONE')):
+      finished, pending = read_metrics(final_dir), METHODS[method].pending
+      if not (pending and pending(config, finished)):
+        log.info('%s already finished in %s; skipping', method, final_dir)
+        rows += finished
+        continue
+      log.info('%s finished in %s; reopening it for what the config adds', method, final_dir)
+      os.remove(os.path.join(final_dir, 'DONE'))
+      os.replace(final_dir, partial)
     fresh = not os.path.exists(partial)
     os.makedirs(partial, exist_ok=True)
     try:

@@ -76,9 +76,9 @@ PAPER_VARIANTS = (
     ('SST-B', {'method': 'sequential_fine_tune', 'fine_tune_mode': 'side_tune', 'side_layer_sizes': 'block'}),
     ('JM', {'method': 'joint_model'}),
     ('JST-1', {'method': 'joint_model', 'joint.mode': 'side_tune', 'all_layers_efficient': True,
-               'joint.adjacent_reg_type': 'none'}),
+               'joint.adjacent_reg_type': 'none', 'joint.adjacent': ()}),
     ('JST-B', {'method': 'joint_model', 'joint.mode': 'side_tune', 'side_layer_sizes': 'block',
-               'joint.adjacent_reg_type': 'none'}),
+               'joint.adjacent_reg_type': 'none', 'joint.adjacent': ()}),
 )
 PAPER_MODELS = ('convnet', 'densenet', 'resnet')  # table row order: Conv-1..4, Dense-1..4, Res-1..4
 PAPER_BLOCKS = (1, 2, 3, 4)

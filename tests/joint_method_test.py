@@ -84,6 +84,21 @@ def test_search_resume_and_fisher(tmp_path, monkeypatch):
   assert resumed['Method'] == 'joint_model_adjacent_reg_l2_resumed'
   assert resumed['Hyper-parameters'] == first['Hyper-parameters']
   assert resumed['Validation accuracy'] >= first['Validation accuracy']  # its epoch 0 is the winner
+  assert resumed['Resume epochs'] == 2
+
+  # A finished run asked to resume for longer is reopened: the searched and joint stages reload, only the
+  # continuation trains; asked again, it is skipped.
+  stages = lambda: [json.loads(line)['stage'] for line in (method_dir / 'history.jsonl').read_text().splitlines()]
+  before = stages()
+  overrides = {'joint.separate_layers': 'search', 'joint.resume_epochs': 3, 'joint.adjacent': (1.0,)}
+  again = _run(tmp_path / 'search', method='joint_model', num_epochs=2, **overrides)
+  timing = ('Wall seconds', 'Train seconds', 'Examples per second')
+  untimed = lambda row: {k: v for k, v in row.items() if k not in timing}
+  assert untimed(again[0]) == untimed(first) and again[1]['Resume epochs'] == 3
+  added = stages()[len(before):]
+  assert set(added) == {'joint_resume3'} and stages()[:len(before)] == before
+  assert _run(tmp_path / 'search', method='joint_model', num_epochs=2, **overrides) == again
+  assert len(stages()) == len(before) + len(added)
 
   # The searched run's 'joint' stage (l2, β = 1, the winning layers) is the l2 reference of the epoch Fisher: the
   # same stage trained with l2_fisher on the same layers (one training program fewer than a separate l2 run).

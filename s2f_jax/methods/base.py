@@ -206,7 +206,10 @@ def result_row(method: str, selection: Selection, test_accuracy: float, group: i
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A registered method: `run(ctx)` returns its metrics rows; `name(config)` is the variant's name (its 'Method'
-  column and directory, e.g. erm_linear_probe_then_fine_tune), by default the registry key."""
+  column and directory, e.g. erm_linear_probe_then_fine_tune), by default the registry key. `pending(config, rows)`:
+  True when a finished run's rows lack something `config` asks for (e.g. `joint.resume_epochs`); the run is then
+  reopened, its cached stages reload and only the rest trains."""
   run: Callable[[RunContext], list[Row]]
   summary: str
   name: Callable[[ml_collections.ConfigDict], str] | None = None
+  pending: Callable[[ml_collections.ConfigDict, list[Row]], bool] | None = None

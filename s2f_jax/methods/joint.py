@@ -320,11 +320,18 @@ def joint_model(ctx: RunContext) -> list[dict]:
   rows = [result_row(joint_name(c), sel, ctx.test_accuracy(sel.winner(best), learner=learner), best, **extra)]
   if j.resume_epochs:
     hp = grid_lib.product_grid({k: (float(v),) for k, v in sel.hparams[best].items()})
-    resumed = ctx.train_stage('joint_resume', sel.winner(best), hp, train, valid, learner=learner,
-                              num_epochs=j.resume_epochs, patience=RESUME_PATIENCE)
-    rows.append(result_row(joint_name(c) + '_resumed', resumed,
-                           ctx.test_accuracy(resumed.winner(), learner=learner), **extra))
+    resumed = ctx.train_stage(f'joint_resume{j.resume_epochs}', sel.winner(best), hp, train, valid,
+                              learner=learner, num_epochs=j.resume_epochs, patience=RESUME_PATIENCE)
+    rows.append(result_row(joint_name(c) + '_resumed', resumed, ctx.test_accuracy(resumed.winner(), learner=learner),
+                           **extra, **{'Resume epochs': j.resume_epochs}))
   return rows
+
+
+def resume_pending(config, rows: list[dict]) -> bool:
+  """A finished joint run lacks the `joint.resume_epochs` continuation the config asks for."""
+  epochs = config.joint.resume_epochs
+  return bool(epochs) and not any(r['Method'] == joint_name(config) + '_resumed' and r.get('Resume epochs') == epochs
+                                  for r in rows)
 
 
 # ------------------------------------------------------------------ fine-tuning through a frozen 2-step joint model
@@ -391,4 +398,5 @@ def frozen_joint_fine_tune(ctx: RunContext, prev: Selection) -> list[dict]:
                      **{'All-previous test accuracy': ctx.test_accuracy(history)})]
 
 
-METHODS = {'joint_model': Method(joint_model, 'one model per step coupled by adjacent regularisation', joint_name)}
+METHODS = {'joint_model': Method(joint_model, 'one model per step coupled by adjacent regularisation', joint_name,
+                                 resume_pending)}
