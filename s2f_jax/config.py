@@ -106,6 +106,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.compat.fisher_per_batch = False  # Fisher from squared mini-batch gradients (the original) not per-sample
   c.compat.dro_hard_max = False  # dro: the worst step's batch loss each iteration (no group weights)
   c.compat.irm_vector_dummy = False  # irm: vector dummy, penalty weight 1, summed over steps (the original)
+  c.compat.joint_adjacent_all_params = False  # joint adjacent term over every parameter, BN γ/β included
   c.compat.robust_pretrain_includes_final = False  # irm/dro_fine_tune: stage 1 also trains on the final step
   return c
 

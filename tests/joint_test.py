@@ -24,7 +24,7 @@ COUNTED = [('conv1', 'conv', 'kernel'), ('layer1', 'conv', 'kernel'), ('fc', 'de
 JOINT_APPLY = jax.jit(joint_apply, static_argnums=(0, 1), static_argnames=('train', 'unroll'))
 MODEL_INIT = jax.jit(MODEL.init)
 EVAL_APPLY = jax.jit(MODEL.apply)
-ADJACENT = jax.jit(adjacent_penalty, static_argnums=2)
+ADJACENT = jax.jit(adjacent_penalty, static_argnums=2, static_argnames='all_params')
 
 
 @jax.jit
@@ -237,10 +237,13 @@ def test_l2_by_time_counts_weights_per_step_without_bn():
   np.testing.assert_allclose(l2_by_time(bn_scaled, path, weights), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize('all_params', [False, True])  # True: the original's rule, BN γ/β included
 @pytest.mark.parametrize('kind', ['l2', 'l1', 'l2_fisher'])
-def test_adjacent_penalty_matches_hand_computation(kind):
+def test_adjacent_penalty_matches_hand_computation(kind, all_params):
   path = _path('conv1,layer1:fc,conv1', 3)  # conv1 [0,1,2], layer1 [0,1,1], fc [0,0,1]
   params = _joint(path)['params']
+  leaves = list(_flat(params)) if all_params else COUNTED
+  assert not all_params or {w[-1] for w in leaves} == {'kernel', 'bias', 'scale'}  # BN γ (scale) and β (bias)
   rng = np.random.default_rng(1)
   fisher = jax.tree.map(lambda a: rng.uniform(0.5, 2.0, a.shape).astype(np.float32), params)
   nu = np.array([0.5, 2.0], np.float32)
@@ -248,12 +251,12 @@ def test_adjacent_penalty_matches_hand_computation(kind):
   changes = [(0, 'conv1', 0), (0, 'layer1', 0), (1, 'conv1', 1), (1, 'fc', 0)]
   expected = 0.0
   for t, layer, k in changes:
-    for w in (w for w in COUNTED if w[0] == layer):
-      p, f = _leaf(params, w), _leaf(fisher, w)
+    for w in (w for w in leaves if w[0] == layer):
+      p, f = (np.asarray(_flat(tree)[w]) for tree in (params, fisher))
       delta = p[k + 1] - p[k]
       dist = {'l2': delta ** 2, 'l1': np.abs(delta), 'l2_fisher': f[k] * delta ** 2}[kind]
       expected += nu[t] * np.sum(dist)
-  value = ADJACENT(params, path, kind, nu, fisher)
+  value = ADJACENT(params, path, kind, nu, fisher, all_params=all_params)
   np.testing.assert_allclose(value, expected, rtol=1e-5)
 
 

@@ -143,12 +143,12 @@ def joint_name(config) -> str:
 def joint_setup(ctx: RunContext, separate_layers: str) -> tuple[nn.Module, JointLayout | LowRankLayout]:
   """(per-step model, layout) of `joint.mode` (UserError for bad options)."""
   c, j = ctx.config, ctx.config.joint
-  steps, blocks = ctx.num_steps, c.model.num_blocks
+  steps, blocks, all_params = ctx.num_steps, c.model.num_blocks, c.compat.joint_adjacent_all_params
   if j.mode not in MODES:
     raise choices_error('joint.mode', j.mode, MODES)
   if j.mode == 'separate':
     path = module_path(parse_separate_layers(separate_layers, steps, blocks), steps, blocks)
-    return ctx.model, JointLayout.separate(path, ablate=j.ablate)
+    return ctx.model, JointLayout.separate(path, ablate=j.ablate, adjacent_all_params=all_params)
   if j.separate_layers != 'all':
     raise UserError(f'joint.separate_layers={j.separate_layers!r} applies to joint.mode=separate; '
                     f"{j.mode} makes every layer new at every step (use 'all')")
@@ -163,14 +163,14 @@ def joint_setup(ctx: RunContext, separate_layers: str) -> tuple[nn.Module, Joint
     path = tuple(tuple(t if n in separate else 0 for n in names) for t in range(steps))
     gated = tuple((n, k) for k in range(steps - 1) for n in model.side_names(k))
     efficient = () if sizes == 'block' else tuple(n for n, _ in gated)
-    return model, JointLayout(names, path, gated, efficient, j.ablate)
+    return model, JointLayout(names, path, gated, efficient, j.ablate, all_params)
   x = jax.ShapeDtypeStruct((1,) + ctx.sequence.steps[0].train.images.shape[1:], np.float32)
   params = jax.eval_shape(lambda x: ctx.model.init(ctx.key, x), x)['params']
   ranks = adapter_ranks(blocks, c.adapter_rank, c.all_layers_efficient, params['fc']['dense']['kernel'].shape[0],
                         ctx.sequence.num_classes)
   check_ranks(params, ranks)
   return ctx.model, LowRankLayout(layer_names(blocks), steps, LowRank(c.adapter_mode), tuple(ranks.items()),
-                                  j.ablate)
+                                  j.ablate, all_params)
 
 
 def check_joint(ctx: RunContext) -> None:
@@ -379,7 +379,8 @@ def frozen_joint_fine_tune(ctx: RunContext, prev: Selection) -> list[dict]:
   name, from_history, adjacent = FROZEN_JOINT_MODES[c.fine_tune_mode]
   history = prev.winner()
   blocks = c.model.num_blocks
-  layout = JointLayout.separate(module_path(parse_separate_layers('all', 2, blocks), 2, blocks))
+  layout = JointLayout.separate(module_path(parse_separate_layers('all', 2, blocks), 2, blocks),
+                                adjacent_all_params=c.compat.joint_adjacent_all_params)
   start = history if from_history else ctx.init_variables()
   variables = {'params': {'history': history['params'], 'new': start['params']},
                'batch_stats': jax.tree.map(lambda h, n: np.stack([h, n]), history['batch_stats'],

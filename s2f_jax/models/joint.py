@@ -8,7 +8,8 @@ once; gathering it per step makes gradients sum over the steps that use it. `Low
 'low_rank_adapt'): a base model plus low-rank adapters merged per step.
 
 Regularisers count the leaves of `weight_decay_mask` (conv/dense kernels and the fc bias; never BN) — also for the
-adjacent term, where the original code also included some BN γ/β (spec §2.6, §4.1).
+adjacent term, where the original code took every parameter, BN γ/β included (spec §4.1): a layout's
+`adjacent_all_params` (config `compat.joint_adjacent_all_params`) reproduces that.
 """
 from __future__ import annotations
 
@@ -168,12 +169,14 @@ class JointLayout:
   efficient: names counted by the efficient L2 coefficient instead of λ (conv-chain side modules).
   ablate: every step runs step 0's model (side modules gated off, separate modules tied): the joint model reduces to
     one model trained on every step; modules step 0 does not use get gradients from the penalties only.
+  adjacent_all_params: the adjacent term over every parameter of a module, BN γ/β included (the original's rule).
   """
   names: tuple[str, ...]
   path: tuple[tuple[int, ...], ...]
   gated: tuple[tuple[str, int], ...] = ()
   efficient: tuple[str, ...] = ()
   ablate: bool = False
+  adjacent_all_params: bool = False
 
   @classmethod
   def separate(cls, path: np.ndarray, names: Sequence[str] | None = None, **kwargs) -> 'JointLayout':
@@ -242,7 +245,8 @@ class JointLayout:
     count; 0 under `ablate` (every step runs the same model)."""
     if self.ablate:
       return jnp.zeros((), jnp.float32)
-    return adjacent_penalty(params, np.asarray(self.path), kind, weights, fisher, self.names)
+    return adjacent_penalty(params, np.asarray(self.path), kind, weights, fisher, self.names,
+                            self.adjacent_all_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,12 +256,14 @@ class LowRankLayout:
 
   Joint variables: params {'base': model params, 'adapter': adapter with T−1 steps}; batch_stats: every layer's
   stacked per step [T, ...] (a new BN per step). ablate: every step runs the base model (with step 0's stats).
+  adjacent_all_params: as `JointLayout`'s.
   """
   names: tuple[str, ...]
   num_steps: int
   low_rank: LowRank
   ranks: tuple[tuple[str, int], ...]
   ablate: bool = False
+  adjacent_all_params: bool = False
 
   def _stats_layout(self) -> JointLayout:
     steps = np.arange(self.num_steps)[:, None] * np.ones(len(self.names), int)
@@ -324,7 +330,7 @@ class LowRankLayout:
     stacked = {n: self._per_step(params, n) for n in separate}
     f = None if fisher is None else {n: self._per_step(fisher, n) for n in separate}
     path = np.arange(self.num_steps)[:, None] * np.ones(len(separate), int)
-    return adjacent_penalty(stacked, path, kind, weights, f, separate)
+    return adjacent_penalty(stacked, path, kind, weights, f, separate, self.adjacent_all_params)
 
 
 def joint_apply(model: nn.Module, layout: JointLayout | LowRankLayout, joint: dict, x: jax.Array,
@@ -376,9 +382,10 @@ def l2_by_time(params: dict, path: np.ndarray | jax.Array, weights: jax.Array) -
 
 
 def adjacent_penalty(params: dict, path: np.ndarray | jax.Array, kind: str, weights: jax.Array,
-                     fisher: dict | None = None, names: Sequence[str] | None = None) -> jax.Array:
+                     fisher: dict | None = None, names: Sequence[str] | None = None, all_params: bool = False
+                     ) -> jax.Array:
   """Σ_{t<T−1} Σ_ℓ [path[t+1,ℓ] − path[t,ℓ] = 1] · ν_t · D(θ_{ℓ,k+1}, θ_{ℓ,k}), k = path[t,ℓ] (spec §4.1), over the
-  `weight_decay_mask` leaves of the joint params.
+  `weight_decay_mask` leaves of the joint params (every leaf, BN γ/β included, with `all_params`).
 
   kind: D = Σ(Δθ)² for 'l2' (also 'l2_high', 'l2_very_high'), Σ|Δθ| for 'l1', Σ F ⊙ (Δθ)² for 'l2_fisher' with F
   the earlier module's entry of `fisher` (joint-params structure; 1 if None); 'none' gives 0.
@@ -401,4 +408,5 @@ def adjacent_penalty(params: dict, path: np.ndarray | jax.Array, kind: str, weig
     k, steps = path[:-1, col], path[1:, col] - path[:-1, col] == 1
     return jnp.sum(jnp.where(steps, weights * jnp.take(dist, k, mode='clip'), 0.0))
 
-  return _total(_map_layers(term, path, params, weight_decay_mask(params), fisher, names=names))
+  counted = jax.tree.map(lambda _: True, params) if all_params else weight_decay_mask(params)
+  return _total(_map_layers(term, path, params, counted, fisher, names=names))
