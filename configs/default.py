@@ -1,7 +1,8 @@
 r"""The embedded default: four methods on a rotation → noise → label-flip sequence of scikit-learn's digits.
 
 Needs no files. Runs ERM-final, ERM-all, ERM-then-fine-tune and sequential fine-tuning (each with the 8-point
-lr × weight-decay × dropout grid vmapped in one program) on a 1-block ConvNet of width 16 (16×16 inputs) and prints a table.
+lr × weight-decay × dropout grid trained by one compiled program: vmapped on GPU/TPU, one concurrent lane per core on
+CPU, see `train.parallel_runs` / `train.lanes`) on a 1-block ConvNet of width 16 (16×16 inputs) and prints a table.
 
   python experiments/main.py --config=configs/default.py --workdir=runs/default
 
