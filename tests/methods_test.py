@@ -1,5 +1,6 @@
 """Methods route the right data, weights, grids and starting points into the shared loop (spec §3.3–§3.4), and a
 killed run resumes to the same metrics."""
+import json
 import os
 
 import jax
@@ -150,6 +151,12 @@ def test_killed_run_resumes_to_same_metrics(monkeypatch, tmp_path):
           'All-previous test accuracy')
   assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in reference]
   assert (tmp_path / 'b' / 'erm_fine_tune' / 'DONE').exists()
+  # the method's history.jsonl holds the shared stage 1 (trained in a), copied once from the cache (b), and stage 2
+  files = [tmp_path / d / 'erm_fine_tune' / 'history.jsonl' for d in ('a', 'b')]
+  histories = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+  for history in histories:
+    assert [h['stage'] for h in history if h['run'] == 0 and h['epoch'] == 0] == ['erm_all_prev', 'fine_tune_all']
+  assert histories[0] == histories[1]
 
 
 def test_digits_reach_high_clean_accuracy(tmp_path):

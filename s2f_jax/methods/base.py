@@ -125,6 +125,7 @@ class RunContext:
     init = init if stacked_init else grid_lib.stack(init, num_runs)
     done = os.path.join(stage_dir, 'selection.json')
     if os.path.exists(done):
+      self._copy_history(root, name)
       with open(done) as f:
         meta = json.load(f)
       like = grid_lib.take(init, np.asarray(meta['winners']))
@@ -166,7 +167,25 @@ class RunContext:
                                  'valid_accuracy': selection.valid_accuracy.tolist(), 'runs': runs,
                                  'train_seconds': result.train_seconds})
     checkpoint.FitCheckpoint(options.checkpoint_dir).clear()
+    self._copy_history(root, name)
     return selection
+
+  def _copy_history(self, root: str, name: str) -> None:
+    """Appends shared stage `name`'s history (kept in `root`, the shared cache) to this method's history.jsonl,
+    once, so the method's file holds every stage its results come from."""
+    if root == self.workdir:
+      return
+    stage_of_line = lambda line: json.loads(line)['stage']
+    own = os.path.join(self.workdir, 'history.jsonl')
+    if os.path.exists(own):
+      with open(own) as f:
+        if any(stage_of_line(line) == name for line in f):
+          return
+    with open(os.path.join(root, 'history.jsonl')) as f:
+      lines = [line for line in f if stage_of_line(line) == name]
+    os.makedirs(self.workdir, exist_ok=True)
+    with open(own, 'a') as f:
+      f.writelines(lines)
 
   def loss_accuracy(self, variables: PyTree, split: Split | None = None, learner: Learner | None = None
                     ) -> tuple[float, float]:
