@@ -12,6 +12,7 @@ from s2f_jax.errors import UserError
 
 # The paper's columns (spec §1.9): CIFAR-10 plane, car, bird, cat, dog; CIFAR-100 coarse classes; Portraits 3 + 3.
 PAPER_CLASSES = {'cifar10': (0, 1, 2, 3, 5), 'cifar100': (9, 18, 2, 8, 12), 'portraits': (1, 0)}
+PAPER_PER_CLASS = {'portraits': 3}  # images per class and step (1 for the others)
 
 
 def save_sequence_grid(sequence: Sequence, path: str | os.PathLike, classes: Seq[int] | None = None,
