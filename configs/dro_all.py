@@ -2,8 +2,10 @@ r"""Group DRO over the time steps as groups ("DRO"), selected on the final step.
 
   python experiments/main.py --config=configs/dro_all.py
 
-Paper settings (s2f_jax.config.base_config): CIFAR-10 RCL, ResNet-4, up to 100 epochs; add
---config.data.name=digits to try it without files.
+Paper settings (s2f_jax.config.base_config): CIFAR-10 RCL, ResNet-4, up to 100 epochs; add --config.data.name=digits
+to try it without files. Runtime: hours on 2 CPU cores at paper size (not measured here); at the embedded default's
+size (--config=configs/default.py --config.method=...) every method takes 2-50 s on 2 CPU cores (docs/benchmarks.md
+lists each).
 """
 from s2f_jax.config import base_config
 

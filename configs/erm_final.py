@@ -2,8 +2,10 @@ r"""ERM on the final step only: the "4k" baseline (data.target_sizes=4000:6000:2
 
   python experiments/main.py --config=configs/erm_final.py --config.data.root=/path/to/cifar10
 
-Paper settings (s2f_jax.config.base_config): CIFAR-10 RCL, ResNet-4, 8-point grid, up to 100 epochs. Runtime: hours
-on 2 CPU cores, minutes on one GPU; add --config.data.name=digits to try it without files.
+Paper settings (s2f_jax.config.base_config): CIFAR-10 RCL, ResNet-4, 8-point grid, up to 100 epochs; add
+--config.data.name=digits to try it without files. Runtime: hours on 2 CPU cores at paper size (not measured here);
+at the embedded default's size (--config=configs/default.py --config.method=...) every method takes 2-50 s on 2 CPU
+cores (docs/benchmarks.md lists each).
 """
 from s2f_jax.config import base_config
 

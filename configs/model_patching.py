@@ -7,6 +7,8 @@ ConvNet-2 trained for 20 epochs with SGD-Nesterov, model selection on validation
 (`s2f_jax/patching/experiment.py`).
 
   python experiments/model_patching.py --config=configs/model_patching.py --workdir=runs/model_patching
+
+Runtime: about 8 min on 2 CPU cores (docs/results.md; CAMEL with its two CycleGANs about 6 min of it).
 """
 from s2f_jax.config import base_config
 from s2f_jax.patching.experiment import patching_config

@@ -77,10 +77,13 @@ def _tiny_fit(num_epochs: int, checkpoint_dir: str | None = None):
              options)
 
 
-def test_fit_is_silent_under_ci(monkeypatch, capfd):
+def test_fit_is_silent_under_ci_or_without_a_terminal(monkeypatch, capfd):
   monkeypatch.setenv('CI', 'true')
-  result = _tiny_fit(2)
-  assert [h['epoch'] for h in result.history] == [0, 1, 2]
+  assert [h['epoch'] for h in _tiny_fit(2).history] == [0, 1, 2]
+  assert capfd.readouterr().err == ''
+  monkeypatch.delenv('CI')
+  assert not sys.stderr.isatty()  # pytest's capture
+  assert [h['epoch'] for h in _tiny_fit(1).history] == [0, 1]
   assert capfd.readouterr().err == ''
 
 
