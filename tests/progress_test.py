@@ -32,9 +32,12 @@ def _terminal(monkeypatch) -> _Terminal:
 def test_enabled_only_on_a_terminal_outside_ci(monkeypatch):
   _terminal(monkeypatch)
   assert progress_enabled()
-  for value in ('true', '1'):
+  for value in ('true', '1', 'yes'):
     monkeypatch.setenv('CI', value)
     assert not progress_enabled()
+  for value in ('', '0', 'false', 'False'):
+    monkeypatch.setenv('CI', value)
+    assert progress_enabled()
   monkeypatch.delenv('CI')
   monkeypatch.setattr(sys, 'stderr', io.StringIO())  # not a terminal (e.g. redirected to a log file)
   assert not progress_enabled()

@@ -8,7 +8,9 @@ from tqdm.auto import tqdm
 
 
 def progress_enabled() -> bool:
-  return not os.environ.get('CI') and sys.stderr.isatty()
+  """On a terminal, unless the `CI` environment variable is set (to anything but '', '0' or 'false')."""
+  in_ci = os.environ.get('CI', '').strip().lower() not in ('', '0', 'false')
+  return not in_ci and sys.stderr.isatty()
 
 
 def progress_bar(total: int, desc: str, unit: str = 'epoch') -> tqdm:
