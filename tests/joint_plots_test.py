@@ -21,6 +21,7 @@ RUNS = {
     'joint_model_adjacent_reg_l2_high': [(10.0, 0.48), (100.0, 0.40), (1000.0, 0.35)],
     'joint_model_adjacent_reg_none': [(0.0, 0.45)],
     'joint_model_side_tune_adjacent_reg_none': [(0.0, 0.99)],  # another joint mode: not read by default
+    'joint_model_adjacent_reg_l2.partial': [(0.1, 0.99)],  # unfinished (no DONE): never read
 }
 # The merge by hand: every β once, sorted, with the best valid accuracy and that record's folder.
 EXPECTED = [(0.0, 0.45, 'joint_model_adjacent_reg_none'), (0.01, 0.50, 'joint_model_adjacent_reg_l2'),
@@ -43,6 +44,8 @@ def make_run_folder(root, erm_all_done=True):
     (root / folder / 'adjacent_reg.json').write_text(json.dumps(
         [{'adjacent': b, 'valid_accuracy': a, 'hparams': {'adjacent': b}, 'change_norms': norms(folder, b)}
          for b, a in records]))
+    if not folder.endswith('.partial'):
+      (root / folder / 'DONE').touch()
   for method, acc in ERM.items():
     (root / method).mkdir()
     write_metrics(str(root / method), [{'Method': method, 'Test accuracy': 0.1, 'Validation accuracy': acc}])
@@ -57,7 +60,8 @@ def test_adjacent_reg_results_merge_runs_per_beta(tmp_path):
   np.testing.assert_allclose(results['valid_accuracy'], [a for _, a, _ in EXPECTED])
   assert results['norms'] == [norms(f, b) for b, _, f in EXPECTED]
   assert results['erm_final'] == ERM['erm_final'] and results['erm_all'] is None  # erm_all unfinished (no DONE)
-  assert results['sources'] == [str(tmp_path / f / 'adjacent_reg.json') for f in sorted(RUNS) if 'side' not in f]
+  assert results['sources'] == [str(tmp_path / f / 'adjacent_reg.json') for f in sorted(RUNS)
+                                if 'side' not in f and 'partial' not in f]
 
   (tmp_path / 'erm_all' / 'DONE').touch()
   assert adjacent_reg_results(tmp_path)['erm_all'] == ERM['erm_all']

@@ -8,7 +8,7 @@ from flax import traverse_util
 
 from s2f_jax import experiment
 from s2f_jax.errors import UserError
-from s2f_jax.methods.joint import initial_variables, joint_learner, joint_name, joint_setup
+from s2f_jax.methods.joint import adjacent_values, initial_variables, joint_learner, joint_name, joint_setup
 from s2f_jax.models.registry import count_params
 
 from conftest import SMALL, tiny_config
@@ -180,6 +180,8 @@ def test_low_rank_layout(case):
   np.testing.assert_allclose(layout.l2(params, np.ones(T)), (plain, efficient), rtol=1e-5)
   np.testing.assert_allclose(float(layout.adjacent(params, 'l2', np.ones(T - 1))), adjacent, rtol=1e-5)
   assert efficient > 0 and (adjacent > 0) == bool(copies)
+  # no copies, no adjacent term: one β (0) instead of the type's grid of identical runs
+  assert adjacent_values(ctx.config) == ((0.0,) if not copies else (0.01, 0.1, 1.0))
   penalties = penalty_values(ctx, model, layout, params)
   if 'joint.sweep_efficient_reg' in overrides:  # the adapters get their own coefficient
     assert list(penalties) == ['weight_decay', 'efficient_decay', 'adjacent']

@@ -156,16 +156,16 @@ def save_adjacent_reg_effect(betas: Sequence[float], valid_accuracy: Sequence[fl
 
 
 def adjacent_reg_results(workdir: str | os.PathLike, pattern: str = 'joint_model_adjacent_reg_*') -> dict:
-  """The inputs of `adjacent_reg_figure` from a run folder: the `adjacent_reg.json` of every method folder matching
-  `pattern` (default: joint_model in separate mode; runs of several adjacent_reg_type / joint.adjacent merge, per β
-  the best valid accuracy wins) and the ERM-final / ERM-all validation accuracies from their metrics (None if not
-  run). Raises UserError when no folder matches.
+  """The inputs of `adjacent_reg_figure` from a run folder: the `adjacent_reg.json` of every finished (DONE) method
+  folder matching `pattern` (default: joint_model in separate mode; runs of several adjacent_reg_type /
+  joint.adjacent merge, per β the best valid accuracy wins) and the ERM-final / ERM-all validation accuracies from
+  their metrics (None if not run). Raises UserError when no folder matches.
 
   Returns {'betas', 'valid_accuracy', 'norms', 'erm_final', 'erm_all', 'sources'}.
   """
   from s2f_jax.results import read_metrics
   best: dict[float, dict] = {}
-  sources = sorted(Path(workdir).glob(f'{pattern}/adjacent_reg.json'))
+  sources = sorted(s for s in Path(workdir).glob(f'{pattern}/adjacent_reg.json') if (s.parent / 'DONE').exists())
   if not sources:
     raise UserError(f'no joint_model results ({pattern}/adjacent_reg.json) under {str(workdir)!r}; run '
                     'experiments/main.py with --config.method=joint_model there first')

@@ -206,10 +206,10 @@ def joint_learner(ctx: RunContext, model: nn.Module, layout: JointLayout | LowRa
 
 
 def adjacent_values(config) -> tuple[float, ...]:
-  """The β grid: `joint.adjacent` if given, else `adjacent_reg_type`'s (0 for 'none' and under `ablate`, where
-  the term vanishes)."""
+  """The β grid: `joint.adjacent` if given, else `adjacent_reg_type`'s (0 where the term vanishes: type 'none',
+  `ablate`, and side-tune / low-rank modes with `all_layers_efficient`, which keep no per-step copies)."""
   j = config.joint
-  if j.adjacent_reg_type == 'none' or j.ablate:
+  if j.adjacent_reg_type == 'none' or j.ablate or (j.mode != 'separate' and config.all_layers_efficient):
     return (0.0,)
   return tuple(float(b) for b in j.adjacent) or ADJACENT_GRIDS[j.adjacent_reg_type]
 
