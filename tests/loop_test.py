@@ -318,19 +318,31 @@ def test_data_slots_must_agree():
 # ---------------------------------------------------------------------------------------------- 3. 1 vs 2 devices
 
 
+# runs, slots and batch size of the fits compared on 1 and 2 devices. 2 devices make the mesh (runs × batch):
+# 3 runs → 1 × 2, every batch of 50 split over the devices (data parallel); 2 runs → 2 × 1, one run per device;
+# 3 runs with batch 25 (odd) → 2 × 1, the runs padded to 4.
+DEVICE_FITS = {'batch split': ([0, 1, 3], [0, 1, 1], BATCH), 'runs split': ([0, 3], [0, 1], BATCH),
+               'runs padded': ([0, 1, 3], [0, 1, 1], 25)}
+
+
 def _device_summary() -> dict:
-  """A 3-run fit (odd, so 2 devices pad the run axis) on two data slots, summarised as JSON-able numbers."""
-  grid = _grid_rows(GRID, [0, 1, 3])
+  """The `DEVICE_FITS` on two data slots, summarised as JSON-able numbers."""
+  out = {'devices': jax.device_count()}
   other = _other_data()
-  result = fit(_learner(), grid_lib.stack(_init(0), 3), grid, jnp.stack([KEY] * 3), [_data()[0], other[0]],
-               [_data()[1], other[1]], FitOptions(num_epochs=2, patience=10, batch_size=BATCH),
-               slots=np.array([0, 1, 1]), scalings=[_learner().scaling, InputScaling.standardise(other[0].images)])
-  leaves = _leaves(result.best_variables)
-  checksum = [[float(np.sum(v[r], dtype=np.float64)) for v in leaves.values()] +
-              [float(np.sum(np.square(v[r], dtype=np.float64))) for v in leaves.values()] for r in range(3)]
-  return {'devices': jax.device_count(), 'best_valid_accuracy': result.best_valid_accuracy.tolist(),
-          'best_epoch': result.best_epoch.tolist(), 'checksum': checksum,
-          'valid_loss': [h['valid_loss'] for h in result.history]}
+  for name, (rows, slots, batch) in DEVICE_FITS.items():
+    n = len(rows)
+    mesh = sharding.run_mesh(n, batch)
+    result = fit(_learner(), grid_lib.stack(_init(0), n), _grid_rows(GRID, rows), jnp.stack([KEY] * n),
+                 [_data()[0], other[0]], [_data()[1], other[1]],
+                 FitOptions(num_epochs=2, patience=10, batch_size=batch), slots=np.array(slots),
+                 scalings=[_learner().scaling, InputScaling.standardise(other[0].images)])
+    leaves = _leaves(result.best_variables)
+    checksum = [[float(np.sum(v[r], dtype=np.float64)) for v in leaves.values()] +
+                [float(np.sum(np.square(v[r], dtype=np.float64))) for v in leaves.values()] for r in range(n)]
+    out[name] = {'mesh': None if mesh is None else list(mesh.devices.shape),
+                 'best_valid_accuracy': result.best_valid_accuracy.tolist(), 'best_epoch': result.best_epoch.tolist(),
+                 'checksum': checksum, 'valid_loss': [h['valid_loss'] for h in result.history]}
+  return out
 
 
 _CHILD = """
@@ -386,10 +398,13 @@ def test_two_devices_equal_one_device():
   two = json.loads(lines[-1][len('SUMMARY '):])
   one = _device_summary()
   assert two['devices'] == 2 and one['devices'] == 1
-  np.testing.assert_allclose(two['best_valid_accuracy'], one['best_valid_accuracy'], rtol=1e-4)
-  assert two['best_epoch'] == one['best_epoch']
-  np.testing.assert_allclose(two['valid_loss'], one['valid_loss'], rtol=1e-4)
-  np.testing.assert_allclose(two['checksum'], one['checksum'], rtol=1e-4, atol=1e-5)
+  assert {k: two[k]['mesh'] for k in DEVICE_FITS} == {'batch split': [1, 2], 'runs split': [2, 1],
+                                                      'runs padded': [2, 1]}
+  for k in DEVICE_FITS:
+    np.testing.assert_allclose(two[k]['best_valid_accuracy'], one[k]['best_valid_accuracy'], rtol=1e-4, err_msg=k)
+    assert two[k]['best_epoch'] == one[k]['best_epoch'], k
+    np.testing.assert_allclose(two[k]['valid_loss'], one[k]['valid_loss'], rtol=1e-4, err_msg=k)
+    np.testing.assert_allclose(two[k]['checksum'], one[k]['checksum'], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 # -------------------------------------------------------------------------------------------------------- 4. resume

@@ -235,7 +235,7 @@ def over_runs(fn: Callable, tree: PyTree, groups: int = 1, chunk: int | None = N
   if groups == 1:
     return per_group(tree)
   split = jax.tree_util.tree_map(lambda x: x.reshape((groups, -1) + x.shape[1:]), tree)
-  out = jax.vmap(per_group)(split)
+  out = jax.vmap(per_group, spmd_axis_name='runs')(split)  # the groups are the mesh's runs axis
   return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
 
 
@@ -385,7 +385,7 @@ def _compiled(learner: Learner, batch_size: int):
     correct = jnp.sum((jnp.argmax(originals, -1) == labels) & mask)
     return total, (new_stats, obj_state, jnp.sum(ce * mask.ravel()), correct)
 
-  def one_run_epoch(state, hparams, key, active, aux, slot, data, epoch, sizes):
+  def one_run_epoch(state, hparams, key, active, aux, slot, data, epoch, sizes, split_batch):
     images, labels, weights, scales = data
     slot = _shared_slot(slot, images)
     tx = learner.optimizer(state[0], 0.0)  # the learning rate lives in opt_state (inject_hyperparams)
@@ -398,6 +398,8 @@ def _compiled(learner: Learner, batch_size: int):
       params, batch_stats, opt_state, obj_state, tracked = carry
       i, bidx, bmask = xs
       batch = images[slot, bidx]
+      if split_batch is not None:  # data parallel over the mesh's batch axis (BN statistics and gradients all-reduce)
+        batch = jax.lax.with_sharding_constraint(batch, split_batch)
       if learner.augment is not None:
         batch = learner.augment(jax.random.fold_in(augment_key, i), batch)
       (total, (new_stats, obj_state, ce_sum, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -420,10 +422,10 @@ def _compiled(learner: Learner, batch_size: int):
       return state, (jnp.float32(jnp.nan), jnp.float32(jnp.nan), jnp.bool_(True))
     return jax.lax.cond(active, train, skip, state)
 
-  @functools.partial(jax.jit, static_argnames=('sizes', 'groups', 'chunk'))
-  def train_epoch(state, hparams, keys, active, aux, slots, data, epoch, sizes, groups, chunk):
-    return over_runs(lambda args: one_run_epoch(*args, data, epoch, sizes), (state, hparams, keys, active, aux, slots),
-                     groups, chunk)
+  @functools.partial(jax.jit, static_argnames=('sizes', 'groups', 'chunk', 'split_batch'))
+  def train_epoch(state, hparams, keys, active, aux, slots, data, epoch, sizes, groups, chunk, split_batch=None):
+    return over_runs(lambda args: one_run_epoch(*args, data, epoch, sizes, split_batch),
+                     (state, hparams, keys, active, aux, slots), groups, chunk)
 
   @functools.partial(jax.jit, static_argnames='num_groups')
   def init_state(params, learning_rates, radii, num_groups):
@@ -465,15 +467,16 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   scales = _scales(scalings or [learner.scaling] * len(trains))
   _check_slots(trains, valids, slots, len(scales))
   train, valid = trains[0], valids[0]
-  mesh = sharding.run_mesh()
+  mesh = sharding.run_mesh(num_runs, options.batch_size)
   num_lanes = sharding.lane_count(options.lanes, num_runs, mesh)
   size = sharding.padded_size(num_runs, mesh, num_lanes)
-  groups = 1 if mesh is None else mesh.devices.size
+  groups = sharding.run_groups(mesh)
   chunk = runs_per_chunk(options.parallel_runs, size // groups // num_lanes)
   programs_learner = learner.unscaled()  # the scalings are data (`scales`), so seeds share the compiled programs
   init_state, train_epoch_fn, keep_best = _compiled(programs_learner, options.batch_size)
   sizes = train.group_sizes() if learner.objective.grouped else (len(train),)
-  train_epoch = functools.partial(train_epoch_fn, sizes=sizes, groups=groups, chunk=chunk)
+  train_epoch = functools.partial(train_epoch_fn, sizes=sizes, groups=groups, chunk=chunk,
+                                  split_batch=sharding.batch_sharding(mesh))
   per_epoch = sizes[0] if len(sizes) == 1 else max(-(-n // options.batch_size) for n in sizes) * options.batch_size * len(sizes)
   if options.select not in SELECT_METRICS:
     raise ValueError(f'FitOptions.select={options.select!r}; valid: {SELECT_METRICS}')

@@ -1,8 +1,9 @@
-"""Placement of the run axis (grid points × seeds): over all local devices with `jax.sharding`, and on a single CPU
-device over concurrent *lanes*."""
+"""Placement of the run axis (grid points × seeds) and of training batches: over all local devices with
+`jax.sharding` (a 2-D mesh: runs × batch), and on a single CPU device over concurrent *lanes*."""
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 from typing import Any, Callable
 
@@ -11,15 +12,35 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
-def run_mesh() -> Mesh | None:
-  """A 1-D mesh named 'runs' over the local devices, or None on a single device."""
+def run_mesh(num_runs: int, batch_size: int) -> Mesh | None:
+  """A 2-D mesh ('runs', 'batch') over the local devices, or None on a single device.
+
+  The runs axis takes gcd(devices, num_runs) devices, so the runs need no padding; the other factor splits every
+  training batch (data parallel: e.g. one run on 8 GPUs uses all 8) when it divides `batch_size`. Otherwise the
+  runs axis takes every device and the runs are padded to a multiple of it."""
   devices = jax.local_devices()
-  return Mesh(np.array(devices), ('runs',)) if len(devices) > 1 else None
+  if len(devices) == 1:
+    return None
+  runs = math.gcd(len(devices), num_runs)
+  if batch_size % (len(devices) // runs):
+    runs = len(devices)
+  return Mesh(np.array(devices).reshape(runs, -1), ('runs', 'batch'))
+
+
+def run_groups(mesh: Mesh | None) -> int:
+  """Devices the run axis is split over (1 without a mesh)."""
+  return 1 if mesh is None else mesh.shape['runs']
+
+
+def batch_sharding(mesh: Mesh | None) -> NamedSharding | None:
+  """Sharding of a training batch [G, B, ...] whose B examples are split over the mesh's batch axis; None when
+  batches are not split."""
+  return None if mesh is None or mesh.shape['batch'] == 1 else NamedSharding(mesh, P(None, 'batch'))
 
 
 def padded_size(num_runs: int, mesh: Mesh | None, lanes: int = 1) -> int:
-  """Smallest multiple of (device count × lanes) that holds `num_runs` runs."""
-  n = (1 if mesh is None else mesh.devices.size) * lanes
+  """Smallest multiple of (run-axis devices × lanes) that holds `num_runs` runs."""
+  n = run_groups(mesh) * lanes
   return -(-num_runs // n) * n
 
 
