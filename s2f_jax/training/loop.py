@@ -283,10 +283,11 @@ def _evaluator(learner: Learner, eval_batch_size: int):
 
   data = (images [D, N, ...], labels [D, N], group ids [D, N], scales [D, 2, 3]): D same-sized data slots; run r
   is evaluated on slot slots[r]. `eval_batch_size` examples are in flight per device: runs evaluated side by side
-  (`vmap`ed) share it, each taking eval_batch_size / runs at a time."""
+  (`vmap`ed) share it, each taking eval_batch_size / runs at a time. split_batch: the sharding of an evaluation
+  batch [b, ...] over the mesh's batch axis (`sharding.batch_sharding(mesh, 0)`), applied when it divides b."""
 
-  @functools.partial(jax.jit, static_argnames=('num_groups', 'groups', 'chunk'))
-  def evaluate(variables, slots, data, num_groups=1, groups=1, chunk=None):
+  @functools.partial(jax.jit, static_argnames=('num_groups', 'groups', 'chunk', 'split_batch'))
+  def evaluate(variables, slots, data, num_groups=1, groups=1, chunk=None, split_batch=None):
     images, labels, group_ids, scales = data
     n = labels.shape[1]
     side_by_side = slots.shape[0] // groups if chunk is None else chunk
@@ -298,6 +299,7 @@ def _evaluator(learner: Learner, eval_batch_size: int):
       return a.reshape((a.shape[0], nb, b) + a.shape[2:])
     xb, yb, gb = batched(images), batched(labels), batched(group_ids)
     mb = (jnp.arange(nb * b) < n).reshape(nb, b)
+    split = split_batch is not None and b % split_batch.mesh.shape['batch'] == 0
 
     def one_run(args):
       v, slot = args
@@ -305,6 +307,7 @@ def _evaluator(learner: Learner, eval_batch_size: int):
 
       def body(_, i):
         x, y, g, m = xb[slot, i], yb[slot, i], gb[slot, i], mb[i]
+        x = jax.lax.with_sharding_constraint(x, split_batch) if split else x
         logits = learner.apply(v, x, train=False, scale=scales[slot])
         correct = ((jnp.argmax(logits, -1) == y) & m).astype(jnp.int32)
         return None, (jnp.sum(cross_entropy(logits, y) * m), jax.ops.segment_sum(correct, g, num_groups))
@@ -488,7 +491,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   # wide op (on CPU 3-6x faster than runs in sequence, with the same examples in flight; lanes do not help)
   eval_chunk = None if len(trains) == 1 and options.parallel_runs == 0 else chunk
   evaluator = functools.partial(_evaluator(programs_learner, options.eval_batch_size), groups=groups,
-                                chunk=eval_chunk)
+                                chunk=eval_chunk, split_batch=sharding.batch_sharding(mesh, axis=0))
 
   with sharding.Lanes(num_lanes) as lanes:
     def evaluate(variables, data, is_valid=True):

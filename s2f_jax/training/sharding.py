@@ -32,10 +32,12 @@ def run_groups(mesh: Mesh | None) -> int:
   return 1 if mesh is None else mesh.shape['runs']
 
 
-def batch_sharding(mesh: Mesh | None) -> NamedSharding | None:
-  """Sharding of a training batch [G, B, ...] whose B examples are split over the mesh's batch axis; None when
-  batches are not split."""
-  return None if mesh is None or mesh.shape['batch'] == 1 else NamedSharding(mesh, P(None, 'batch'))
+def batch_sharding(mesh: Mesh | None, axis: int = 1) -> NamedSharding | None:
+  """Sharding of a batch whose axis `axis` (examples: 1 for training batches [G, B, ...], 0 for evaluation
+  batches [B, ...]) is split over the mesh's batch axis; None when batches are not split."""
+  if mesh is None or mesh.shape['batch'] == 1:
+    return None
+  return NamedSharding(mesh, P(*[None] * axis, 'batch'))
 
 
 def padded_size(num_runs: int, mesh: Mesh | None, lanes: int = 1) -> int:
