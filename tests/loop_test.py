@@ -319,10 +319,9 @@ def test_data_slots_must_agree():
 
 
 # runs, slots and batch size of the fits compared on 1 and 2 devices. 2 devices make the mesh (runs × batch):
-# 3 runs → 1 × 2, every batch of 50 split over the devices (data parallel); 2 runs → 2 × 1, one run per device;
-# 3 runs with batch 25 (odd) → 2 × 1, the runs padded to 4.
-DEVICE_FITS = {'batch split': ([0, 1, 3], [0, 1, 1], BATCH), 'runs split': ([0, 3], [0, 1], BATCH),
-               'runs padded': ([0, 1, 3], [0, 1, 1], 25)}
+# 3 runs → 1 × 2, every batch of 50 split over the devices (data parallel); 3 runs with batch 25 (odd) → 2 × 1,
+# the runs padded to 4 and split over the devices.
+DEVICE_FITS = {'batch split': ([0, 1, 3], [0, 1, 1], BATCH), 'runs split': ([0, 1, 3], [0, 1, 1], 25)}
 
 
 def _device_summary() -> dict:
@@ -398,8 +397,7 @@ def test_two_devices_equal_one_device():
   two = json.loads(lines[-1][len('SUMMARY '):])
   one = _device_summary()
   assert two['devices'] == 2 and one['devices'] == 1
-  assert {k: two[k]['mesh'] for k in DEVICE_FITS} == {'batch split': [1, 2], 'runs split': [2, 1],
-                                                      'runs padded': [2, 1]}
+  assert {k: two[k]['mesh'] for k in DEVICE_FITS} == {'batch split': [1, 2], 'runs split': [2, 1]}
   for k in DEVICE_FITS:
     np.testing.assert_allclose(two[k]['best_valid_accuracy'], one[k]['best_valid_accuracy'], rtol=1e-4, err_msg=k)
     assert two[k]['best_epoch'] == one[k]['best_epoch'], k
