@@ -24,6 +24,7 @@ from s2f_jax.methods import METHODS, RunContext, method_name
 from s2f_jax.methods.adapted import check_adapted
 from s2f_jax.methods.joint import check_joint
 from s2f_jax.models import make_model
+from s2f_jax.models.registry import check_input_size
 from s2f_jax.results import read_metrics, run_metadata, write_config, write_metrics
 from s2f_jax.training.label_noise import inject_label_noise, symmetric_confusion
 from s2f_jax.training.merged import FitBatcher
@@ -69,6 +70,8 @@ def prepare(config: ml_collections.ConfigDict) -> tuple[Sequence, RunContext]:
   config_lib.validate_for_sequence(config, len(sequence.steps))
   model = make_model(config.model.name, config.model.num_blocks, sequence.num_classes, config.model.width,
                      convnet_relu=not config.compat.convnet_no_relu)
+  check_input_size(config.model.name, config.model.num_blocks, sequence.num_classes, config.model.width,
+                   sequence.steps[0].train.images.shape[1])
   scaling = (InputScaling.raw() if config.data.input_scaling == 'raw'
              else InputScaling.standardise(sequence.steps[0].train.images))
   ctx = RunContext(config, sequence, '', model, scaling)

@@ -56,7 +56,7 @@ BAD_INPUTS = {
     'debug mode with dro': (['--config.method=dro_fine_tune', '--config.fine_tune_mode=standard_using_joint'],
                             ['standard_using_joint', 'erm_fine_tune']),
     'too many densenet blocks': (['--config.model.name=densenet', '--config.model.num_blocks=4'],
-                                 ['DenseNet', 'spatial size', 'fewer blocks']),
+                                 ['model.num_blocks=4', 'densenet', '16×16', 'valid: 1, 2, 3']),
     'seed too large': (['--config.seed=5000000000'], ['seed=5000000000', '2**32']),
     'linear decay past zero': (['--config.method=sequential_fine_tune', '--config.learning_rate_decay=linear',
                                 '--config.data.shift_sequence=' + ':'.join(['rotation'] * 10)],

@@ -91,16 +91,15 @@ def low_rank_setup(ctx: RunContext, history: dict, salt: int = 1):
 
 
 def check_adapted(ctx: RunContext) -> None:
-  """Raises the UserErrors of building the model (e.g. more DenseNet blocks than the image size allows), the
-  side-tuned model or the adapters (shapes only, nothing trained)."""
+  """Raises the UserErrors of building the side-tuned model or the adapters (shapes only, nothing trained)."""
   c = ctx.config
   x = jax.ShapeDtypeStruct((1,) + ctx.sequence.steps[0].train.images.shape[1:], np.float32)
-  params = jax.eval_shape(lambda x: ctx.model.init(ctx.key, x, train=False), x)['params']
   if c.fine_tune_mode == 'side_tune':
     model = make_side_tuned(c.model.name, c.model.num_blocks, ctx.sequence.num_classes, c.model.width,
                             config_lib.side_layer_sizes(c), c.all_layers_efficient, not c.compat.convnet_no_relu)
     jax.eval_shape(lambda x: model.init(ctx.key, x, train=False), x)
   elif c.fine_tune_mode == 'low_rank_adapt':
+    params = jax.eval_shape(lambda x: ctx.model.init(ctx.key, x, train=False), x)['params']
     check_ranks(params, adapter_ranks(c.model.num_blocks, c.adapter_rank, c.all_layers_efficient,
                                       params['fc']['dense']['kernel'].shape[0], ctx.sequence.num_classes))
 
