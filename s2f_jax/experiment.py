@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import zlib
 
@@ -89,10 +90,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, batcher: 
   sequence, ctx = prepare(config)
   workdir = workdir or default_workdir(config, sequence)
   model_name = f'{config.model.name} {config.model.num_blocks} blocks'
-  rows = []
+  rows, finals = [], []
   shared_dir = os.path.join(workdir, 'shared', shared_fingerprint(config))
   for method in config_lib.methods_of(config):
     final_dir = os.path.join(workdir, method_name(method, config))
+    finals.append(final_dir)
     partial = final_dir + '.partial'
     if os.path.exists(os.path.join(final_dir, 'DONE')):
       finished, pending = read_metrics(final_dir), METHODS[method].pending
@@ -111,7 +113,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, batcher: 
       if fresh and not any(os.path.isdir(os.path.join(partial, d)) for d in ('stages', 'checkpoints')):
         shutil.rmtree(partial, ignore_errors=True)  # nothing to resume from
       raise
+  write_workdir_metrics(workdir, finals)
   return rows
+
+
+def write_workdir_metrics(workdir: str, first: list[str]) -> None:
+  """<workdir>/metrics.csv and metrics.jsonl: the rows of every finished method folder in `workdir`, those of
+  `first` (this call's) first, the others by name. Written to a temporary folder and renamed into place."""
+  others = sorted(os.path.join(workdir, d) for d in os.listdir(workdir)
+                  if os.path.exists(os.path.join(workdir, d, 'DONE')) and os.path.join(workdir, d) not in first)
+  rows = [row for d in first + others for row in read_metrics(d)]
+  tmp = tempfile.mkdtemp(dir=workdir, prefix='.metrics')
+  write_metrics(tmp, rows)
+  for name in os.listdir(tmp):
+    os.replace(os.path.join(tmp, name), os.path.join(workdir, name))
+  os.rmdir(tmp)
 
 
 def run_together(configs: list[ml_collections.ConfigDict], workdirs: list[str]

@@ -120,11 +120,15 @@ def test_main_writes_results_then_skips_finished_run(tmp_path):
     history = [json.loads(line) for line in (d / 'history.jsonl').read_text().splitlines()]
     assert {h['run'] for h in history} == set(range(8))
     assert all(0 <= h['epoch'] <= 2 for h in history)
+  combined = read_csv(workdir / 'metrics.csv')  # every finished method of the workdir, this call's order
+  assert [r['Method'] for r in combined] == ['erm_final_100_samples', 'erm_all']
+  assert combined[1] == read_csv(workdir / 'erm_all' / 'metrics.csv')[0]
   mtime = (workdir / 'erm_final' / 'metrics.csv').stat().st_mtime
   again = run_main(TINY + ['--config.method=erm_final'], workdir)
   assert again.returncode == 0, again.stderr[-2000:]
   assert 'skipping' in again.stderr
   assert (workdir / 'erm_final' / 'metrics.csv').stat().st_mtime == mtime
+  assert [r['Method'] for r in read_csv(workdir / 'metrics.csv')] == ['erm_final_100_samples', 'erm_all']
   first = next(line for line in proc.stdout.splitlines() if line.startswith('erm_final'))
   assert first.split()[:3] == next(line for line in again.stdout.splitlines() if line.startswith('erm_final')).split()[:3]
 
