@@ -167,7 +167,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_joint(config: ml_collections.ConfigDict) -> None:
-  from s2f_jax.methods.joint import ADJACENT_GRIDS, MODES
+  from s2f_jax.methods.joint import ADJACENT_GRIDS, MODES, vanishing_adjacent
   j = config.joint
   if j.mode not in MODES:
     raise choices_error('joint.mode', j.mode, MODES)
@@ -176,10 +176,7 @@ def _validate_joint(config: ml_collections.ConfigDict) -> None:
   betas = tuple(j.adjacent) if isinstance(j.adjacent, (tuple, list)) else (j.adjacent,)
   if any(not isinstance(v, (int, float)) or v < 0 for v in betas):
     raise UserError(f'joint.adjacent={betas} must hold non-negative numbers')
-  unused = ('joint.adjacent_reg_type=none' if j.adjacent_reg_type == 'none' else 'joint.ablate' if j.ablate
-            else 'joint.sweep_efficient_reg (β = 0.1)' if j.sweep_efficient_reg
-            else f'joint.mode={j.mode} and all_layers_efficient' if j.mode != 'separate' and config.all_layers_efficient
-            else None)
+  unused = vanishing_adjacent(config) or ('joint.sweep_efficient_reg (β = 0.1)' if j.sweep_efficient_reg else None)
   if betas and unused and 'joint_model' in methods_of(config):
     raise UserError(f'joint.adjacent={betas} is not used with {unused}; leave it empty')
   w = j.last_step_loss_weight

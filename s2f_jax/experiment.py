@@ -71,8 +71,7 @@ def prepare(config: ml_collections.ConfigDict) -> tuple[Sequence, RunContext]:
   config_lib.validate_for_sequence(config, len(sequence.steps))
   model = make_model(config.model.name, config.model.num_blocks, sequence.num_classes, config.model.width,
                      convnet_relu=not config.compat.convnet_no_relu)
-  check_input_size(config.model.name, config.model.num_blocks, sequence.num_classes, config.model.width,
-                   sequence.steps[0].train.images.shape[1])
+  check_input_size(model, sequence.steps[0].train.images.shape[1])
   scaling = (InputScaling.raw() if config.data.input_scaling == 'raw'
              else InputScaling.standardise(sequence.steps[0].train.images))
   ctx = RunContext(config, sequence, '', model, scaling)

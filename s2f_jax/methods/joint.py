@@ -205,11 +205,23 @@ def joint_learner(ctx: RunContext, model: nn.Module, layout: JointLayout | LowRa
                      tracker=EpochFisher() if j.adjacent_reg_type == 'l2_fisher' else None)
 
 
-def adjacent_values(config) -> tuple[float, ...]:
-  """The β grid: `joint.adjacent` if given, else `adjacent_reg_type`'s (0 where the term vanishes: type 'none',
-  `ablate`, and side-tune / low-rank modes with `all_layers_efficient`, which keep no per-step copies)."""
+def vanishing_adjacent(config) -> str | None:
+  """Why the adjacent term is 0 for `config` (type 'none', `ablate`, or a side-tune / low-rank mode with
+  `all_layers_efficient`, which keeps no per-step copies), or None when it is not."""
   j = config.joint
-  if j.adjacent_reg_type == 'none' or j.ablate or (j.mode != 'separate' and config.all_layers_efficient):
+  if j.adjacent_reg_type == 'none':
+    return 'joint.adjacent_reg_type=none'
+  if j.ablate:
+    return 'joint.ablate'
+  if j.mode != 'separate' and config.all_layers_efficient:
+    return f'joint.mode={j.mode} and all_layers_efficient'
+  return None
+
+
+def adjacent_values(config) -> tuple[float, ...]:
+  """The β grid: `joint.adjacent` if given, else `adjacent_reg_type`'s; (0,) where the term vanishes."""
+  j = config.joint
+  if vanishing_adjacent(config):
     return (0.0,)
   return tuple(float(b) for b in j.adjacent) or ADJACENT_GRIDS[j.adjacent_reg_type]
 

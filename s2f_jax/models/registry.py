@@ -36,21 +36,21 @@ def make_model(name: str, num_blocks: int, num_classes: int, width: int = PAPER_
   return {'resnet': ResNet, 'densenet': DenseNet}[name](num_blocks, num_classes, width)
 
 
-def check_input_size(name: str, num_blocks: int, num_classes: int, width: int, image_size: int) -> None:
-  """UserError naming the largest valid `num_blocks` when model `name` cannot run on image_size² inputs (e.g. a
+def check_input_size(model: nn.Module, image_size: int) -> None:
+  """UserError naming the valid block counts when block model `model` cannot run on image_size² inputs (e.g. a
   DenseNet whose transitions reach 1×1); shapes only, nothing is computed."""
-  def builds(blocks: int) -> bool:
-    model = make_model(name, blocks, num_classes, width)
+  def builds(m: nn.Module) -> bool:
     try:
-      jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+      jax.eval_shape(lambda x: m.init(jax.random.key(0), x, train=False),
                      jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
     except UserError:
       return False
     return True
-  if not builds(num_blocks):
-    valid = [b for b in range(1, num_blocks) if builds(b)]
-    raise UserError(f'model.num_blocks={num_blocks} is too many for {name} on {image_size}×{image_size} images '
-                    f'(valid: {", ".join(map(str, valid)) or "none"}); use fewer blocks or a larger data.image_size')
+  if not builds(model):
+    valid = [b for b in range(1, model.num_blocks) if builds(model.clone(num_blocks=b))]
+    raise UserError(f'model.num_blocks={model.num_blocks} is too many for {type(model).__name__.lower()} on '
+                    f'{image_size}×{image_size} images (valid: {", ".join(map(str, valid)) or "none"}); use fewer '
+                    'blocks or a larger data.image_size')
 
 
 WEIGHT_LEAVES = ('kernel', 'a_in', 'a_out')  # conv/Dense kernels and low-rank adapter factors
