@@ -1,4 +1,4 @@
-"""Time of the `--loss_samples` chains (spec §4.4): vectorised distances versus a per-representative Python loop.
+"""Time of the `--loss_samples` chains (original.md S2F §4.4): vectorised distances vs a per-representative Python loop.
 
 Data: 4 steps of 4000 random uint8 32x32x3 images, 10 random labels. The loop references are the original's
 algorithm: per representative, one `np.linalg.norm` over its same-label candidates of step t (pre-converted to

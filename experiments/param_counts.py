@@ -1,4 +1,4 @@
-"""Prints spec §2.5's parameter counts (10 classes, paper width) for every model and 1–4 blocks.
+"""Prints the parameter counts of original.md S2F §2.5 (10 classes, paper width) for every model and 1–4 blocks.
 
   python experiments/param_counts.py [--markdown]
 """

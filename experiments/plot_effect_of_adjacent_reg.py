@@ -1,5 +1,5 @@
 r"""Plots the joint model's final-step validation accuracy and per-layer parameter-change norm against the adjacent
-regularisation β (spec §5.4), with ERM-final and ERM-all marked, from the joint_model runs in a run folder.
+regularisation β (original.md S2F §5.4), with ERM-final and ERM-all marked, from the joint_model runs in a run folder.
 
   python experiments/main.py --config=configs/joint.py --workdir=DIR \
       --config.joint.adjacent=0,0.01,0.1,1,10,100,1000 --config.joint.adjacent_reg_type=l2

@@ -1,6 +1,6 @@
-r"""Quantifies the shifts of the configured sequence (spec §5.5, the paper's Tables 4–5): Wasserstein-2 distances
-on the top PCA components of the images, between the source train halves, consecutive steps and every step's train
-set and the final test set, with the ratio tables.
+r"""Quantifies the shifts of the configured sequence (original.md S2F §5.5, the paper's Tables 4–5): Wasserstein-2
+distances on the top PCA components of the images, between the source train halves, consecutive steps and every step's
+train set and the final test set, with the ratio tables.
 
   python experiments/quantify_shifts.py --config=configs/default.py --out=DIR [--max_samples=N] [--config.KEY=VALUE]
 

@@ -1,4 +1,4 @@
-r"""Collects every finished result under a root into one table per setup, in the paper's layout (spec §5.6).
+r"""Collects every finished result under a root into one table per setup, in the paper's layout (original.md S2F §5.6).
 
   python experiments/summarize.py --root=runs [--metric=test|valid] [--compat_select_by_test]
 

@@ -1,4 +1,4 @@
-r"""Weight-space visualisations of finished runs: linear interpolation, weight projection, SVCCA (spec §5.1–§5.3).
+r"""Visualisations of finished runs: linear interpolation, weight projection, SVCCA (original.md S2F §5.1–§5.3).
 
   python experiments/visualize.py --root=runs/quick --representation=linear_interpolate
   python experiments/visualize.py --root=runs/quick --representation=weight_proj

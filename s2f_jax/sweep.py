@@ -54,9 +54,9 @@ ORACLE = 'oracle'
 STATUS_FILE = 'sweep_status.jsonl'
 FAILURES_FILE = 'failures.jsonl'
 
-# The paper's table columns (spec §5.6) as run variants. SFT is run with each learning-rate decay (the summary takes
-# the best per seed); ST-1/SST-1/JST-1 and the -B columns are run for every architecture (the summary puts the
-# ConvNet rows' *_block results in the -1 columns, spec §5.6).
+# The paper's table columns (original.md S2F §5.6) as run variants. SFT is run with each learning-rate decay (the
+# summary takes the best per seed); ST-1/SST-1/JST-1 and the -B columns are run for every architecture (the summary puts
+# the ConvNet rows' *_block results in the -1 columns, original.md S2F §5.6).
 PAPER_VARIANTS = (
     ('4k', {'method': 'erm_final'}),
     ('ERM', {'method': 'erm_all'}),
@@ -134,7 +134,7 @@ def _spec(config: ml_collections.ConfigDict) -> SequenceSpec:
 
 
 def setup_name(config: ml_collections.ConfigDict) -> str:
-  """The sequence's setup name (spec §6) without loading data: 'portraits' or 'source<S>:<step1><n1>:...'."""
+  """The sequence's setup name (original.md S2F §6) without loading data: 'portraits' or 'source<S>:<step1><n1>:...'."""
   return 'portraits' if config.data.name == 'portraits' else _spec(config).setup
 
 
@@ -486,7 +486,7 @@ def quick_base() -> ml_collections.ConfigDict:
 
 def paper_sweep(name: str, arg: str | None, sequences: list[dict], quick_sequences: list[dict],
                 dataset: str = 'cifar10', oracle: bool = True) -> ml_collections.ConfigDict:
-  """A sweep of the paper's settings (spec §1.6, §5.6) for `get_config(arg)`:
+  """A sweep of the paper's settings (original.md S2F §1.6, §5.6) for `get_config(arg)`:
 
   full (no arg): PAPER_VARIANTS × Conv/Dense/Res × 1..4 blocks × `sequences` on `dataset` × seed 1007 (100 epochs,
     the 8-point grid), plus the 20000-example oracle per (sequence, model) if `oracle`;

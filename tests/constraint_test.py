@@ -1,5 +1,5 @@
-"""Tests of the fine-tuning distance constraints (hessian spec §6.1): hand-computed projections, the ball invariants
-(inside, idempotent, non-expansive), the optax post-update projection, the ResNet stage radii and the errors."""
+"""Tests of the fine-tuning distance constraints (original.md Hessian §6.1): hand-computed projections, the ball
+invariants (inside, idempotent, non-expansive), the optax post-update projection, the ResNet stage radii, errors."""
 from __future__ import annotations
 
 import jax

@@ -1,5 +1,5 @@
-"""CycleGAN stage of model patching (spec §4): pix2pix shapes, losses on hand-made networks, the replay buffer and a
-tiny training run."""
+"""CycleGAN stage of model patching (original.md Patching §4): pix2pix shapes, losses on hand-made networks, the replay
+buffer and a tiny training run."""
 import math
 
 import jax

@@ -191,7 +191,7 @@ def test_cifar100_tables():
   np.testing.assert_array_equal(cifar.CIFAR100_FINE_TO_COARSE, _FINE_TO_COARSE)
   assert cifar.CIFAR100_FINE_TO_COARSE.dtype == np.int32
   assert len(cifar.CIFAR100_COARSE_CLASSES) == 20 and cifar.CIFAR100_COARSE_CLASSES[17] == 'trees'
-  # Spec §1.3 sub-population table, in the code's order, as sets per coarse class.
+  # original.md S2F §1.3 sub-population table, in the code's order, as sets per coarse class.
   assert set(cifar.CIFAR100_SUPERCLASS_MEMBERS[0]) == {'otter', 'seal', 'beaver', 'dolphin', 'whale'}
   assert set(cifar.CIFAR100_SUPERCLASS_MEMBERS[19]) == {'streetcar', 'tractor', 'tank', 'lawn_mower', 'rocket'}
 

@@ -1,4 +1,4 @@
-"""Tests of `s2f_jax.training.grid`: the spec §3.3 grid order and tie rule, and the run-axis tree helpers."""
+"""`s2f_jax.training.grid`: the grid order and tie rule of original.md S2F §3.3, and the run-axis tree helpers."""
 import numpy as np
 import pytest
 
@@ -10,7 +10,7 @@ SPEC_AXES = {'learning_rate': (1e-3, 1e-4), 'weight_decay': (1e-4, 1e-2), 'dropo
 
 
 def _spec_runs() -> list[tuple[float, float, float]]:
-  """The spec's loop: `for lr in lrs: for λ in λs: for dropout in dropouts`."""
+  """The original's loop (original.md S2F §3.3): `for lr in lrs: for λ in λs: for dropout in dropouts`."""
   return [(lr, wd, p) for lr in SPEC_AXES['learning_rate'] for wd in SPEC_AXES['weight_decay']
           for p in SPEC_AXES['dropout']]
 
@@ -35,7 +35,7 @@ def test_product_grid_follows_the_spec_loop_order():
 
 
 def test_method_grid_is_the_spec_default_grid_and_order():
-  """`RunContext.grid` on the base config: the spec's 8 runs in its order; an override replaces one axis."""
+  """`RunContext.grid` on the base config: the 8 ordered runs of original.md S2F §3.3; an override replaces one axis."""
   ctx = RunContext(config_lib.base_config(), None, '', None, None)
   assert _runs(ctx.grid()) == _spec_runs()
   assert _runs(ctx.grid(learning_rate=(0.5,))) == [(0.5, wd, p) for wd in (1e-4, 1e-2) for p in (0.0, 0.5)]

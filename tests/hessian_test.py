@@ -1,4 +1,4 @@
-"""Tests of the Hessian-based measures (spec hessian_measures.md §4, §5, §10) against exact references: dense float64
+"""Tests of the Hessian-based measures (original.md Hessian §4, §5, §10) against exact references: dense float64
 Hessians from `jax.hessian` of an independently written MLP loss, their eigendecompositions, a quadratic with a known
 spectrum, finite differences of gradients on a real `Learner`, and the layer selection on a real ResNet."""
 from __future__ import annotations

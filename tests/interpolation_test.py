@@ -1,6 +1,6 @@
-"""Tests of the linear interpolation paths (spec §5.1): every leaf (BN running stats and ResNet downsample convs
-included) is interpolated, the endpoints and interior points evaluate exactly like the models built by hand, and the
-figures draw the given curves."""
+"""Tests of the linear interpolation paths (original.md S2F §5.1): every leaf (BN running stats and ResNet downsample
+convs included) is interpolated, the endpoints and interior points evaluate exactly like the models built by hand, and
+the figures draw the given curves."""
 from __future__ import annotations
 
 import warnings

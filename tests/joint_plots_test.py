@@ -1,6 +1,6 @@
-"""The "effect of adjacent regularisation" plot (spec §5.4) on a hand-built run folder: `adjacent_reg_results` merges
-the joint runs per β and reads the ERM baselines; experiments/plot_effect_of_adjacent_reg.py draws it or fails with one
-line."""
+"""The "effect of adjacent regularisation" plot (original.md S2F §5.4) on a hand-built run folder:
+`adjacent_reg_results` merges the joint runs per β and reads the ERM baselines;
+experiments/plot_effect_of_adjacent_reg.py draws it or fails with one line."""
 import json
 import os
 import subprocess

@@ -1,5 +1,5 @@
-"""Tests of label noise and loss correction (hessian spec §6.2–§6.3): the confusion matrices, noise injection, the
-backward correction's unbiasedness (exact and Monte Carlo), the forward correction and the Dual-T estimator."""
+"""Tests of label noise and loss correction (original.md Hessian §6.2–§6.3): the confusion matrices, noise injection,
+the backward correction's unbiasedness (exact and Monte Carlo), the forward correction and the Dual-T estimator."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Tests of the joint model's loss sample selection (spec §4.4 `--loss_samples`) against plain-loop references."""
+"""The joint model's loss sample selection (original.md S2F §4.4 `--loss_samples`) against plain-loop references."""
 from __future__ import annotations
 
 import itertools

@@ -1,5 +1,5 @@
-"""Methods route the right data, weights, grids and starting points into the shared loop (spec §3.3–§3.4), and a
-killed run resumes to the same metrics."""
+"""Methods route the right data, weights, grids and starting points into the shared loop (original.md S2F §3.3–§3.4),
+and a killed run resumes to the same metrics."""
 import json
 import os
 

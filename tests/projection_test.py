@@ -1,5 +1,5 @@
-"""Tests of the weight projection (spec §5.2) on hand-made weight vectors and trees with known coordinates, of the
-`get_param_vec` leaf selection (spec §2.6), and of the figure's drawn data.
+"""Tests of the weight projection (original.md S2F §5.2) on hand-made weight vectors and trees with known coordinates,
+of the `get_param_vec` leaf selection (original.md S2F §2.6), and of the figure's drawn data.
 
 numpy floating-point errors raise and warnings are errors, so hidden NaN/inf arithmetic fails instead of passing.
 """

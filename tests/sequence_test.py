@@ -1,4 +1,4 @@
-"""Tests of sequence parsing, per-step sample selection and building (spec §1.2–§1.6, §1.8, §1.9)."""
+"""Tests of sequence parsing, per-step sample selection and building (original.md S2F §1.2–§1.6, §1.8, §1.9)."""
 import numpy as np
 import pytest
 from matplotlib.image import imread
@@ -209,7 +209,7 @@ def _subpop_counts(split, fine_id) -> set[tuple[int, ...]]:
 
 @pytest.mark.parametrize('compat, expected', [
     (False, [(150, 150, 0, 0, 0), (66, 66, 68, 0, 0), (0, 100, 100, 100, 0), (0, 0, 66, 66, 68)]),
-    (True, [(150,) * 5, (66, 66, 68, 68, 68), (0, 100, 100, 100, 100), (0, 0, 66, 66, 68)]),  # spec §1.6
+    (True, [(150,) * 5, (66, 66, 68, 68, 68), (0, 100, 100, 100, 100), (0, 0, 66, 66, 68)]),  # original.md S2F §1.6
 ])
 def test_subpop_sizes(compat, expected):
   base, fine_id = _fine_base()

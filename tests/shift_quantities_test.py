@@ -1,5 +1,5 @@
-"""Shift quantities (spec §5.5): W2 against closed forms, the conditional W2 by hand, the PCA k rule on a known
-spectrum, `quantify` on a tiny digits sequence, and the command line."""
+"""Shift quantities (original.md S2F §5.5): W2 against closed forms, the conditional W2 by hand, the PCA k rule on a
+known spectrum, `quantify` on a tiny digits sequence, and the command line."""
 from __future__ import annotations
 
 import json

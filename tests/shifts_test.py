@@ -1,4 +1,4 @@
-"""Tests of the vectorised shift blocks and the cumulative shift state (spec §1.3–§1.4)."""
+"""Tests of the vectorised shift blocks and the cumulative shift state (original.md S2F §1.3–§1.4)."""
 import math
 
 import numpy as np

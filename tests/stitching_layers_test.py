@@ -1,4 +1,4 @@
-"""Tests of the stitching layers, direct matching and low-rank projections (stitching spec §2–§4), against
+"""Tests of the stitching layers, direct matching and low-rank projections (original.md Stitching §2–§4), against
 independent numpy references."""
 from __future__ import annotations
 

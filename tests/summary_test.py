@@ -1,4 +1,4 @@
-"""Summary tables from recorded results (spec §5.6): a hand-written fixture tree in, known tables out."""
+"""Summary tables from recorded results (original.md S2F §5.6): a hand-written fixture tree in, known tables out."""
 import json
 import os
 import subprocess

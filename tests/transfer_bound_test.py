@@ -1,5 +1,5 @@
-"""Tests of the transforms and the transferability bound (spec §2–§5, §11's synthetic cases): the conditional
-entropy by hand, the identity case, label permutations and affine feature maps recovered by LearnedAll, the
+"""Tests of the transforms and the transferability bound (original.md Transferability §2–§5, §11's synthetic cases): the
+conditional entropy by hand, the identity case, label permutations and affine feature maps recovered by LearnedAll, the
 settings' frozen variables, and the bound's validity on a Gaussian-mixture task."""
 from __future__ import annotations
 

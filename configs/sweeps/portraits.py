@@ -1,5 +1,5 @@
 r"""Portraits (yearbook photos, 8 decades 1930s–2000s, male/female): every method of the paper's table on the
-real sequence. No oracle: the final decade has no more data (spec §7).
+real sequence. No oracle: the final decade has no more data (original.md S2F §7).
 
 Jobs (no argument): the 19 method variants of the paper's table (4k, ERM, IRM, DRO, FT, LP-FT, I-FT, D-FT, ST-1,
 ST-B, SFT with none/linear/exponential lr decay, EWC, SST-1, SST-B, JM, JST-1, JST-B) for each of Conv/Dense/Res ×

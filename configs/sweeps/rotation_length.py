@@ -1,4 +1,4 @@
-r"""The rotation-length study (spec §1.6): CIFAR-10 sequences of 2..8 steps, all rotations, 20000 train+valid
+r"""The rotation-length study (original.md S2F §1.6): CIFAR-10 sequences of 2..8 steps, all rotations, 20000 train+valid
 examples in total and 4000 at the final step, each with its oracle (final step 20000).
 
 Jobs (no argument): the 19 method variants of the paper's table + the oracle for each of the 7 sequences (key
@@ -17,7 +17,7 @@ size (140 jobs):
 """
 from s2f_jax import sweep
 
-# (name, source size, target sizes): spec §1.6, number of steps 2..8.
+# (name, source size, target sizes): original.md S2F §1.6, number of steps 2..8.
 LENGTHS = (
     ('rot2', 16000, '4000'),
     ('rot3', 10000, '6000:4000'),

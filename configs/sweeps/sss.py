@@ -1,9 +1,9 @@
 r"""CIFAR-100 sss (three sub-population shifts within the 20 coarse classes): every method of the paper's table.
 
-No argument: the paper's table (spec §5.6) as 20 jobs per architecture: 19 method variants (4k, ERM, IRM, DRO, FT,
-LP-FT, I-FT, D-FT, ST-1, ST-B, SFT with none/linear/exponential lr decay, EWC, SST-1, SST-B, JM, JST-1, JST-B) and the
-oracle (erm_final with a 20000-example final step), for Conv/Dense/Res × 1..4 blocks and seed 1007: 240 jobs, source
-6000, targets 4000:6000:4000, test 5000 (spec §1.6), up to 100 epochs, the 8-point grid.
+No argument: the paper's table (original.md S2F §5.6) as 20 jobs per architecture: 19 method variants (4k, ERM, IRM,
+DRO, FT, LP-FT, I-FT, D-FT, ST-1, ST-B, SFT with none/linear/exponential lr decay, EWC, SST-1, SST-B, JM, JST-1, JST-B)
+and the oracle (erm_final with a 20000-example final step), for Conv/Dense/Res × 1..4 blocks and seed 1007: 240 jobs,
+source 6000, targets 4000:6000:4000, test 5000 (original.md S2F §1.6), up to 100 epochs, the 8-point grid.
 
   python experiments/sweep.py --config=configs/sweeps/sss.py --root=runs --config.base.data.root=/data/cifar100
   python experiments/sweep.py --config=configs/sweeps/sss.py --root=runs --config.base.data.root=/data/cifar100 \
@@ -16,9 +16,9 @@ runs all 20 jobs at that size.
 
   python experiments/sweep.py --config=configs/sweeps/sss.py:quick --root=runs/quick
 
-The paper's sss numbers come with the original's sub-population sizing bug (spec §1.6: oversized historical steps);
-add --config.base.compat.subpop_remainder=true to reproduce it. The digits have no fine labels, so `:quick` stands
-in a class-proportion shift (label_shift ×3) for the sub-population shift.
+The paper's sss numbers come with the original's sub-population sizing bug (original.md S2F §1.6: oversized historical
+steps); add --config.base.compat.subpop_remainder=true to reproduce it. The digits have no fine labels, so `:quick`
+stands in a class-proportion shift (label_shift ×3) for the sub-population shift.
 """
 from s2f_jax import sweep
 

@@ -1,4 +1,4 @@
-"""Per-layer activations and the penultimate representation of a block model, and the SVCCA coordinates of spec §5.3.
+"""Per-layer activations and penultimate representation of a block model; SVCCA coordinates (original.md S2F §5.3).
 
 Activations are each top-level layer's output (conv1, layer1..N, fc logits) in eval mode (running BN statistics;
 the original ran single models with batch statistics, deviation 34), flattened per example to [n, C·H·W].

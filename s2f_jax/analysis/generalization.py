@@ -1,5 +1,5 @@
-"""Generalisation measures of constrained fine-tuning, one row per constraint radius (Ju et al. 2022; hessian spec
-§8 and the original README's figure).
+"""Generalisation measures of constrained fine-tuning, one row per constraint radius (Ju et al. 2022; original.md
+Hessian §8 and the original README's figure).
 
 A finished `erm_fine_tune` run with `constraint.radius` = a tuple keeps the best run per radius (stage
 `fine_tune_all`, winners stacked [G]). For each, on the final step: train loss and accuracy (on the labels it was

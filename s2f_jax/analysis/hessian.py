@@ -1,4 +1,4 @@
-"""Hessian-based generalisation measures of Ju, Li & Zhang (ICML 2022), spec `hessian_measures.md` §2–§5 and §10.
+"""Hessian-based generalisation measures of Ju, Li & Zhang (ICML 2022), original.md Hessian §2–§5 and §10.
 
 Every quantity is a property of the Hessian H of a mini-batch loss ℓ_B(θ) = mean cross-entropy (nats) over the batch,
 in eval mode (BN running statistics), RESTRICTED to a list of selected weight tensors ("layers", `select_layers`):
@@ -35,8 +35,8 @@ from s2f_jax.training.loop import Learner
 PyTree = Any
 Sel = dict[str, jax.Array]
 
-# Spec §3 on this repo's models: every conv/Dense kernel (so the head `fc/dense/kernel` too) except the ResNet
-# projection shortcuts `downsample_conv`; LayerNorm, embedding and pooler kernels are left out as in the ViT/text code.
+# original.md Hessian §3 on this repo's models: every conv/Dense kernel (so the head `fc/dense/kernel` too) except the
+# ResNet projection shortcuts `downsample_conv`; LayerNorm, embedding and pooler kernels are left out (ViT/text code).
 DEFAULT_INCLUDE = r'(^|/)kernel$'
 DEFAULT_EXCLUDE = (r'downsample', r'(?i)layer_?norm', r'(?i)embed', r'(?i)pooler')
 HEAD = r'^fc/'  # the classification head, measured from zero under head_centre='zero'
@@ -62,8 +62,8 @@ def select_layers(params: PyTree, include: str = DEFAULT_INCLUDE,
                   exclude: str | Sequence[str] = DEFAULT_EXCLUDE) -> list[str]:
   """'/'-joined paths of the leaves of `params` (or of a variables dict's 'params') that match the regex `include`
   (`re.search`) and none of the regexes `exclude`, in model order (natural sort, the head `fc` last). The defaults
-  reproduce spec §3: conv and Dense kernels, without ResNet downsample convs, biases, BN or adapter factors.
-  UserError if nothing matches."""
+  reproduce original.md Hessian §3: conv and Dense kernels, without ResNet downsample convs, biases, BN or adapter
+  factors. UserError if nothing matches."""
   exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
   try:
     keep, drop = re.compile(include), [re.compile(p) for p in exclude]
@@ -98,7 +98,7 @@ def merge_leaves(params: PyTree, sel: Sel) -> PyTree:
 
 def weight_difference(params_sel: Sel, init_sel: Sel, head_centre: str = 'init', head: str = HEAD) -> Sel:
   """v = θ − θ₀ per selected layer; with head_centre='zero' the layers matching the regex `head` use v = θ (the
-  image code and the distance constraint, spec §4.2, §6.1)."""
+  image code and the distance constraint, original.md Hessian §4.2, §6.1)."""
   if head_centre not in HEAD_CENTRES:
     raise choices_error('head_centre', head_centre, HEAD_CENTRES)
   _check_like('weight_difference', params_sel, init_sel, 'init_sel')
@@ -278,7 +278,7 @@ def hvp(loss_fn: Callable[[Sel], jax.Array], params_sel: Sel, v: Sel) -> Sel:
   return jax.jvp(jax.grad(loss_fn), (params_sel,), (v,))[1]
 
 
-# ----- Hutchinson traces (spec §4.1)
+# ----- Hutchinson traces (original.md Hessian §4.1)
 
 
 def _hutchinson(loss, sel: Sel, key: jax.Array, tol: jax.Array, per_round: int, max_iter: int) -> dict:
@@ -327,8 +327,8 @@ def _hutchinson_batches(loss, sel, key, tol, *, per_round, max_iter, parallel):
 def hutchinson_traces(loss_fn: BatchLoss | Callable, params_sel: Sel, key: jax.Array, *, tol: float | None = 1e-3,
                       max_iter: int = 100, probes_per_round: int = 8, batch_size: int | None = None,
                       parallel_batches: int = 1) -> dict:
-  """Per-layer Hutchinson traces Tr(H_ii) from the SAME Rademacher probes (spec §4.1): one joint HVP per probe v,
-  per-layer samples ⟨v_i, (H v)_i⟩ (cross-layer terms average out), `probes_per_round` probes vmapped per step.
+  """Per-layer Hutchinson traces Tr(H_ii) from the SAME Rademacher probes (original.md Hessian §4.1): one joint HVP per
+  probe v, per-layer samples ⟨v_i, (H v)_i⟩ (cross-layer terms average out), `probes_per_round` probes vmapped per step.
   The cross-layer terms add variance Σ_j‖H_ij‖²_F to each layer's samples, large in ReLU nets: for precise per-layer
   traces use `gauss_newton_traces` (exact for ReLU conv nets) or `psd_traces`, or call this on one layer at a time.
 
@@ -401,7 +401,7 @@ def _lanczos(matvec: Callable[[Sel], Sel], q0: Sel, steps: int) -> tuple[jax.Arr
   return nodes, vectors[0] ** 2 * _dot(q0, q0)
 
 
-# ----- quadratic forms of the weight difference (spec §4.2, §10)
+# ----- quadratic forms of the weight difference (original.md Hessian §4.2, §10)
 
 
 def _quadratic(loss, sel: Sel, v: Sel, mode: str, steps: int, chunk: int | None) -> jax.Array:
@@ -437,7 +437,7 @@ def _quadratic_batches(loss, sel, v, *, mode, steps, chunk, parallel):
 def quadratic_form(loss_fn: BatchLoss | Callable, params_sel: Sel, v: Sel, mode: str = 'block_psd', *,
                    steps: int = 20, batch_size: int | None = None, chunk: int | None = 1,
                    parallel_batches: int = 1) -> dict:
-  """Per-layer Hessian quadratic forms of the direction v (usually `weight_difference(θ, θ₀)`), spec §4.2 and §10:
+  """Per-layer Hessian quadratic forms (original.md Hessian §4.2, §10) of v, usually `weight_difference(θ, θ₀)`:
 
     joint      q_i = ⟨v_i, (H v)_i⟩ = Σ_j v_iᵀ H_ij v_j, one joint HVP (the original's `hessian_norms`; Σ_i q_i = vᵀHv);
     block      q_i = v_iᵀ H_ii v_i (v_i alone on layer i);
@@ -471,7 +471,7 @@ def quadratic_form(loss_fn: BatchLoss | Callable, params_sel: Sel, v: Sel, mode:
 
 def hessian_distance_measure(quadratic: Mapping, num_train: int, traces: Mapping | None = None,
                              max_loss: float | None = None) -> dict:
-  """The Hessian distance measure of Theorem 2.1 (spec §2, §4.2), constants dropped, from `quadratic_form` output:
+  """Theorem 2.1's Hessian distance measure (original.md Hessian §2, §4.2), no constants, from `quadratic_form` output:
 
     HDM = Σ_i sqrt(C · max(q_i, 0) / n),   and with `hutchinson_traces` output the trace-distance variant
     TD  = Σ_i sqrt(C · ‖v_i‖² · max(Tr_i, 0) / n),
@@ -522,10 +522,10 @@ def _psd_traces_batches(loss, sel, key, *, num_probes, steps, chunk, parallel):
 def psd_traces(loss_fn: BatchLoss | Callable, params_sel: Sel, key: jax.Array, *, num_probes: int = 10,
                steps: int = 20, batch_size: int | None = None, chunk: int | None = 1,
                parallel_batches: int = 1) -> dict:
-  """Per-layer Tr(H_ii^+) (the PSD part of each diagonal block; the paper's trace, spec §2 and §10) by stochastic
-  Lanczos quadrature: for each layer, `num_probes` Rademacher vectors v on that layer alone (vmapped), each giving
-  v_iᵀ H_ii^+ v_i by a `steps`-step Lanczos quadrature on H_ii (as `quadratic_form(..., 'block_psd')`). Unbiased up to
-  the quadrature error, which vanishes once steps ≥ the layer's size; no cross-layer terms enter.
+  """Per-layer Tr(H_ii^+) (the PSD part of each diagonal block; the paper's trace, original.md Hessian §2 and §10) by
+  stochastic Lanczos quadrature: for each layer, `num_probes` Rademacher vectors v on that layer alone (vmapped), each
+  giving v_iᵀ H_ii^+ v_i by a `steps`-step Lanczos quadrature on H_ii (as `quadratic_form(..., 'block_psd')`). Unbiased
+  up to the quadrature error, which vanishes once steps ≥ the layer's size; no cross-layer terms enter.
 
   Layers are mapped `chunk` at a time (memory ≈ chunk × num_probes × (steps + 2) copies of the selected weights).
   Data as `hutchinson_traces` (batch_size None: one batch; an integer: max over consecutive mini-batches).
@@ -591,7 +591,7 @@ def gauss_newton_traces(loss_fn: BatchLoss, params_sel: Sel, *, batch_size: int 
   return {**_max_over_batches(params_sel, traces, np.zeros_like(traces)), 'example_trace': per_example}
 
 
-# ----- top eigenvalues (power iteration, spec §4.3 fixed)
+# ----- top eigenvalues (power iteration, original.md Hessian §4.3 fixed)
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'max_iter'))
@@ -702,7 +702,7 @@ def save_density(density: Mapping, path: str | os.PathLike, title: str = '') -> 
   save_figure(density_figure(density, title), path, 'eigenvalue density plot')
 
 
-# ----- noise stability (spec §5)
+# ----- noise stability (original.md Hessian §5)
 
 
 @functools.partial(jax.jit, static_argnames=('num_draws', 'chunk'))
@@ -717,13 +717,13 @@ def _noise_gaps(loss, sel, sigma, key, *, num_draws, chunk):
 
 def noise_stability(loss_fn: Callable[[Sel], jax.Array], params_sel: Sel, sigma: float = 1e-3, num_draws: int = 20,
                     key: jax.Array | None = None, traces=None, chunk: int | None = None) -> dict:
-  """Noise stability (spec §5): gaps ℓ(θ + U) − ℓ(θ) (nats) for `num_draws` isotropic Gaussian perturbations
-  U ~ N(0, σ² I) of the selected leaves (σ a standard deviation), all on the ONE fixed batch of `loss_fn` (a
-  `BatchLoss` of the evaluation set). Draws are vmapped, `chunk` at a time (None: all). Small gaps need float64.
+  """Noise stability (original.md Hessian §5): gaps ℓ(θ + U) − ℓ(θ) (nats) for `num_draws` isotropic Gaussian
+  perturbations U ~ N(0, σ² I) of the selected leaves (σ a standard deviation), all on the ONE fixed batch of `loss_fn`
+  (a `BatchLoss` of the evaluation set). Draws are vmapped, `chunk` at a time (None: all). Small gaps need float64.
 
   Returns {'mean', 'std' (ddof 1), 'stderr', 'gaps' [R], 'clean_loss', 'sigma'}; with `traces` (a `hutchinson_traces`
   result, per-layer traces or their total) also 'predicted' = (σ²/2)·ΣTr(H_ii), the second-order expectation, and
-  'ratio' = mean / predicted (≈ 1 at small σ, spec §8 acceptance test 2).
+  'ratio' = mean / predicted (≈ 1 at small σ, original.md Hessian §8 acceptance test 2).
   """
   _check_int('noise_stability', 'num_draws', num_draws, 2)
   if chunk is not None:

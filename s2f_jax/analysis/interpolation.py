@@ -1,10 +1,10 @@
-"""Linear interpolation paths between two models and their accuracy plots (spec §5.1).
+"""Linear interpolation paths between two models and their accuracy plots (original.md S2F §5.1).
 
 θ(α) = (1 − α)·θ_init + α·θ_final on EVERY leaf of the variables — conv/dense weights and biases, BN scale/bias, BN
-running mean/var and ResNet downsample convs alike. This fixes two quirks of the original (spec §5.1, §8 item 13):
-its interior points interpolated only conv/linear weights and took BN and downsample weights from the init model, and
-for single ResNets its interior points evaluated the *init* model (the forward used stale attributes). Here every
-point, endpoints included, is one ordinary model, evaluated in eval mode with its own interpolated running stats.
+running mean/var and ResNet downsample convs alike. This fixes two quirks of the original (original.md S2F §5.1, §8
+item 13): its interior points interpolated only conv/linear weights and took BN and downsample weights from the init
+model, and for single ResNets its interior points evaluated the *init* model (the forward used stale attributes). Here
+every point, endpoints included, is one ordinary model, evaluated in eval mode with its own interpolated running stats.
 
 Accuracy is evaluated for all α at once: the interpolated variables are stacked on the run axis of
 `loop.evaluate`.
@@ -30,13 +30,13 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class PathPair:
-  """Which two models a method family's interpolation path joins (spec §5.1), and how this port picks them."""
+  """Which two models a method family's interpolation path joins (original.md S2F §5.1), and how the port picks them."""
   init: str
   final: str
   note: str = ''
 
 
-# Spec §5.1 "Init and final model per family", with this port's stage names (`RunContext.train_stage`).
+# original.md S2F §5.1 "Init and final model per family", with this port's stage names (`RunContext.train_stage`).
 PATH_PAIRS: dict[str, PathPair] = {
     'fine_tune': PathPair(
         init="the stage-1 model `<m>_all_prev` (ERM: stage 'erm_all_prev'; IRM/DRO: '<kind>_all_prev…')",
@@ -70,8 +70,8 @@ def path_family(method: str) -> str:
     return 'joint'
   if 'fine_tune' in method:
     return 'fine_tune'
-  raise UserError(f'method {method!r} has no interpolation path (spec §5.1 covers fine-tune, sequential, joint '
-                  'and side-tune methods)')
+  raise UserError(f'method {method!r} has no interpolation path (original.md S2F §5.1 covers fine-tune, sequential, '
+                  'joint and side-tune methods)')
 
 
 def _alphas(alphas) -> np.ndarray:
@@ -120,7 +120,7 @@ def interpolation_accuracy(learner: loop.Learner, init_vars: PyTree, final_vars:
                            points_per_call: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(alphas float64 [A], mean cross-entropy [A], accuracy [A]) of θ(α) on `examples` in eval mode.
 
-  alphas: default `num_points` evenly spaced in [0, 1] (101: the spec's grid 0, 0.01, …, 1).
+  alphas: default `num_points` evenly spaced in [0, 1] (101: the original's grid 0, 0.01, …, 1; original.md S2F §5.1).
   All points are evaluated by one `loop.evaluate` call on `interpolate(init_vars, final_vars, alphas)`, which holds
   A copies of the model; `points_per_call` evaluates that many at a time instead (for large models).
   """
@@ -143,7 +143,7 @@ def interpolation_accuracy(learner: loop.Learner, init_vars: PyTree, final_vars:
 
 # ----- figures
 
-# Spec §5.1: line style by where a method starts (seaborn dashes 5-5, 3-3, 1-1).
+# original.md S2F §5.1: line style by where a method starts (seaborn dashes 5-5, 3-3, 1-1).
 LINE_STYLES = {'ERM start': '-', 'IRM/DRO start': (0, (5, 5)), 'Sequential': (0, (3, 3)), 'Joint': (0, (1, 1))}
 
 
@@ -199,7 +199,8 @@ def interpolation_figure(curves: Mapping[str, Sequence], title: str = '',
 
 def merged_interpolation_figure(panels: Mapping[str, Mapping[str, Sequence]], title: str = '',
                                 groups: Mapping[str, str] | None = None) -> Figure:
-  """Panels stacked vertically with a shared α axis (spec `--model_type=merge`: Conv-4 / Dense-4 / Res-4);
+  """Panels stacked vertically with a shared α axis (the original's `--model_type=merge`, original.md S2F §5.1:
+  Conv-4 / Dense-4 / Res-4);
   panels: {panel title: curves as in `interpolation_figure`}. A label keeps its colour in every panel."""
   if not panels:
     raise UserError('merged interpolation figure needs at least one panel')

@@ -1,4 +1,4 @@
-"""Weight changes between the time steps of a joint model, and the adjacent-regularisation summary plot (spec §5.4).
+"""Weight changes between a joint model's steps, and the adjacent-regularisation summary plot (original.md S2F §5.4).
 
 Inputs are per-step variables as returned by `s2f_jax.models.joint.all_steps(joint['params'], path)`: a dict
 {layer: subtree} in model order whose every leaf (numpy or jax array, any real dtype) has shape [T, ...]. A layer's

@@ -1,7 +1,7 @@
-"""Weight projection onto the "historical shift" and "limited final sample size" directions (spec §5.2).
+"""Weight projection onto the "historical shift" and "limited final sample size" directions (original.md S2F §5.2).
 
-Per layer ℓ, v_ℓ(m) is the `get_param_vec` vector of model m (spec §2.6: conv kernels and the fc kernel and bias; no
-BN; no ResNet downsample convs; `param_vector`), o the oracle (`erm_final` with 20000 final samples), and
+Per layer ℓ, v_ℓ(m) is the `get_param_vec` vector of model m (original.md S2F §2.6: conv kernels and the fc kernel and
+bias; no BN; no ResNet downsample convs; `param_vector`), o the oracle (`erm_final` with 20000 final samples), and
 
   d¹_ℓ = v_ℓ(ERM on all previous steps) − o_ℓ      ("historical shift"),
   d²_ℓ = v_ℓ(ERM final, 4000 samples) − o_ℓ        ("limited final sample size").
@@ -28,7 +28,7 @@ from s2f_jax.models.registry import param_vec_mask
 
 PyTree = Any
 ENTIRE = 'entire model'
-PAPER_PANELS = ('conv1', 'layer2', 'fc', ENTIRE)  # the 2×2 figure of spec §5.2 for 4-block models
+PAPER_PANELS = ('conv1', 'layer2', 'fc', ENTIRE)  # the 2×2 figure of original.md S2F §5.2 for 4-block models
 _DEGENERATE_RTOL = 1e-12  # a direction this short relative to its endpoints means identical reference models
 
 
@@ -48,8 +48,8 @@ def _layer_key(name: str) -> tuple:
 
 
 def layer_vectors(params: PyTree) -> dict[str, np.ndarray]:
-  """{layer: float64 vector} of the spec §2.6 `get_param_vec` leaves (`param_vec_mask`) of each top-level layer
-  that has any, layers in model order (`conv1, layer1..N, fc`, others after, alphabetically), and each layer's
+  """{layer: float64 vector} of the `get_param_vec` leaves (original.md S2F §2.6, `param_vec_mask`) of each top-level
+  layer that has any, layers in model order (`conv1, layer1..N, fc`, others after, alphabetically), and each layer's
   leaves in sorted path order. `params` may also be a variables dict {'params', 'batch_stats'}."""
   params = _params(params)
   flat = traverse_util.flatten_dict(params)
@@ -100,8 +100,8 @@ def projection_coordinates(points, oracle, historical, limited, where: str = 'we
 
     x = ⟨p − o, d¹⟩ / ‖d¹‖,  y = ⟨p − o, d²⟩ / ‖d²‖,  d¹ = historical − o,  d² = limited − o
 
-  (non-orthogonalised scalar projections, spec §5.2). UserError for mismatched lengths, NaN/inf, or a reference
-  equal to the oracle (‖d‖ ≤ 1e-12 · the larger endpoint norm), instead of NaN coordinates.
+  (non-orthogonalised scalar projections, original.md S2F §5.2). UserError for mismatched lengths, NaN/inf, or a
+  reference equal to the oracle (‖d‖ ≤ 1e-12 · the larger endpoint norm), instead of NaN coordinates.
   """
   o = _vector(where, 'oracle', oracle)
   u1 = _direction(where, 'historical (ERM on all previous steps)', _vector(where, 'historical', historical, len(o)), o)

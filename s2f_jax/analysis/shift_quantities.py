@@ -1,4 +1,4 @@
-"""Shift quantities (spec §5.5, the paper's Tables 4–5): Wasserstein-2 distances between time steps' images.
+"""Shift quantities (original.md S2F §5.5, the paper's Tables 4–5): Wasserstein-2 distances between time steps' images.
 
 Images are flattened on their raw 0–255 scale and reduced with one PCA fitted on every step's train images together;
 the final step's test images are projected with the same PCA. Between two sets of projected images:
@@ -41,7 +41,8 @@ import warnings
 import numpy as np
 
 from s2f_jax.errors import UserError
-from s2f_jax.results.writer import latex_escape, markdown_table, write_atomic
+from s2f_jax.io import write_atomic
+from s2f_jax.results.writer import latex_escape, markdown_table
 
 VARIANCE = 0.95  # PCA keeps the fewest components whose cumulative explained-variance ratio reaches this
 MAX_COMPONENTS = 100
@@ -305,7 +306,7 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def ratio_tables(quantities: dict) -> dict:
-  """The four ratio tables of spec §5.5 from `quantify`'s dict: {name: {'columns', 'values', 'description'}}.
+  """The four ratio tables of original.md S2F §5.5 from `quantify`'s dict: {name: {'columns', 'values', 'description'}}.
 
   'covariate_shift' / 'conditional_shift' (Table 4): W2(step t−1 → t) / W2(source half 1 → half 2), t = 1..T−1;
   '*_relative_to_final' (Table 5): W2(step t train → final test) / W2(final train → final test), t = 0..T−2.

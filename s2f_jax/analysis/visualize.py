@@ -1,4 +1,4 @@
-"""The three weight-space visualisations of finished runs (spec §5.1–§5.3), from the models the runs stored.
+"""The three weight-space visualisations of finished runs (original.md S2F §5.1–§5.3), from the models the runs stored.
 
 - `linear_interpolate`: final-step test accuracy along θ(α) between each method's init and final model
   (`interpolation.PATH_PAIRS`), one figure per run and one merged figure per (setup, seed) across architectures.
@@ -109,7 +109,7 @@ def _side_tune_pair(run: Run, method: stored.StoredMethod) -> tuple[Learner, PyT
 
 
 def interpolation_pair(run: Run, method: stored.StoredMethod) -> tuple[Learner, PyTree, PyTree]:
-  """(learner, init variables, final variables) of a method's interpolation path (spec §5.1, `PATH_PAIRS`);
+  """(learner, init variables, final variables) of a method's interpolation path (original.md S2F §5.1, `PATH_PAIRS`);
   UserError for methods without one."""
   family = path_family(method.name)
   row = method.row
@@ -131,7 +131,7 @@ def model_path(run: Run, method: stored.StoredMethod) -> list[PyTree]:
   → fine-tuned) or one per time step (sequential, joint); UserError for methods left out."""
   name, row = method.name, method.row
   if 'side_tune' in name or 'low_rank' in name or 'frozen_joint' in name:
-    raise UserError(f'{name}: side-tuned and adapter models are not drawn (spec §5.2)')
+    raise UserError(f'{name}: side-tuned and adapter models are not drawn (original.md S2F §5.2)')
   if SINGLE_MODEL.fullmatch(name):
     return [run.load(stored.stage_ref(row))]
   family = path_family(name)
@@ -293,7 +293,7 @@ def visualize(root: str, representation: str, out: str | None = None, num_points
       save_interpolation({k: (v['alpha'], v['accuracy']) for k, v in data.items()}, f'{path}.{fmt}', run.title)
       written.append(f'{path}.{fmt}')
     else:
-      paper = run.ctx.config.model.num_blocks == 4  # the 2×2 figure of spec §5.2; else every layer
+      paper = run.ctx.config.model.num_blocks == 4  # the 2×2 figure of original.md S2F §5.2; else every layer
       panels = list(PAPER_PANELS) if paper else [*[p for p in data if p != ENTIRE], ENTIRE]
       kwargs = {} if representation == 'weight_proj' else {
           'axes_labels': ('mean SVCCA, 50% variance', 'mean SVCCA, 90% variance'), 'oracle_at': (1.0, 1.0),

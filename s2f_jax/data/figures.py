@@ -1,4 +1,4 @@
-"""Figure of example images over a sequence (spec §1.9): rows = time steps, columns = classes."""
+"""Figure of example images over a sequence (original.md S2F §1.9): rows = time steps, columns = classes."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import numpy as np
 from s2f_jax.data.sequence import Sequence
 from s2f_jax.errors import UserError
 
-# The paper's columns (spec §1.9): CIFAR-10 plane, car, bird, cat, dog; CIFAR-100 coarse classes; Portraits 3 + 3.
+# Paper columns (original.md S2F §1.9): CIFAR-10 plane, car, bird, cat, dog; CIFAR-100 coarse classes; Portraits 3 + 3.
 PAPER_CLASSES = {'cifar10': (0, 1, 2, 3, 5), 'cifar100': (9, 18, 2, 8, 12), 'portraits': (1, 0)}
 PAPER_PER_CLASS = {'portraits': 3}  # images per class and step (1 for the others)
 

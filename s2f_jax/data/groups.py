@@ -1,4 +1,4 @@
-"""Group-structured data for subgroup robustness (model patching, spec model_patching.md §5): class y, subgroup z.
+"""Group-structured data for subgroup robustness (model patching, original.md Patching §5): class y, subgroup z.
 
 A group is g = y · Z + z (Z subgroups per class). Two sources:
   * `spurious_correlation`: a spurious-correlation set built from a base dataset and the benchmark's own shift blocks

@@ -1,4 +1,4 @@
-"""Historical samples used by the joint model's loss (spec §4.4 `--loss_samples`).
+"""Historical samples used by the joint model's loss (original.md S2F §4.4 `--loss_samples`).
 
 Each mode gives, per time step t, int indices into step t's train set. 'nearest neighbors' and 'optimal matching'
 build a chain backwards from the final step: the |final train| representatives are carried to step T−2, then to

@@ -1,4 +1,4 @@
-"""Portraits (yearbook faces, spec §1.8) as a sequence of 8 decades from local PNG files.
+"""Portraits (yearbook faces, original.md S2F §1.8) as a sequence of 8 decades from local PNG files.
 
 Accepted layouts, in `root` or one of its immediate sub-folders (e.g.
 `faces_aligned_small_mirrored_co_aligned_cropped_cleaned/`):

@@ -1,5 +1,5 @@
-"""Sequences of time steps: the sequence spec and its strict parser, per-step sample selection, building (spec
-§1.2–§1.5), and the train/valid/test split of a real sequence such as Portraits (§1.8).
+"""Sequences of time steps: the sequence spec and its strict parser, per-step sample selection, building
+(original.md S2F §1.2–§1.5), and the train/valid/test split of a real sequence such as Portraits (§1.8).
 
 Step t = 0 is the clean source; each target step draws a fresh sample from the base dataset with its own seed and
 applies the cumulative shift state (`shifts.ShiftState`). Selection reproduces the original's numpy legacy RNG
@@ -17,7 +17,7 @@ from s2f_jax.errors import UserError, choices_error
 
 TRAIN_FRACTION = 0.8  # of each class's train+valid sample (the rest is valid)
 PORTRAITS_FINAL_CUTS = (0.4, 0.5)  # final real step: first 40% train, next 10% valid, rest test
-# CIFAR-100 coarse class k -> its 5 fine classes in the `subpop` proportion order (spec §1.3; not alphabetical).
+# CIFAR-100 coarse class k -> its 5 fine classes in `subpop` proportion order (original.md S2F §1.3; not alphabetical).
 SUBPOPULATIONS = (
     ('otter', 'seal', 'beaver', 'dolphin', 'whale'), ('flatfish', 'trout', 'aquarium fish', 'ray', 'shark'),
     ('poppy', 'tulip', 'rose', 'orchid', 'sunflower'), ('bottle', 'cup', 'can', 'bowl', 'plate'),
@@ -52,7 +52,7 @@ class Step:
 
 @dataclasses.dataclass(frozen=True)
 class Sequence:
-  """Time steps 0..T-1 (0 = source, T-1 = final), class names, and the setup name of spec §6 (e.g.
+  """Time steps 0..T-1 (0 = source, T-1 = final), class names, and the setup name of original.md S2F §6 (e.g.
   'source6000:rotation4000:corruption6000:label_flip4000', or 'portraits')."""
   steps: tuple[Step, ...]
   class_names: tuple[str, ...]
@@ -153,12 +153,12 @@ class SequenceSpec:
 
   @property
   def setup(self) -> str:
-    """'source<S>:<step1><n1>:...', the results directory name of spec §6."""
+    """'source<S>:<step1><n1>:...', the results directory name of original.md S2F §6."""
     return ':'.join(f'{name}{size}' for name, size in zip(self.step_names, self.sizes))
 
   @property
   def seeds(self) -> tuple[int, ...]:
-    """Per-step seeds: `seed` for the source, then RandomState(seed).randint(10000, size=T-1) (spec §1.5)."""
+    """Per-step seeds: `seed` for the source, then RandomState(seed).randint(10000, size=T-1) (original.md S2F §1.5)."""
     targets = np.random.RandomState(self.seed).randint(10000, size=len(self.steps))
     return (self.seed,) + tuple(int(s) for s in targets)
 
@@ -226,7 +226,7 @@ def _plan(groups: list[list[_Group]], state: ShiftState, size: int, test_size: i
 
 def _sample_step(base: BaseDataset, plan: list[tuple[_Group, int, int]], state: ShiftState, seed: int,
                  has_test: bool, name: str) -> Step:
-  """Draws one step's fresh sample in the original's RNG order and applies `state` (spec §1.2)."""
+  """Draws one step's fresh sample in the original's RNG order and applies `state` (original.md S2F §1.2)."""
   rng = np.random.RandomState(seed)
   parts = {'train': [], 'valid': [], 'test': []}  # (label, base indices) per group
   for group, n, m in plan:
@@ -251,7 +251,7 @@ def build_sequence(spec: SequenceSpec, base: BaseDataset, compat_subpop_remainde
   """Builds the sequence of `spec` from `base` (validating every step before sampling any).
 
   Datasets with fine labels (CIFAR-100) draw every class from its fine sub-populations (source [1/2, 1/2, 0, 0, 0],
-  then the subpop stages); `compat_subpop_remainder` reproduces the original's sizing bug (spec §1.6).
+  then the subpop stages); `compat_subpop_remainder` reproduces the original's sizing bug (original.md S2F §1.6).
   """
   if base.fine_class_names is None and any('subpop' in blocks for blocks in spec.steps):
     raise UserError(f"shift block 'subpop' needs a dataset with fine labels (cifar100); {base.name!r} has none")
@@ -269,8 +269,8 @@ def build_sequence(spec: SequenceSpec, base: BaseDataset, compat_subpop_remainde
 
 
 def split_real_sequence(real: RealSequence, seed: int = 1007) -> Sequence:
-  """Splits each step of a real sequence (spec §1.8): RandomState(seed) once, one shuffle per step; steps 0..T-2
-  are 80% train / 20% valid, the final step 40% train / 10% valid / 50% test. The setup is `real.name`."""
+  """Splits each step of a real sequence (original.md S2F §1.8): RandomState(seed) once, one shuffle per step; steps
+  0..T-2 are 80% train / 20% valid, the final step 40% train / 10% valid / 50% test. The setup is `real.name`."""
   rng = np.random.RandomState(seed)
   steps = []
   for t, (images, labels, name) in enumerate(zip(real.images, real.labels, real.step_names)):

@@ -1,4 +1,4 @@
-"""Shift building blocks on whole uint8 image arrays, and the cumulative shift state of a sequence (spec §1.3–§1.4).
+"""Shift blocks on whole uint8 image arrays, and the cumulative shift state of a sequence (original.md S2F §1.3–§1.4).
 
 Images are uint8 [N, H, W, 3] on the 0–255 scale, labels int32 [N]. Every block is vectorised over the array; all
 randomness comes from a caller-supplied `np.random.RandomState`, drawn in the original's order.

@@ -1,5 +1,5 @@
-"""`fine_tune_mode` side_tune and low_rank_adapt (spec §3.4): the history model stays frozen and new modules are
-trained on the final step — the original's 2-step joint model whose step 0 is frozen, as one model.
+"""`fine_tune_mode` side_tune and low_rank_adapt (original.md S2F §3.4): the history model stays frozen and new modules
+are trained on the final step — the original's 2-step joint model whose step 0 is frozen, as one model.
 
 - side_tune: every block's output is frozen block(x) + trainable side(x) (`models.side_tune`); conv1 and fc are
   new, freshly initialised and pulled toward the history model's by the adjacent L2 term (coefficient `adjacent`),
@@ -137,9 +137,9 @@ def adapted_fine_tune(ctx: RunContext, prev: Selection, kind: str) -> list[dict]
 
 
 def sequential_adapted(ctx: RunContext, time0: Selection) -> list[dict]:
-  """`sequential_side_tune` / `sequential_low_rank_adapt` (spec §3.4): from the source model `time0`, every target
-  step t side-tunes (one more side module per layer, earlier ones frozen; new conv1/fc pulled toward step t−1's) or
-  adapts (step t−1's merged weights frozen as the base of new adapters) on step t's data, selected on step t."""
+  """`sequential_side_tune` / `sequential_low_rank_adapt` (original.md S2F §3.4): from the source model `time0`, every
+  target step t side-tunes (one more side module per layer, earlier ones frozen; new conv1/fc pulled toward step t−1's)
+  or adapts (step t−1's merged weights frozen as the base of new adapters) on step t's data, selected on step t."""
   history = time0.winner()
   for t in range(1, ctx.num_steps):
     sel, learner, history = adapted_stage(ctx, history, t, f'{ctx.config.fine_tune_mode}_time{t}', num_sides=t,

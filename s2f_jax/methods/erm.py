@@ -1,4 +1,4 @@
-"""Class-1 methods: one model trained with ERM on the final step or on all steps (spec §3.4)."""
+"""Class-1 methods: one model trained with ERM on the final step or on all steps (original.md S2F §3.4)."""
 from __future__ import annotations
 
 from s2f_jax.methods.base import Method, RunContext, result_row

@@ -1,5 +1,5 @@
-"""Class-2 and class-3 methods (spec §3.4): fine-tune after pooled history (`erm_fine_tune`; `irm_fine_tune` and
-`dro_fine_tune` in `robust.py` reuse it), and `sequential_fine_tune`.
+"""Class-2 and class-3 methods (original.md S2F §3.4): fine-tune after pooled history (`erm_fine_tune`; `irm_fine_tune`
+and `dro_fine_tune` in `robust.py` reuse it), and `sequential_fine_tune`.
 
 Options (config keys): `fine_tune_layers` (the grammar of `layers_spec.py`), `regularization` (standard = L2 to zero;
 previous / previous_l1 / fisher = toward the weights the step starts from; fisher_all = EWC over every earlier step
@@ -27,7 +27,7 @@ from s2f_jax.training.per_sample import empirical_fisher, layer_scores
 REGULARIZATIONS = ('standard', 'previous', 'previous_l1', 'fisher', 'fisher_all')
 REG_SUFFIX = {'standard': '', 'previous': '_reg_previous', 'previous_l1': '_l1_reg_previous',
               'fisher': '_reg_previous_fisher', 'fisher_all': '_reg_all_previous_fisher'}
-# (start learning rate, per-step change) schedules of spec §3.4; linear subtracts, exponential multiplies.
+# (start learning rate, per-step change) schedules of original.md S2F §3.4; linear subtracts, exponential multiplies.
 LR_SCHEDULES = {
     'linear': ((1e-3, 1e-4), (1e-4, 1e-5)),
     'exponential': ((2e-3, 0.5), (2e-4, 0.5), (2e-4, 0.75)),
@@ -35,7 +35,7 @@ LR_SCHEDULES = {
 
 
 def variant_suffix(config) -> str:
-  """Layer, regularisation and ablation suffix of a fine-tuning method name (spec §6 directory names)."""
+  """Layer, regularisation and ablation suffix of a fine-tuning method name (original.md S2F §6 directory names)."""
   spec = config.fine_tune_layers.strip()
   layers = '' if spec in ('all', 'linear_probe_fine_tune') else '_' + spec.replace(',', '_')
   return layers + REG_SUFFIX[config.regularization] + ('_ablate_init' if config.ablate_init else '')

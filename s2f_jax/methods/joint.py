@@ -1,6 +1,6 @@
-"""`joint_model` (spec §4): one network per time step, trained on every step at once with per-step loss weights, L2
-(optionally weighted by time) and an adjacent penalty between consecutive steps' modules; evaluated with the final
-step's model.
+"""`joint_model` (original.md S2F §4): one network per time step, trained on every step at once with per-step loss
+weights, L2 (optionally weighted by time) and an adjacent penalty between consecutive steps' modules; evaluated with the
+final step's model.
 
 `joint.mode` picks how the steps' models relate (`models.joint` layouts): 'separate' (modules per
 `joint.separate_layers`, or the best subset by `search`), 'side_tune' (shared blocks plus cumulative side modules;
@@ -42,7 +42,7 @@ from s2f_jax.training.objective import EpochFisher, Penalty, cross_entropy
 from s2f_jax.training.robust import group_means
 
 MODES = ('separate', 'side_tune', 'low_rank_adapt')
-# β grid per adjacent_reg_type (spec §4.2), and the β of each `separate_layers=search` candidate (default 0.1).
+# β grid per adjacent_reg_type (original.md S2F §4.2); β of each `separate_layers=search` candidate (default 0.1).
 ADJACENT_GRIDS = {'none': (0.0,), 'l2': (0.01, 0.1, 1.0), 'l1': (0.01, 0.1, 1.0), 'l2_fisher': (0.01, 0.1, 1.0),
                   'l2_high': (10.0, 100.0, 1000.0), 'l2_very_high': (1e4, 1e5, 1e6)}
 SEARCH_BETA = {'none': 0.0, 'l2_high': 10.0, 'l2_very_high': 1e4}
@@ -79,7 +79,7 @@ class JointForward:
 @dataclasses.dataclass(frozen=True)
 class JointObjective:
   """(1/T) Σ_t α_t · mean CE of step t's batch; α_t = 1 before the last step and `final_weight` (a hyper-parameter)
-  at it, or α_t = 1/(T − t) when `increasing` (spec §4.1)."""
+  at it, or α_t = 1/(T − t) when `increasing` (original.md S2F §4.1)."""
   increasing: bool = False
   grouped = True
 
@@ -261,8 +261,8 @@ def per_step_params(layout: JointLayout | LowRankLayout, variables: dict) -> dic
 
 
 def search_separate_layers(ctx: RunContext, train: Examples, valid: Examples) -> str:
-  """`separate_layers=search` (spec §4.3): every non-empty layer subset, new at every step, trained for half the
-  epochs at lr 1e-3, λ 1e-4, dropout 0, final weight 1 and the type's search β; the best final-step valid accuracy
+  """`separate_layers=search` (original.md S2F §4.3): every non-empty layer subset, new at every step, trained for half
+  the epochs at lr 1e-3, λ 1e-4, dropout 0, final weight 1 and the type's search β; the best final-step valid accuracy
   wins (written to best_combo.txt). Returns the winning spec."""
   c, j = ctx.config, ctx.config.joint
   beta = 0.0 if j.adjacent_reg_type == 'none' else SEARCH_BETA.get(j.adjacent_reg_type, 0.1)
@@ -348,7 +348,8 @@ def resume_pending(config, rows: list[dict]) -> bool:
 
 # ------------------------------------------------------------------ fine-tuning through a frozen 2-step joint model
 
-# fine_tune_mode → (method name, step 1 starts from the history model, adjacent term instead of L2) (spec §3.4).
+# original.md S2F §3.4: fine_tune_mode → (method name, step 1 starts from the history model, adjacent term instead
+# of L2).
 FROZEN_JOINT_MODES = {
     'standard_using_joint': ('erm_final_using_frozen_joint', False, False),
     'standard_using_joint_with_init': ('erm_fine_tune_using_frozen_joint_adjacent_reg_none', True, False),

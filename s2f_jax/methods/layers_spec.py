@@ -1,4 +1,4 @@
-"""The `fine_tune_layers` grammar (spec §3.4): which layers each fine-tuning stage trains.
+"""The `fine_tune_layers` grammar (original.md S2F §3.4): which layers each fine-tuning stage trains.
 
 - `all` or a comma set (`layer4,fc`): one stage;
 - a dash list (`fc-all`): stages trained one after another, each from the previous stage's winner;

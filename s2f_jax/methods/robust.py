@@ -1,5 +1,5 @@
-"""Group DRO and IRM over time steps (spec §3.4): `dro_all`, `irm_all` (one model on all steps, selected on the
-final step's valid set) and `dro_fine_tune`, `irm_fine_tune` (the robust model of the history, then the same
+"""Group DRO and IRM over time steps (original.md S2F §3.4): `dro_all`, `irm_all` (one model on all steps, selected on
+the final step's valid set) and `dro_fine_tune`, `irm_fine_tune` (the robust model of the history, then the same
 fine-tuning stage as `erm_fine_tune`).
 
 Every iteration takes one batch from every step, sampled inside the compiled epoch (`loop._batch_plan`).

@@ -1,5 +1,5 @@
-"""Block models (ConvNet, ResNet, DenseNet) of spec §2, with helpers on their parameter pytrees, low-rank adapters
-(§2.9) and side-tuned models (§2.8)."""
+"""Block models (ConvNet, ResNet, DenseNet) of original.md S2F §2, with helpers on their parameter pytrees, low-rank
+adapters (§2.9) and side-tuned models (§2.8)."""
 from s2f_jax.models.adapters import LowRank, adapter_param_count, adapter_ranks, max_rank
 from s2f_jax.models.layers import dropout, layer_names
 from s2f_jax.models.registry import (MODEL_NAMES, count_params, make_model, param_count_table, param_vec_mask,

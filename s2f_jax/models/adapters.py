@@ -1,4 +1,4 @@
-"""Low-rank adapters (spec §2.9) as pure maps on parameter pytrees.
+"""Low-rank adapters (original.md S2F §2.9) as pure maps on parameter pytrees.
 
 An adapter gives a base model S new steps. Its tree holds one entry per adapted top-level layer (a key of `ranks`;
 layers not in `ranks` are shared with the base model), with the layer's own nesting and every leaf stacked on a
@@ -33,7 +33,7 @@ FACTOR_BOUND = 1.5
 
 
 def max_rank(fan_in: int, fan_out: int) -> int:
-  """Largest r with r·(in + out) < in·out (spec §2.9's efficiency condition, which ignores the kernel size)."""
+  """Largest r with r·(in + out) < in·out (the efficiency condition of original.md S2F §2.9; ignores kernel size)."""
   return (fan_in * fan_out - 1) // (fan_in + fan_out)
 
 
@@ -65,7 +65,7 @@ def check_ranks(base_params: PyTree, ranks: dict[str, int]) -> None:
 
 
 def _bias_bound(kernel_shape: tuple[int, ...]) -> float:
-  """√k of a new per-step bias: linear k = 1/in, conv k = 1/(3·kh·kw) (spec §2.9)."""
+  """√k of a new per-step bias: linear k = 1/in, conv k = 1/(3·kh·kw) (original.md S2F §2.9)."""
   return math.sqrt(1 / kernel_shape[0] if len(kernel_shape) == 2 else 1 / (3 * kernel_shape[0] * kernel_shape[1]))
 
 
@@ -169,7 +169,7 @@ class LowRank:
     """`adapter` with identity factors (multiply: a_in = 1, a_out = 1/r; add: a_in = 0) and every replacing leaf
     (new biases, BN, separate layers) set to the base value, so that `merge` returns `base_params` at every step.
 
-    The spec zeroes the new biases instead, which would drop the base model's fc bias.
+    The original (original.md S2F §2.9) zeroes the new biases instead, which would drop the base model's fc bias.
     """
     def ablate_leaf(path: tuple[str, ...], leaf: jax.Array, base: PyTree) -> jax.Array:
       if path[-1] == 'a_in':

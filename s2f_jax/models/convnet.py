@@ -1,4 +1,4 @@
-"""ConvNet (spec §2.2): stem, N blocks of conv 3×3 → BN [→ ReLU], global-average-pool head."""
+"""ConvNet (original.md S2F §2.2): stem, N blocks of conv 3×3 → BN [→ ReLU], global-average-pool head."""
 from __future__ import annotations
 
 import flax.linen as nn

@@ -1,4 +1,4 @@
-"""DenseNet (spec §2.4): stem, N dense blocks (with transitions between them), BN → ReLU → pool → Linear head.
+"""DenseNet (original.md S2F §2.4): stem, N dense blocks (transitions between them), BN → ReLU → pool → Linear head.
 
 At width 64: growth rate 32, bottleneck 128 (bn_size 4), 64 initial features; N=4 is DenseNet-121's [6, 12, 24, 16].
 """

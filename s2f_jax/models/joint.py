@@ -1,4 +1,4 @@
-"""Joint block model over T time steps (spec §2.7–§2.9, §4.1) as pure pytree code around a per-step model.
+"""Joint block model over T time steps (original.md S2F §2.7–§2.9, §4.1) as pure pytree code around a per-step model.
 
 A *layout* says how every step's model variables come out of one joint tree; the forward `vmap`s the model over the
 steps (`joint_apply`). `JointLayout` (modes 'separate' and 'side_tune'): the per-step model's structure
@@ -8,7 +8,7 @@ once; gathering it per step makes gradients sum over the steps that use it. `Low
 'low_rank_adapt'): a base model plus low-rank adapters merged per step.
 
 Regularisers count the leaves of `weight_decay_mask` (conv/dense kernels and the fc bias; never BN) — also for the
-adjacent term, where the original code took every parameter, BN γ/β included (spec §4.1): a layout's
+adjacent term, where the original code took every parameter, BN γ/β included (original.md S2F §4.1): a layout's
 `adjacent_all_params` (config `compat.joint_adjacent_all_params`) reproduces that.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ ADJACENT_KINDS = ('none', 'l2', 'l2_high', 'l2_very_high', 'l1', 'l2_fisher')
 
 
 def parse_separate_layers(spec: str, num_steps: int, num_blocks: int) -> list[tuple[str, ...]]:
-  """`--separate_layers` (spec §4.3) → T−1 tuples of layers (model order) that get a new module at steps 1..T−1.
+  """`--separate_layers` (original.md S2F §4.3) → T−1 tuples of layers (model order) with a new module at steps 1..T−1.
 
   'all': every layer at every step; otherwise colon-separated comma sets (each may be 'all'), one per target step,
   or a single set repeated for every step.
@@ -160,7 +160,7 @@ def _total(tree: PyTree) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class JointLayout:
-  """Modes 'separate' and 'side_tune' (spec §2.7–§2.8): which module of each top-level entry every step uses.
+  """Modes 'separate' and 'side_tune' (original.md S2F §2.7–§2.8): which module of each top-level entry every step uses.
 
   names: the per-step model's top-level names (the columns of `path`); path: [T][L] module index per step
     (`module_path`); the joint tree holds every name's leaves (both collections) stacked on a module axis [K_ℓ, ...].
@@ -251,8 +251,8 @@ class JointLayout:
 
 @dataclasses.dataclass(frozen=True)
 class LowRankLayout:
-  """Mode 'low_rank_adapt' (spec §2.9): step 0 runs the base model; step t ≥ 1 runs `low_rank.merge(base, adapter,
-  t − 1)`, every layer of `ranks` adapted (rank > 0) or replaced by a separate copy (rank 0).
+  """Mode 'low_rank_adapt' (original.md S2F §2.9): step 0 runs the base model; step t ≥ 1 runs `low_rank.merge(base,
+  adapter, t − 1)`, every layer of `ranks` adapted (rank > 0) or replaced by a separate copy (rank 0).
 
   Joint variables: params {'base': model params, 'adapter': adapter with T−1 steps}; batch_stats: every layer's
   stacked per step [T, ...] (a new BN per step). ablate: every step runs the base model (with step 0's stats).
@@ -377,15 +377,15 @@ def joint_apply(model: nn.Module, layout: JointLayout | LowRankLayout, joint: di
 
 def l2_by_time(params: dict, path: np.ndarray | jax.Array, weights: jax.Array) -> jax.Array:
   """Σ_t ω_t Σ_ℓ ‖θ_{ℓ,path[t,ℓ]}‖² over the `weight_decay_mask` leaves of the joint params of a block model's
-  separate layout (spec §4.1): a module shared by k steps counts k times. weights: ω [T]."""
+  separate layout (original.md S2F §4.1): a module shared by k steps counts k times. weights: ω [T]."""
   return JointLayout.separate(np.asarray(path)).l2(params, weights)[0]
 
 
 def adjacent_penalty(params: dict, path: np.ndarray | jax.Array, kind: str, weights: jax.Array,
                      fisher: dict | None = None, names: Sequence[str] | None = None, all_params: bool = False
                      ) -> jax.Array:
-  """Σ_{t<T−1} Σ_ℓ [path[t+1,ℓ] − path[t,ℓ] = 1] · ν_t · D(θ_{ℓ,k+1}, θ_{ℓ,k}), k = path[t,ℓ] (spec §4.1), over the
-  `weight_decay_mask` leaves of the joint params (every leaf, BN γ/β included, with `all_params`).
+  """Σ_{t<T−1} Σ_ℓ [path[t+1,ℓ] − path[t,ℓ] = 1] · ν_t · D(θ_{ℓ,k+1}, θ_{ℓ,k}), k = path[t,ℓ] (original.md S2F §4.1),
+  over the `weight_decay_mask` leaves of the joint params (every leaf, BN γ/β included, with `all_params`).
 
   kind: D = Σ(Δθ)² for 'l2' (also 'l2_high', 'l2_very_high'), Σ|Δθ| for 'l1', Σ F ⊙ (Δθ)² for 'l2_fisher' with F
   the earlier module's entry of `fisher` (joint-params structure; 1 if None); 'none' gives 0.

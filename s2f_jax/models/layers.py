@@ -1,5 +1,5 @@
-"""Pieces shared by the block models (spec §2.1): PyTorch-default init, dropout, conv/BN helpers, stem, head and the
-`BlockModel` base class.
+"""Pieces shared by the block models (original.md S2F §2.1): PyTorch-default init, dropout, conv/BN helpers, stem, head
+and the `BlockModel` base class.
 
 All activations are NHWC float32. Helpers that create submodules (`conv`, `batch_norm`) must be called from inside a
 compact method; the submodule is attached to the calling module.
@@ -153,7 +153,7 @@ def layer_dropout(module: nn.Module, x: jax.Array, train: bool, rate: float | ja
 
 
 class BlockModel(nn.Module):
-  """conv1 → layer1..layerN → fc, with dropout on the output of every layer except fc (spec §2.1).
+  """conv1 → layer1..layerN → fc, with dropout on the output of every layer except fc (original.md S2F §2.1).
 
   Subclasses implement `_blocks` (the N block modules, named layer1..layerN) and `_head` (the module named fc), both
   `nn.nowrap` so that `layers` can build the modules inside another module (e.g. `SideTuned`).
@@ -204,7 +204,7 @@ class BlockModel(nn.Module):
 
 
 def block_dims(num_blocks: int, width: int) -> list[tuple[int, int]]:
-  """(out_channels, stride) of each ConvNet/ResNet block (spec §2.2 table), scaled to `width`.
+  """(out_channels, stride) of each ConvNet/ResNet block (original.md S2F §2.2 table), scaled to `width`.
 
   A block's input channels are the previous block's output (the stem's `width` for the first).
   """

@@ -1,4 +1,4 @@
-"""pix2pix U-Net generator and PatchGAN discriminator of the CycleGAN stage of model patching (spec §4.1).
+"""pix2pix U-Net generator and PatchGAN discriminator of the model-patching CycleGAN stage (original.md Patching §4.1).
 
 All activations are NHWC float32; images live in [-1, 1]. BatchNorm uses the Keras defaults (momentum 0.99,
 epsilon 1e-3); kernels are initialised N(0, 0.02).

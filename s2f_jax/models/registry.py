@@ -1,4 +1,4 @@
-"""Model construction by name, parameter masks and counts (spec §2.5–§2.6)."""
+"""Model construction by name, parameter masks and counts (original.md S2F §2.5–§2.6)."""
 from __future__ import annotations
 
 import math
@@ -66,12 +66,13 @@ def _leaf_mask(params: PyTree, include_downsample: bool) -> PyTree:
 
 
 def weight_decay_mask(params: PyTree) -> PyTree:
-  """Bool pytree like `params`: the leaves of spec §2.6 `compute_param_norm` (all conv kernels, fc kernel and bias)."""
+  """Bool pytree like `params`: the `compute_param_norm` leaves of original.md S2F §2.6 (all conv kernels, fc kernel
+  and bias)."""
   return _leaf_mask(params, include_downsample=True)
 
 
 def param_vec_mask(params: PyTree) -> PyTree:
-  """Bool pytree like `params`: the leaves of spec §2.6 `get_param_vec` (`weight_decay_mask` minus ResNet
+  """Bool pytree like `params`: the `get_param_vec` leaves of original.md S2F §2.6 (`weight_decay_mask` minus ResNet
   downsample convs)."""
   return _leaf_mask(params, include_downsample=False)
 
@@ -86,7 +87,7 @@ def count_params(params: PyTree, mask: PyTree | None = None) -> int:
 
 def param_count_table(num_classes: int = 10, max_blocks: int = 4,
                       image_size: int = 32) -> list[tuple[str, int, int, int]]:
-  """Spec §2.5 rows (model, num_blocks, script count, all trainable) for the paper-width models."""
+  """original.md S2F §2.5 rows (model, num_blocks, script count, all trainable) for the paper-width models."""
   rows = []
   for name in MODEL_NAMES:
     for num_blocks in range(1, max_blocks + 1):

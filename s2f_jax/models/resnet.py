@@ -1,4 +1,4 @@
-"""ResNet (spec §2.3): stem, N blocks of two torchvision BasicBlocks, global-average-pool head (N=4: ResNet-18)."""
+"""ResNet (original.md S2F §2.3): stem, N blocks of two torchvision BasicBlocks, average-pool head (N=4: ResNet-18)."""
 from __future__ import annotations
 
 import flax.linen as nn

@@ -1,5 +1,5 @@
-"""Side-tuned block model (spec §2.8): a block model whose blocks each get trainable side modules, applied to the
-block's input, whose outputs are added to the block's — one per layer (fine-tuning), or K gated ones (the joint
+"""Side-tuned block model (original.md S2F §2.8): a block model whose blocks each get trainable side modules, applied to
+the block's input, whose outputs are added to the block's — one per layer (fine-tuning), or K gated ones (the joint
 model, where step t adds the first t; sequential side-tuning, one more per step)."""
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Model patching (CAMEL, Goel et al. ICLR 2021): the CycleGAN stage of spec §4."""
+"""Model patching (CAMEL, Goel et al. ICLR 2021): the CycleGAN stage of original.md Patching §4."""

@@ -1,5 +1,5 @@
-"""Stage 1 of model patching (spec §4): a CycleGAN between the two subgroups X, Y of a class, with generators
-G: X→Y, F: Y→X (pix2pix U-Nets), PatchGAN discriminators D_X, D_Y and replay buffers of generated images.
+"""Stage 1 of model patching (original.md Patching §4): a CycleGAN between the two subgroups X, Y of a class, with
+generators G: X→Y, F: Y→X (pix2pix U-Nets), PatchGAN discriminators D_X, D_Y and replay buffers of generated images.
 
 Images are uint8 [N, H, W, C] at the interface and float32 in [-1, 1] inside. One training step updates both
 generators (one Adam), pushes their fakes into the buffers, then updates both discriminators (another Adam) on
@@ -46,8 +46,8 @@ def cycle_loss(x: jax.Array, reconstructed: jax.Array) -> jax.Array:
 
 def generator_loss(G: Callable, F: Callable, D_X: Callable, D_Y: Callable, x: jax.Array, y: jax.Array,
                    lambda_cycle: float, lambda_identity: float, kind: str = 'lsgan'):
-  """L_gen of spec §4.2 for images x (domain X), y (domain Y) in [-1, 1]; G, F, D_X, D_Y map images to images /
-  patch logits. Returns (L_gen, {'gan', 'cycle', 'identity'} weighted terms summing to L_gen, (F(y), G(x)))."""
+  """L_gen of original.md Patching §4.2 for images x (domain X), y (domain Y) in [-1, 1]; G, F, D_X, D_Y map images to
+  images / patch logits. Returns (L_gen, {'gan', 'cycle', 'identity'} weighted terms summing to L_gen, (F(y), G(x)))."""
   fake_y, fake_x = G(x), F(y)
   gan = gan_loss(D_Y(fake_y), 1.0, kind) + gan_loss(D_X(fake_x), 1.0, kind)
   cycle = lambda_cycle * (cycle_loss(x, F(fake_y)) + cycle_loss(y, G(fake_x)))
@@ -57,7 +57,7 @@ def generator_loss(G: Callable, F: Callable, D_X: Callable, D_Y: Callable, x: ja
 
 def discriminator_loss(D_X: Callable, D_Y: Callable, x: jax.Array, y: jax.Array, fake_x: jax.Array,
                        fake_y: jax.Array, kind: str = 'lsgan') -> jax.Array:
-  """L_D = ½[gan(1, D_X(x)) + gan(0, D_X(x̂))] + ½[gan(1, D_Y(y)) + gan(0, D_Y(ŷ))] (spec §4.2)."""
+  """L_D = ½[gan(1, D_X(x)) + gan(0, D_X(x̂))] + ½[gan(1, D_Y(y)) + gan(0, D_Y(ŷ))] (original.md Patching §4.2)."""
   return (0.5 * (gan_loss(D_X(x), 1.0, kind) + gan_loss(D_X(fake_x), 0.0, kind))
           + 0.5 * (gan_loss(D_Y(y), 1.0, kind) + gan_loss(D_Y(fake_y), 0.0, kind)))
 
@@ -91,8 +91,8 @@ def buffer_sample(buffer: ReplayBuffer, batch: int, key: jax.Array) -> jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class CycleGANConfig:
-  """CycleGAN settings (spec §4). Defaults: the shipped Waterbirds/CelebA values (batch size as CelebA), except
-  `gan_loss` ('bce' in the original), `num_epochs` (4000 there) and the networks, sized for 32 px MNIST (see
+  """CycleGAN settings (original.md Patching §4). Defaults: the shipped Waterbirds/CelebA values (batch size as CelebA),
+  except `gan_loss` ('bce' in the original), `num_epochs` (4000 there) and the networks, sized for 32 px MNIST (see
   `models.pix2pix`). Learning rates are constant."""
   lambda_cycle: float = 10.0
   lambda_identity: float = 1.0  # the identity terms are weighted ½·lambda_identity

@@ -1,5 +1,5 @@
-"""Direct matching (DM, spec §3): the least-squares stitching layer that maps front activations onto the end model's
-own activations, solved in float64 by an SVD with an explicit singular-value cutoff and optional ridge.
+"""Direct matching (DM, original.md Stitching §3): the least-squares stitching layer that maps front activations onto
+the end model's own activations, solved in float64 by an SVD with an explicit singular-value cutoff and optional ridge.
 
 Rows are samples (pixels or tokens of every fitting image), columns are channels: X [n, p] (stitching-layer input),
 Y [n, q] (end-layer activation). The fitted map is Y ≈ X·kernel + bias with kernel [p, q] and bias [q], the layout
@@ -101,11 +101,11 @@ def match_stitching_layer(kind: str, a_front, a_end, cutoff: str | float = 'torc
 
   a_front: front activation [K, H_s, W_s, C_s] (conv kinds) or [K, N, D_s] ('t2t'); a_end: the end model's own
   activation [K, H_t, W_t, C_t] or [K, N, D_t] for the same images. X = rows of the stitching layer's linear input:
-  for 'rc2c_pre' the front activation after bilinear resizing to (H_t, W_t) (spec §3.2); 'c2c' needs equal spatial
-  sizes; 'rc2c_post' too (its 1x1 conv runs before the resize, so matching at the end layer's resolution is ill-posed
-  otherwise; with equal sizes it is c2c). Optional rank-r truncation of X: `basis` (a fixed PCA basis on C_s
-  features) or `rank` (basis refitted on these X rows, the original `--front-pinv-rank`); it affects the fit only.
-  Returns (variables for `StitchingLayer.apply`, the `Match` with residual on the (truncated) X rows).
+  for 'rc2c_pre' the front activation after bilinear resizing to (H_t, W_t) (original.md Stitching §3 step 2); 'c2c'
+  needs equal spatial sizes; 'rc2c_post' too (its 1x1 conv runs before the resize, so matching at the end layer's
+  resolution is ill-posed otherwise; with equal sizes it is c2c). Optional rank-r truncation of X: `basis` (a fixed PCA
+  basis on C_s features) or `rank` (basis refitted on these X rows, the original `--front-pinv-rank`); it affects the
+  fit only. Returns (variables for `StitchingLayer.apply`, the `Match` with residual on the (truncated) X rows).
   """
   check_kind(kind)
   if kind == 't2t':

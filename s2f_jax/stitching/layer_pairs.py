@@ -1,4 +1,4 @@
-"""The stitching experiment (stitching spec §5–§8, issue 8): two donors, every front layer × end layer pair.
+"""The stitching experiment (original.md Stitching §5–§8, issue 8): two donors, every front layer × end layer pair.
 
 Donors: two models of the configured architecture trained by ERM on the clean source step with different
 initialisations ('donor_a' is the front, 'donor_b' the end; cached, resumable stages). The source step has no test
@@ -6,10 +6,10 @@ split: its valid split is the evaluation set, and TLM trains on the first 80 % o
 selects its epoch on the rest. Per (front layer, end layer): the DM stitch (fitted on the first K train images)
 and the TLM stitch (trained from `stitching.tlm_init`) with their test accuracy and pooled structural error; the
 AUROC of an energy detector of the end layer separating the end model's own representations from each stitch's
-(0.5 = indistinguishable; spec §8), and linear CKA, PWCCA distance and Procrustes distance between the two layers'
-globally pooled activations (one declared policy for every pair). Per layer of the front donor, the sensitivity
-test (probe accuracy and each index against a rank-r version of the layer, a fixed PCA basis fitted on the train
-split) and the specificity test (is the corresponding end layer the one each score rates best?).
+(0.5 = indistinguishable; original.md Stitching §8), and linear CKA, PWCCA distance and Procrustes distance between the
+two layers' globally pooled activations (one declared policy for every pair). Per layer of the front donor, the
+sensitivity test (probe accuracy and each index against a rank-r version of the layer, a fixed PCA basis fitted on the
+train split) and the specificity test (is the corresponding end layer the one each score rates best?).
 
 Outputs in `<workdir>/stitching/`: pairs.{jsonl,csv}, sensitivity.{jsonl,csv}, specificity.json, table.md and
 heatmaps.pdf, written to `stitching.partial/` and renamed when done (a finished experiment is read back).
@@ -32,8 +32,9 @@ from s2f_jax.analysis.figures import save_figure
 from s2f_jax.data.augment import FlipCrop
 from s2f_jax.data.sequence import Split
 from s2f_jax.errors import UserError, choices_error
+from s2f_jax.io import write_atomic
 from s2f_jax.models.layers import check_frozen, layer_names
-from s2f_jax.results.writer import markdown_table, read_rows, run_metadata, write_atomic, write_config, write_rows
+from s2f_jax.results.writer import markdown_table, read_rows, run_metadata, write_config, write_rows
 from s2f_jax.stitching.layers import INITS, STITCH_TYPES
 from s2f_jax.stitching.low_rank import fit_basis, project
 from s2f_jax.stitching.ood import DetectorOptions, detector_scores, ood_metrics, train_detector

@@ -1,5 +1,5 @@
-"""Stitching layers (spec §2): PyTorch-exact bilinear resizing, the 1x1-conv / token-linear stitching module, its
-`rand` / `eye` initialisations, and the row layouts used by direct matching.
+"""Stitching layers (original.md Stitching §2): PyTorch-exact bilinear resizing, the 1x1-conv / token-linear stitching
+module, its `rand` / `eye` initialisations, and the row layouts used by direct matching.
 
 Activations are channel-last: conv [B, H, W, C], token [B, N, D]. Every stitching type is one affine map
 `a @ kernel + bias` over the last axis (kernel [C_s, C_t], bias [C_t]), optionally with a bilinear resize before
@@ -89,7 +89,7 @@ def check_kind(kind: str) -> str:
 
 
 class StitchingLayer(nn.Module):
-  """Stitching layer S mapping a front activation to the end model's layout (spec §2).
+  """Stitching layer S mapping a front activation to the end model's layout (original.md Stitching §2).
 
   kind: 'c2c' (1x1 conv; [B, H, W, C_s] → [B, H, W, C_t]; `out_size`, when given, must equal (H, W)),
   'rc2c_pre' (resize to `out_size`, then 1x1 conv), 'rc2c_post' (1x1 conv, then resize to `out_size`) or 't2t'

@@ -1,5 +1,5 @@
-"""Low-rank truncation of representations (spec §4): PCA projection onto the top-r principal components of the rows
-(pixels or tokens), with the mean kept.
+"""Low-rank truncation of representations (original.md Stitching §4): PCA projection onto the top-r principal components
+of the rows (pixels or tokens), with the mean kept.
 
 Projections act on the last axis, so they apply alike to rows [n, p], conv activations [B, H, W, C] and token
 activations [B, N, D]. The default is a fixed basis fitted once (`fit_basis` + `project`); `project_per_batch`

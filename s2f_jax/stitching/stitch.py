@@ -1,9 +1,9 @@
-"""A stitched model `g_{>L_end} ∘ S ∘ f_{≤L_front}` of two frozen block models (stitching spec §1, §3, §5, §11),
+"""A stitched model `g_{>L_end} ∘ S ∘ f_{≤L_front}` of two frozen block models (original.md Stitching §1, §3, §5, §11),
 its direct-matching (DM) fit, task-loss-matching (TLM) training through the shared loop, and its evaluation.
 
-Donors always run in eval mode (running BN statistics, no dropout) whatever `train` says (spec §12.1); only the front
-prefix and the end suffix run (spec §11). Activations are channel-last [n, H, W, C]. Stitch variables have the
-layout of `layers.install`: {'params': {'kernel' [C_s, C_t], 'bias' [C_t]}}.
+Donors always run in eval mode (running BN statistics, no dropout) whatever `train` says (original.md Stitching §12
+item 1); only the front prefix and the end suffix run (original.md Stitching §11). Activations are channel-last [n, H,
+W, C]. Stitch variables have the layout of `layers.install`: {'params': {'kernel' [C_s, C_t], 'bias' [C_t]}}.
 """
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ class Stitched(nn.Module):
   'stitch'}, batch stats {'front', 'end'}.
 
   kind: a `layers.STITCH_TYPES` entry; out_size: the end layer's (H, W) — None derives it (a given value is checked);
-  basis: optional fixed `PCABasis` on the front layer's channels, applied to the front activation (spec §4); an int r
-    instead refits a rank-r basis on every batch's own front activation (`low_rank.project_per_batch`, the
-    original's `--front-stitch-rank`; results then depend on the batch).
+  basis: optional fixed `PCABasis` on the front layer's channels, applied to the front activation
+    (original.md Stitching §4); an int r instead refits a rank-r basis on every batch's own front activation
+    (`low_rank.project_per_batch`, the original's `--front-stitch-rank`; results then depend on the batch).
   The same model may be both donors (self-stitching).
   """
   front: nn.Module
@@ -149,8 +149,8 @@ def fit_direct_match(front: nn.Module, front_vars: PyTree, end: nn.Module, end_v
                      front_layer: str, end_layer: str, kind: str, scaling: InputScaling, cutoff: str | float = 'torch',
                      ridge: float = 0.0, rank: int | None = None, basis: PCABasis | None = None
                      ) -> tuple[dict, Match]:
-  """DM stitch (spec §3) fitted on the K fitting images [K, H, W, 3] uint8 (the original: one random training
-  batch, K = 100): least squares from the front's `front_layer` output to the end's own `end_layer` output.
+  """DM stitch (original.md Stitching §3) fitted on the K fitting images [K, H, W, 3] uint8 (the original: one random
+  training batch, K = 100): least squares from the front's `front_layer` output to the end's own `end_layer` output.
 
   cutoff, ridge, rank, basis: as `direct_match.match_stitching_layer` (`basis` should be the `Stitched.basis` the
   solution is used with). Returns (stitch variables {'params': {'kernel', 'bias'}}, the `Match`).
@@ -165,9 +165,9 @@ def train_task_loss(ctx, name: str, model: Stitched, front_vars: PyTree, end_var
                     train: Examples, valid: Examples, grid: dict[str, np.ndarray] | None = None,
                     num_epochs: int | None = None, patience: int | None = None, key: jax.Array | None = None,
                     augment=None) -> tuple[dict, Any]:
-  """TLM (spec §5): cross-entropy training of the stitching layer only, as the cached, resumable stage `name` of
-  `ctx` (a `methods.base.RunContext`): Adam, coupled L2 `weight_decay` on the stitch (kernel and bias), the config's
-  epochs, batch size and early stopping, best valid epoch kept (epoch 0 = the initial stitch included).
+  """TLM (original.md Stitching §5): cross-entropy training of the stitching layer only, as the cached, resumable stage
+  `name` of `ctx` (a `methods.base.RunContext`): Adam, coupled L2 `weight_decay` on the stitch (kernel and bias), the
+  config's epochs, batch size and early stopping, best valid epoch kept (epoch 0 = the initial stitch included).
 
   init: 'rand' (PyTorch default; `key`, default derived from ctx's seed and `name`), 'eye', or stitch variables
   (e.g. the DM solution of `fit_direct_match`; with num_epochs=0 the stitch is kept as is). grid: default the
@@ -208,7 +208,7 @@ def _scores_fn(model: Stitched, scaling: InputScaling):
 def evaluate_stitch(model: Stitched, variables: PyTree, test, scaling: InputScaling, batch_size: int = 1000
                     ) -> dict[str, float]:
   """Functional and structural scores of one stitched model on `test` (anything with uint8 .images [n, H, W, 3]
-  and .labels [n]; spec §5), in eval mode, in one pass over `batch_size`-image batches.
+  and .labels [n]; original.md Stitching §5), in eval mode, in one pass over `batch_size`-image batches.
 
   accuracy, loss: of the stitched model's logits (mean cross-entropy in nats; the loop's `evaluate` definitions).
   structural: the DM structural score Σ‖S(a_f) − a_g‖²_F / Σ‖a_g‖²_F pooled over the whole set.

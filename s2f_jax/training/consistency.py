@@ -1,4 +1,4 @@
-"""Subgroup-consistency regularisers on log-probabilities (model patching, spec model_patching.md §2.3).
+"""Subgroup-consistency regularisers on log-probabilities (model patching, original.md Patching §2.3).
 
 Every function takes log-probabilities [..., 3, C] of an example x and its two stored augmentations F(x), G(x)
 (in that order) and returns one value per example [...] in nats. KL(p‖q) = Σ_k p_k (log p_k − log q_k).

@@ -1,15 +1,15 @@
-"""Distance constraints for fine-tuning (hessian spec §6.1 and §10 "Projected fine-tuning"; Ju et al. 2022).
+"""Distance constraints for fine-tuning (original.md Hessian §6.1 and §10 "Projected fine-tuning"; Ju et al. 2022).
 
 A constraint spec is a tuple of `ConstraintRule`s. Every parameter leaf, named by its '/'-joined path
 ('layer2/block0/conv1/kernel', 'fc/dense/kernel'), follows the first rule whose pattern matches the whole path
 (`re.fullmatch`); leaves no rule matches are free. After every optimiser step the constrained leaves are projected
 back onto their balls (`constraint_transform` chained after the optimiser); `soft_penalty` is the penalty variant.
 
-BatchNorm: by default BN scales and biases are free (spec §10 leaves the choice to us; the Hessian measure ignores
-them too). `constraint_rules(..., constrain_bn=True)` box-clips each BN `scale` elementwise, |γ − γ0| ≤ the group
-radius, for both norms, like the original's BN clip, but on γ itself rather than on γ/sqrt(running_var + 1e-6),
-which would tie the projection to running statistics the optimiser does not see (spec §9.6). BN biases stay free,
-as in the original.
+BatchNorm: by default BN scales and biases are free (original.md Hessian §10 leaves the choice to us; the
+Hessian measure ignores them too). `constraint_rules(..., constrain_bn=True)` box-clips each BN `scale` elementwise, |γ
+− γ0| ≤ the group radius, for both norms, like the original's BN clip, but on γ itself rather than on γ/sqrt(running_var
++ 1e-6), which would tie the projection to running statistics the optimiser does not see (original.md Hessian §9
+item 6). BN biases stay free, as in the original.
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ class ConstraintRule:
 def stage_exponents(num_blocks: int) -> tuple[int, ...]:
   """Exponent k of the radius r·s^k of layer1..layerN: 2 for the last block, 1 for the one before, 0 for the rest.
 
-  N = 4 gives the spec's 0, 0, 1, 2 (ResNet stages 1–4); fewer blocks are the paper's last stages (`block_dims`
-  keeps the widest ones), so the counting starts from the last block.
+  N = 4 gives 0, 0, 1, 2 as in original.md Hessian §6.1 (ResNet stages 1–4); fewer blocks are the paper's last stages
+  (`block_dims` keeps the widest ones), so the counting starts from the last block.
   """
   return tuple(max(0, i - num_blocks + 2) for i in range(1, num_blocks + 1))
 
@@ -68,7 +68,7 @@ def stage_exponents(num_blocks: int) -> tuple[int, ...]:
 def constraint_rules(num_blocks: int, norm: str, radius: float, scale_factor: float = 1.0,
                      head_radius: float | None = None, constrain_stem: bool = False, head_centre: str = 'zero',
                      constrain_bn: bool = False) -> tuple[ConstraintRule, ...]:
-  """The spec §6.1 grouping for our block models (conv1, layer1..layerN, fc).
+  """The grouping of original.md Hessian §6.1 for our block models (conv1, layer1..layerN, fc).
 
   Every conv kernel of layer i (downsample/transition convs included) gets `norm` with radius r·s^k
   (`stage_exponents`) around its initial value; the head kernel 'fc/dense/kernel' gets `head_radius` (default
@@ -178,7 +178,8 @@ def constraint_transform(rules: Sequence[ConstraintRule], scale=1.0) -> optax.Gr
 def soft_penalty(params: PyTree, centre_params: PyTree, rules: Sequence[ConstraintRule]) -> jax.Array:
   """Σ over constrained leaves of λ·‖Δ‖_F² ('frob') or λ·max_k ‖Δ_k‖_1 ('inf_op'), λ = the rule's radius.
 
-  The original's unused `reg_method=penalty` (spec §6.1), with the same grouping as the constraint. Scalar float32.
+  The original's unused `reg_method=penalty` (original.md Hessian §6.1), with the same grouping as the constraint.
+  Scalar float32.
   """
   governed = leaf_rules(params, rules)
 

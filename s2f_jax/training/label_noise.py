@@ -1,4 +1,4 @@
-"""Class-conditional label noise and loss correction (hessian spec §6.2, §6.3 and §10 "Loss correction").
+"""Class-conditional label noise and loss correction (original.md Hessian §6.2, §6.3 and §10 "Loss correction").
 
 A confusion matrix F [K, K] is row-stochastic: F[y, z] = P(noisy label z | true class y) (rows = true class,
 columns = noisy class). Matrices are float64 numpy on the host; the losses are jittable and take them as constants.
@@ -31,7 +31,7 @@ def check_confusion(F) -> np.ndarray:
 
 
 def symmetric_confusion(num_classes: int, rho: float) -> np.ndarray:
-  """F [K, K] float64 of symmetric noise: F[i, i] = 1 − ρ, F[i, j] = ρ/(K − 1) (spec §6.2). ρ in [0, 1)."""
+  """F [K, K] float64, symmetric noise: F[i, i] = 1 − ρ, F[i, j] = ρ/(K − 1) (original.md Hessian §6.2); ρ in [0, 1)."""
   if num_classes < 2:
     raise UserError(f'symmetric noise needs at least 2 classes, got {num_classes}')
   if not 0 <= rho < 1:
@@ -45,8 +45,8 @@ def inject_label_noise(labels, F, seed: int) -> np.ndarray:
   """Noisy labels ỹ ~ F[y] drawn independently per example (numpy RandomState(seed): the same seed gives the same
   labels). labels: int array of true classes in [0, K); returns the same shape and dtype.
 
-  Each example flips with probability 1 − F[y, y]. The original's synthetic noise (spec §6.4: a fixed count int(ρn)
-  of labels redrawn uniformly over all K classes) matches symmetric_confusion(K, ρ(K−1)/K) in expectation.
+  Each example flips with probability 1 − F[y, y]. The original's synthetic noise (original.md Hessian §6.4: a fixed
+  count int(ρn) of labels redrawn uniformly over all K classes) matches symmetric_confusion(K, ρ(K−1)/K) in expectation.
   """
   F = check_confusion(F)
   labels = np.asarray(labels)
@@ -111,12 +111,12 @@ def _check_probs(probs) -> np.ndarray:
 
 
 def anchor_transition(probs, percentile: float | None = 97.0) -> np.ndarray:
-  """T♣ [K, K] float64 (spec §6.3): row i = the probabilities of the anchor of class i, the example with the
-  largest p_i once the values at or above the column's `percentile`-th percentile (numpy 'higher') are set aside
+  """T♣ [K, K] float64 (original.md Hessian §6.3): row i = the probabilities of the anchor of class i, the example with
+  the largest p_i once the values at or above the column's `percentile`-th percentile (numpy 'higher') are set aside
   as outliers (None: plain argmax). Rows renormalised to sum to 1.
 
   probs [N, K]: predicted probabilities. Each column is filtered on its own and rows are read unedited; the original
-  zeroed the filtered entries in place, so later anchors read rows with zeroed entries (spec §9.8).
+  zeroed the filtered entries in place, so later anchors read rows with zeroed entries (original.md Hessian §9 item 8).
   """
   p = _check_probs(probs)
   rows = []
@@ -130,7 +130,7 @@ def anchor_transition(probs, percentile: float | None = 97.0) -> np.ndarray:
 
 
 def prediction_transition(probs, noisy_labels) -> np.ndarray:
-  """T♠ [K, K] float64 (spec §6.3): T♠[a, z] = fraction of noisy label z among the examples predicted a (argmax).
+  """T♠ [K, K] float64 (original.md Hessian §6.3): T♠[a, z] = share of noisy label z among examples argmax-predicted a.
 
   A class never predicted gets the identity row (the original left a zero row, so F̂ lost probability mass).
   """
@@ -149,7 +149,7 @@ def prediction_transition(probs, noisy_labels) -> np.ndarray:
 
 
 def estimate_confusion_dual_t(probs_noisy_model, noisy_labels, percentile: float | None = 97.0) -> np.ndarray:
-  """Dual-T estimate F̂ = T♣ · T♠ [K, K] (Yao et al. 2020; spec §6.3), row-stochastic float64.
+  """Dual-T estimate F̂ = T♣ · T♠ [K, K] (Yao et al. 2020; original.md Hessian §6.3), row-stochastic float64.
 
   probs_noisy_model [N, K]: predicted probabilities of a model fine-tuned on the noisy labels, evaluated in eval mode
   on the un-augmented training set; noisy_labels int [N]: that set's noisy labels.

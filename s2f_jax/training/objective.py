@@ -64,7 +64,7 @@ def _l2_to_zero(params: PyTree, aux: Any) -> jax.Array:
 
 def l2_penalty() -> Penalty:
   """Coupled L2 'weight decay' Σ w² over conv/dense weights and the fc bias (no BN), coefficient `weight_decay`
-  (spec §2.6 `compute_param_norm`, §3.1)."""
+  (original.md S2F §2.6 `compute_param_norm`, §3.1)."""
   return Penalty('weight_decay', _l2_to_zero)
 
 
@@ -74,7 +74,7 @@ def _half_l2_all(params: PyTree, aux: Any) -> jax.Array:
 
 def l2_all_penalty() -> Penalty:
   """½ Σ w² over every trainable tensor (kernels, biases, BN scales and offsets), coefficient `weight_decay` (the
-  model-patching code's L2, spec model_patching.md §2.4)."""
+  model-patching code's L2, original.md Patching §2.4)."""
   return Penalty('weight_decay', _half_l2_all)
 
 
@@ -110,7 +110,7 @@ def _l1_to_references(params: PyTree, aux: dict) -> jax.Array:
 
 
 def reference_penalty(l1: bool = False, coef_key: str = 'weight_decay') -> Penalty:
-  """Regularisation toward earlier weights (spec §3.4 `--regularization`): Σ_s Σ F_s ⊙ (θ − θ_s)², or the L1
+  """Regularisation toward earlier weights (original.md S2F §3.4 `--regularization`): Σ_s Σ F_s ⊙ (θ − θ_s)², or the L1
   version, over the same leaves as the L2 weight decay (conv/dense kernels and the fc bias; never BN). The reference
   weights (and Fisher) come from the fit's per-run `aux` as documented in `_distance_to_references`."""
   return Penalty(coef_key, _l1_to_references if l1 else _l2_to_references)

@@ -1,4 +1,4 @@
-"""Robust objectives over time steps as groups (spec §3.4 `irm_all`, `dro_all`): Group DRO and IRMv1.
+"""Robust objectives over time steps as groups (original.md S2F §3.4 `irm_all`, `dro_all`): Group DRO and IRMv1.
 
 Both are `grouped` objectives: every iteration sees one mini-batch from every group, laid out [G, B], and follow
 the `objective.ERM` call convention.

@@ -1,5 +1,5 @@
-"""The transferability experiment (spec §7, issue 9): one source task, many shifted target tasks, the bound per
-(target, setting) beside the actual transferability.
+"""The transferability experiment (original.md Transferability §7, issue 9): one source task, many shifted target tasks,
+the bound per (target, setting) beside the actual transferability.
 
 The source task is step 0 of the configured data (clean images); each target in `transfer.targets` is a shift step
 (one or more comma-joined blocks, e.g. 'rotation', 'rotation,label_flip') drawn from the same base dataset with the
@@ -32,8 +32,9 @@ from scipy import stats
 from s2f_jax import experiment
 from s2f_jax.analysis.figures import save_figure
 from s2f_jax.errors import UserError
+from s2f_jax.io import write_atomic
 from s2f_jax.models.layers import check_frozen, layer_names
-from s2f_jax.results.writer import markdown_table, run_metadata, read_rows, write_atomic, write_config, write_rows
+from s2f_jax.results.writer import markdown_table, run_metadata, read_rows, write_config, write_rows
 from s2f_jax.transfer import bound as bound_lib
 from s2f_jax.transfer.features import extract_features, standardize
 from s2f_jax.transfer.heads import HeadOptions, head_metrics, spectral_bound, train_head
@@ -44,7 +45,8 @@ TABLE_COLUMNS = ('target', 'setting', 'target_head_loss', 'bound', 'bound_nomina
 
 
 def transfer_config() -> ml_collections.ConfigDict:
-  """The `transfer` section of a config (spec §4/§6 small-scale defaults; sizes for the embedded digits)."""
+  """The `transfer` section of a config (original.md Transferability §4, §6 small-scale defaults; sizes for the
+  embedded digits)."""
   t = ml_collections.ConfigDict()
   t.targets = ('rotation', 'recolor', 'corruption', 'label_shift', 'label_flip', 'rotation,recolor',
                'rotation,label_flip')  # shift steps (comma-joined blocks), one target task each

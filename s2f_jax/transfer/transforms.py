@@ -1,5 +1,5 @@
-"""The source → target transforms of the transferability bound (spec §2, §7.3) as one pytree, and the terms of
-the objective they minimise (§3–§4).
+"""The source → target transforms of the transferability bound (original.md Transferability §2, §7.3) as one pytree, and
+the terms of the objective they minimise (§3–§4).
 
 Parameters {'A': [d, d], 'b': [d], 'Abar': [d, d], 'B_logits': [K_T, K_S], 'd_logits': [K_S]}: features map as
 z ↦ A z + b (row vectors: z Aᵀ + b), Ā ≈ A⁻¹ maps target features back to the source head's input, the label map
@@ -91,8 +91,8 @@ def invertibility(params: PyTree) -> jax.Array:
 
 
 def optimizer(setting: str, learning_rate: float, prior_learning_rate: float) -> optax.GradientTransformation:
-  """Adam(learning_rate) for A, b, Ā, B_logits and Adam(prior_learning_rate) for d_logits (spec §4), with the
-  setting's fixed variables frozen (zero updates)."""
+  """Adam(learning_rate) for A, b, Ā, B_logits and Adam(prior_learning_rate) for d_logits
+  (original.md Transferability §4), with the setting's fixed variables frozen (zero updates)."""
   check_setting(setting)
   trained = _TRAINED[setting]
   labels = {k: ('frozen' if k not in trained else 'prior' if k == 'd_logits' else 'main')
