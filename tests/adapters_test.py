@@ -1,4 +1,4 @@
-"""Tests of the low-rank adapters (spec §2.9) and the side-tuned model (spec §2.8).
+"""Tests of the low-rank adapters (original.md S2F §2.9) and the side-tuned model (original.md S2F §2.8).
 
 Shapes come from `jax.eval_shape` and values from numpy (compiling `model.init` is slow on CPU); real forwards run
 for one configuration per architecture.
@@ -6,6 +6,7 @@ for one configuration per architecture.
 import functools
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -294,7 +295,7 @@ def test_side_tuned_train_frozen_and_dropout():
 
   _, state = train(variables, 0.0, ('conv1', 'layer1'))
   for n in ('conv1', 'layer1'):  # frozen: running statistics kept
-    jax.tree.map(np.testing.assert_array_equal, state['batch_stats'][n], variables['batch_stats'][n])
+    chex.assert_trees_all_equal(state['batch_stats'][n], variables['batch_stats'][n])
   assert not np.allclose(state['batch_stats']['side_layer1']['bn']['mean'],
                          variables['batch_stats']['side_layer1']['bn']['mean'])
   all_frozen, _ = train(variables, 0.0, model.layer_names())

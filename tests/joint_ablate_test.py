@@ -1,8 +1,9 @@
-"""The joint model's limits against ERM on all steps (spec §4.1, §4.5): ablated, and with β → ∞.
+"""The joint model's limits against ERM on all steps (original.md S2F §4.1, §4.5): ablated, and with β → ∞.
 
 Reference: one block model θ on every step's batch, BN statistics per step's batch (the joint batch plan),
 loss (1/T) Σ_t mean CE_t + T·λ‖θ‖² (the joint L2 term counts a model that T steps run T times).
 """
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +41,7 @@ def erm_loss(theta):
 
 
 def close(a, b, tol=1e-5):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=tol, atol=tol), a, b)
+  chex.assert_trees_all_close(a, b, rtol=tol, atol=tol)
 
 
 THETA = jax.tree.map(lambda a: a[0], JOINT['params'])

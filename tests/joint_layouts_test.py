@@ -1,7 +1,8 @@
-"""Tests of the joint model's side-tune and low-rank layouts, its penalties and the Fisher tracker (spec §2.8–§2.9,
-§4.1): numbers against per-step model calls and numpy hand computations."""
+"""Tests of the joint model's side-tune and low-rank layouts, its penalties and the Fisher tracker
+(original.md S2F §2.8–§2.9, §4.1): numbers against per-step model calls and numpy hand computations."""
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,7 +93,7 @@ def _gate(t: int) -> np.ndarray:
 
 
 def _close(a, b, tol: float = 1e-5) -> None:
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=tol, atol=tol), a, b)
+  chex.assert_trees_all_close(a, b, rtol=tol, atol=tol)
 
 
 def _leaf(tree: dict, where: tuple[str, ...]) -> np.ndarray:

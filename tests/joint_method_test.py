@@ -1,9 +1,10 @@
-"""The joint model's options end to end (spec §4): the adjacent penalty's effect, independence without coupling,
-search, resume, the epoch Fisher and the efficient-L2 sweep."""
+"""The joint model's options end to end (original.md S2F §4): the adjacent penalty's effect, independence without
+coupling, search, resume, the epoch Fisher and the efficient-L2 sweep."""
 import dataclasses
 import json
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def test_uncoupled_steps_train_independently():
 
   a, result_a = final_modules(labels[:40])
   b, result_b = final_modules((labels[:40] + 1) % 3)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  chex.assert_trees_all_equal(a, b)
   assert result_a.best_valid_accuracy == result_b.best_valid_accuracy and result_a.best_epoch[0] > 0
   # the steps' forwards unrolled instead of vmapped: the same training up to float rounding
   unrolled = dataclasses.replace(learner, model=JointForward(model, layout, unroll_steps=True))

@@ -1,7 +1,8 @@
-"""The joint machinery against the single-model methods (spec §3.4): frozen-joint debug modes reproduce the methods
-they mirror, ablated joint modes train one model, and sequential side-tuning / adapters freeze earlier steps."""
+"""The joint machinery against the single-model methods (original.md S2F §3.4): frozen-joint debug modes reproduce the
+methods they mirror, ablated joint modes train one model, and sequential side-tuning / adapters freeze earlier steps."""
 import json
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ from conftest import SMALL, run_small as _run, tiny_config
 KEYS = ('Test accuracy', 'Validation accuracy', 'Grid validation accuracies')
 
 
-# fine_tune_mode → the single-model method it mirrors (spec §3.4 table): fresh or copied start × L2 to zero or toward
-# the history model; grid.weight_decay is the coefficient of either penalty.
+# fine_tune_mode → the single-model method it mirrors (original.md S2F §3.4 table): fresh or copied start × L2 to zero
+# or toward the history model; grid.weight_decay is the coefficient of either penalty.
 MIRRORS = {
     'standard_using_joint': {'method': 'erm_final'},
     'standard_using_joint_with_init': {'method': 'erm_fine_tune'},
@@ -67,7 +68,7 @@ def test_frozen_joint_modes_reproduce_the_methods_they_mirror(mirror_dir, captur
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a[1], b, atol=1e-5), joint['batch_stats'],
                expected_winner['batch_stats'])
   history = captured['erm_all_prev'][0].winner()  # step 0: the history model, frozen
-  jax.tree.map(np.testing.assert_array_equal, joint['params']['history'], history['params'])
+  chex.assert_trees_all_equal(joint['params']['history'], history['params'])
 
 
 def test_ablated_joint_is_one_model_in_every_mode(tmp_path, captured):
@@ -100,7 +101,7 @@ def test_sequential_adapted_freezes_earlier_steps(tmp_path, captured, mode):
   step1, learner1, _ = captured[f'{mode}_time1']
   step2, learner2, _ = captured[f'{mode}_time2']
   one, two = step1.winner()['params'], step2.winner()['params']
-  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  same = chex.assert_trees_all_equal
   if mode == 'side_tune':
     assert learner2.frozen == ('layer1', 'side_layer1') and 'side2_layer1' in two
     same(two['layer1'], time0['params']['layer1'])

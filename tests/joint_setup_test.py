@@ -1,6 +1,7 @@
-"""`joint_setup` on a prepared tiny run, per side-tune / low-rank option (spec §2.8–§2.9, §4.1–§4.2): the layout's
-modules (new per step, gated, under the efficient L2), parameter shapes and counts, the merged adapter weights and
-the penalties (which are nonzero), against hand computations."""
+"""`joint_setup` on a prepared tiny run, per side-tune / low-rank option (original.md S2F §2.8–§2.9, §4.1–§4.2): the
+layout's modules (new per step, gated, under the efficient L2), parameter shapes and counts, the merged adapter weights
+and the penalties (which are nonzero), against hand computations."""
+import chex
 import jax
 import numpy as np
 import pytest
@@ -41,8 +42,8 @@ def lead(tree, k):
 
 
 def squares(tree, stacked: bool = True) -> np.ndarray:
-  """[K]: Σ w² per leading index (K = 1 if not `stacked`) over the regularised leaves (spec §2.6: conv/dense weights,
-  adapter factors and the Dense bias; no BN)."""
+  """[K]: Σ w² per leading index (K = 1 if not `stacked`) over the regularised leaves (original.md S2F §2.6: conv/dense
+  weights, adapter factors and the Dense bias; no BN)."""
   flat = {p: np.asarray(a, np.float64) if stacked else np.asarray(a, np.float64)[None]
           for p, a in traverse_util.flatten_dict(tree).items()}
   return sum(np.square(a).reshape(len(a), -1).sum(1) for p, a in flat.items()
@@ -108,7 +109,7 @@ def test_side_tune_layout(case):
 
 
 def test_sweep_efficient_reg_needs_efficient_modules():
-  """Block side modules take λ, not the efficient coefficient (spec §4.2), so there is nothing to sweep."""
+  """Block side modules take λ, not the efficient coefficient (original.md S2F §4.2), so there is nothing to sweep."""
   with pytest.raises(UserError, match='sweep_efficient_reg needs'):
     prepared(**{'joint.mode': 'side_tune', 'side_layer_sizes': 'block', 'joint.sweep_efficient_reg': True})
 
@@ -127,7 +128,7 @@ def adapter_shape(layer, rank):
   return lead(traverse_util.unflatten_dict(out), T - 1)
 
 
-# option → (config overrides, ranks (spec §2.9: [0, r, 0], or [1, r, min(r, (64·10 − 1) // 74 = 8)]), adapter
+# option → (config overrides, ranks (original.md S2F §2.9: [0, r, 0], or [1, r, min(r, (64·10 − 1) // 74 = 8)]), adapter
 # parameter count, method name)
 LOW_RANK_CASES = {
     'add': ({}, {'conv1': 0, 'layer1': 4, 'fc': 0}, 2 * (1192 + 288 + 2304 + 128 + 650),
@@ -159,7 +160,7 @@ def test_low_rank_layout(case):
   for t in range(T):
     step = layout.step_variables(variables, t)['params']
     if not t:
-      jax.tree.map(np.testing.assert_array_equal, step, params['base'])
+      chex.assert_trees_all_equal(step, params['base'])
       continue
     merged = w0 * np.prod(products[:t], 0) if mode == 'multiply' else w0 + np.sum(products[:t], 0)
     np.testing.assert_allclose(step['layer1']['conv']['kernel'], merged, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
-"""Tests of the joint block model over time steps, mode 'separate' (spec §2.7, §4.1)."""
+"""Tests of the joint block model over time steps, mode 'separate' (original.md S2F §2.7, §4.1)."""
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,7 +63,7 @@ def _loop_apply(joint: dict, path: np.ndarray, x: np.ndarray, train: bool) -> li
 
 
 def _close(a, b, tol: float = 1e-5) -> None:
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=tol, atol=tol), a, b)
+  chex.assert_trees_all_close(a, b, rtol=tol, atol=tol)
 
 
 def test_module_path_spec_example():

@@ -1,7 +1,8 @@
-"""Tests of the block models (spec §2.1–§2.6)."""
+"""Tests of the block models (original.md S2F §2.1–§2.6)."""
 import functools
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from s2f_jax.errors import UserError
 from s2f_jax.models import (MODEL_NAMES, count_params, dropout, layer_names, make_model, param_vec_mask,
                             weight_decay_mask)
 
-# Spec §2.5: (script count, all trainable) for 10 classes at paper width.
+# original.md S2F §2.5: (script count, all trainable) for 10 classes at paper width.
 SPEC_COUNTS = {
     ('convnet', 1): (309_450, 310_602), ('convnet', 2): (678_090, 679_498),
     ('convnet', 3): (1_562_826, 1_564_746), ('convnet', 4): (1_599_690, 1_601_738),
@@ -216,7 +217,7 @@ def test_frozen_layers(convnet):
   _, state = _apply(model, variables, x, train=True, frozen=('conv1',), mutable=('batch_stats', 'intermediates'),
                     capture_intermediates=True)
   old_stats, new_stats = variables['batch_stats'], state['batch_stats']
-  jax.tree.map(np.testing.assert_array_equal, new_stats['conv1'], old_stats['conv1'])
+  chex.assert_trees_all_equal(new_stats['conv1'], old_stats['conv1'])
   assert not np.allclose(new_stats['layer1']['bn']['mean'], old_stats['layer1']['bn']['mean'])
   _, eval_state = _apply(model, variables, x, capture_intermediates=True, mutable=('intermediates',))
   np.testing.assert_allclose(state['intermediates']['conv1']['__call__'][0],
@@ -229,7 +230,7 @@ def test_all_frozen_train_equals_eval(convnet):
   model, variables, x = convnet
   out, state = _apply(model, variables, x, train=True, frozen=layer_names(1), mutable=('batch_stats',))
   np.testing.assert_allclose(out, _apply(model, variables, x), atol=1e-5)
-  jax.tree.map(np.testing.assert_array_equal, state['batch_stats'], variables['batch_stats'])
+  chex.assert_trees_all_equal(state['batch_stats'], variables['batch_stats'])
 
 
 def _check_mask(model, variables, x):
@@ -255,7 +256,7 @@ def test_mask_other_models(name):
 
 
 def _reference_convnet(variables, x, relu: bool) -> np.ndarray:
-  """Eval-mode ConvNet with one block, written directly with lax (spec §2.1–§2.2)."""
+  """Eval-mode ConvNet with one block, written directly with lax (original.md S2F §2.1–§2.2)."""
   p, s = variables['params'], variables['batch_stats']
 
   def conv(x, w, stride, pad):

@@ -1,10 +1,11 @@
-"""Tests of the stitched model (stitching spec §1, §3, §5): prefix/suffix splits, exact self-stitches (identity and
-DM), TLM training through the shared loop touching only the stitch, and the structural score against numpy."""
+"""Tests of the stitched model (original.md Stitching §1, §3, §5): prefix/suffix splits, exact self-stitches (identity
+and DM), TLM training through the shared loop touching only the stitch, and the structural score against numpy."""
 from __future__ import annotations
 
 import dataclasses
 import functools
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -90,14 +91,14 @@ def test_task_loss_matching_trains_only_the_stitch(donor):
   assert set(out['params']) == {'front', 'end', 'stitch'} and set(out['batch_stats']) == {'front', 'end'}
   for collection in ('params', 'batch_stats'):
     for part in ('front', 'end'):
-      jax.tree.map(np.testing.assert_array_equal, out[collection][part], v[collection])
+      chex.assert_trees_all_equal(out[collection][part], v[collection])
   assert sel.runs[0]['best_epoch'] > 0
   assert not np.array_equal(out['params']['stitch']['kernel'], init['params']['kernel'])
   start = evaluate_stitch(stitched, stitched_variables(v, v, init), test, ctx.scaling)
   trained = evaluate_stitch(stitched, out, test, ctx.scaling)
   assert trained['accuracy'] >= start['accuracy']
   cached, _ = train_task_loss(ctx, 'tlm', stitched, v, v, init, train, valid, num_epochs=10)  # the stored stage
-  jax.tree.map(np.testing.assert_array_equal, cached, out)
+  chex.assert_trees_all_equal(cached, out)
 
 
 def _stitched_by_hand(a_front: np.ndarray, size, kernel, bias) -> np.ndarray:
@@ -116,8 +117,8 @@ def test_structural_score_and_accuracy_by_hand(donor):
   variables = stitched_variables(v, v, stitch)
   scores = evaluate_stitch(stitched, variables, test, ctx.scaling, batch_size=32)
 
-  a_f = layer_output(model, v, test.images, 'conv1', ctx.scaling)
-  a_g = layer_output(model, v, test.images, 'layer1', ctx.scaling).astype(np.float64)
+  a_f = np.asarray(layer_output(model, v, test.images, 'conv1', ctx.scaling))
+  a_g = np.asarray(layer_output(model, v, test.images, 'layer1', ctx.scaling), np.float64)  # numpy: exact references
   s = _stitched_by_hand(a_f, a_g.shape[1:3], stitch['params']['kernel'], stitch['params']['bias'])
   diff, norm = ((s - a_g) ** 2).sum(axis=(1, 2, 3)), (a_g ** 2).sum(axis=(1, 2, 3))
   assert scores['structural'] == pytest.approx(diff.sum() / norm.sum(), rel=1e-4)
@@ -125,7 +126,7 @@ def test_structural_score_and_accuracy_by_hand(donor):
   assert len(per_batch) == 4 and scores['structural_batch_mean'] == pytest.approx(np.mean(per_batch), rel=1e-4)
   assert scores['structural_batch_mean'] != pytest.approx(scores['structural'], rel=1e-6)
 
-  logits = jax.jit(functools.partial(model.apply, after='layer1'))(v, np.asarray(s, np.float32))
+  logits = np.asarray(jax.jit(functools.partial(model.apply, after='layer1'))(v, np.asarray(s, np.float32)))
   assert scores['accuracy'] == pytest.approx(np.mean(np.argmax(logits, -1) == test.labels), abs=0.011)
 
   # A fixed PCA basis on the front channels is applied before the stitch.

@@ -1,4 +1,4 @@
-"""Learning the transforms (spec §4) and evaluating the transferability bound (§3, §5, §6) with every term named.
+"""Learning the transforms and evaluating the bound, every term named (original.md Transferability §3–§6).
 
     L_T(g) ≤ Σ_s D_s·CE_S(s) + H_{D,B}(Y_T|Y_S) + τ·W₁(P_{S'''}, P_T),   g(z) = B·softmax(h_S(Ā(z − b)))
 
@@ -27,7 +27,7 @@ COST_POWERS = (1, 2)
 
 @dataclasses.dataclass(frozen=True)
 class TransferOptions:
-  """Settings of `learn_transforms` (spec §4 defaults of the small-scale pipeline).
+  """Settings of `learn_transforms` (original.md Transferability §4 defaults of the small-scale pipeline).
 
   cost_power: p of the ground cost ‖·‖^p used both in the coupling and in the loss; compat_cost_mismatch couples
   with p = 1 and differentiates p = 2 as the original. label_weight: λ of the label part of the ground cost.
@@ -52,8 +52,7 @@ class TransferOptions:
 
   def validate(self) -> None:
     transforms.check_setting(self.setting)
-    if self.solver not in ot.COUPLING_SOLVERS:
-      raise choices_error('coupling solver', self.solver, ot.COUPLING_SOLVERS)
+    ot.check_solver(self.solver)
     if self.cost_power not in COST_POWERS:
       raise choices_error('cost power', self.cost_power, COST_POWERS)
     for name in ('num_steps', 'batch_size', 'log_every'):
@@ -78,7 +77,7 @@ def transferred_log_probs(head: PyTree, params: PyTree, B: jax.Array, z: jax.Arr
 
 def learn_transforms(head: PyTree, source: Task, target: Task, options: TransferOptions
                      ) -> tuple[PyTree, dict[str, jax.Array], list[dict]]:
-  """Minimises the objective of spec §4 over the setting's variables with the source head fixed.
+  """Minimises the objective of original.md Transferability §4 over the setting's variables with the source head fixed.
 
   Each step samples a source batch with class prior D and a target batch with the empirical target prior (fixed
   size, `ot.sample_by_prior`), solves the OT coupling on the transformed source batch (detached) and takes one
@@ -162,7 +161,7 @@ def loss_lipschitz(head: PyTree, params: PyTree, B: jax.Array, z: jax.Array, lab
 
 def evaluate_bound(head: PyTree, params: PyTree, fixed: dict[str, jax.Array], source_test: Task,
                    target_test: Task, tau: float) -> dict[str, Any]:
-  """Every term of the bound on the test sets (spec §8's positional line, by name; losses in nats):
+  """Every bound term on the test sets by name (the positional line of original.md Transferability §8); losses in nats:
 
   target_loss_g / target_accuracy_g: g on the target test set; source_loss_transformed / _accuracy: g on the
   transformed source test points A z + b with soft labels B[:, s]; weighted_source_loss: Σ_s D_s·CE_S(s) on the

@@ -6,6 +6,8 @@ Costs are ‖·‖₂^p with p ∈ {1, 2} (p=1: Euclidean, p=2: squared Euclidea
 """
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,16 @@ from s2f_jax.errors import UserError, choices_error
 COUPLING_SOLVERS = ('emd', 'assignment', 'sinkhorn')
 COST_POWERS = (1, 2)
 EMD_MAX_ITERATIONS = 1_000_000
+
+
+def check_solver(solver: str) -> None:
+  """A `UserError` unless `solver` is one of `COUPLING_SOLVERS` and, for sinkhorn, ott-jax (the optional extra
+  `[ott]`) is installed."""
+  if solver not in COUPLING_SOLVERS:
+    raise choices_error('coupling solver', solver, COUPLING_SOLVERS)
+  if solver == 'sinkhorn' and importlib.util.find_spec('ott') is None:
+    raise UserError('coupling solver sinkhorn needs ott-jax: pip install -c constraints.txt -e ".[ott]" '
+                    '(or choose emd or assignment)')
 
 
 def ground_cost(x: jax.Array, y: jax.Array, p: int) -> jax.Array:
@@ -85,8 +97,7 @@ def coupling(feature_cost: jax.Array, label_cost: jax.Array, label_weight, solve
   `jax.lax.stop_gradient`, so the coupling carries no gradient (by the envelope theorem the gradient of the
   transport cost ⟨γ, C⟩ is γ itself).
   """
-  if solver not in COUPLING_SOLVERS:
-    raise choices_error('coupling solver', solver, COUPLING_SOLVERS)
+  check_solver(solver)
   feature_cost, label_cost = jax.lax.stop_gradient(feature_cost), jax.lax.stop_gradient(label_cost)
   label_weight = jax.lax.stop_gradient(jnp.asarray(label_weight, jnp.float32))
   n, m = feature_cost.shape
