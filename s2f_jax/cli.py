@@ -6,13 +6,16 @@ loss prints one line and exits with code 1. Never a traceback for user error.
 from __future__ import annotations
 
 import logging
+import os
 import runpy
 import sys
+import traceback
 from typing import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
 
+from s2f_jax import compile_cache
 from s2f_jax.errors import TrainingDiverged, UserError  # noqa: F401 (UserError re-exported for scripts)
 
 
@@ -27,10 +30,38 @@ _default_config: list[str] = []  # the default --config of define_config
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
-  except (KeyError, AttributeError) as e:
-    _fail(_unknown_override(argv) or e, 2)
-  except (flags.Error, UserError, ValueError, TypeError, OSError, SyntaxError) as e:
-    _fail(e, 2)
+  except Exception as e:  # noqa: BLE001 — sorted below; anything else is a bug and keeps its traceback
+    bug = _config_file_bug(e, argv)
+    if bug:
+      _fail(bug, 2)
+    if isinstance(e, (KeyError, AttributeError)):
+      _fail(_unknown_override(argv) or e, 2)
+    if isinstance(e, (flags.Error, UserError, ValueError, TypeError, OSError, SyntaxError)):
+      _fail(e, 2)
+    raise
+
+
+def _config_path(argv: list[str]) -> str | None:
+  """The --config file named in `argv` (or define_config's default), without its ':arg'."""
+  path = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), None)
+  path = path or (_default_config[0] if _default_config else None)
+  return path.partition(':')[0] if path else None
+
+
+def _config_file_bug(e: BaseException, argv: list[str]) -> str | None:
+  """'config file FILE, line N: ErrorType: message' when `e` was raised while running the --config file (or a
+  file of configs/ that it imports), at the deepest such line; None otherwise."""
+  path = _config_path(argv)
+  if not path:
+    return None
+  inside = lambda f: os.path.abspath(f) == os.path.abspath(path) or \
+      os.path.abspath(f).startswith(os.path.join(os.path.dirname(os.path.abspath(path)), ''))
+  if isinstance(e, SyntaxError) and e.filename and inside(e.filename):
+    return f'config file {e.filename}, line {e.lineno}: SyntaxError: {e.msg}'
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if inside(f.filename)]
+  if not frames:
+    return None
+  return f'config file {frames[-1].filename}, line {frames[-1].lineno}: {type(e).__name__}: {_last_line(e)}'
 
 
 def _unknown_override(argv: list[str]) -> str | None:
@@ -80,13 +111,17 @@ def define_config(default: str = 'configs/default.py') -> flags.FlagHolder:
 
 
 def config_value(holder: flags.FlagHolder):
-  """The loaded config; a config file that cannot be loaded is a UserError."""
+  """The loaded config, with its `compilation_cache_dir` (top level or under `base`, as a sweep's) applied to
+  the persistent compilation cache; a config file that cannot be loaded is a UserError."""
   try:
     value = holder.value
     value.keys()  # ml_collections loads the file lazily and raises on first access
-    return value
   except Exception as e:  # noqa: BLE001
-    raise UserError(f'cannot load --config {flags.FLAGS["config"].config_filename!r}: {_last_line(e)}') from e
+    raise UserError(_config_file_bug(e, sys.argv) or
+                    f'cannot load --config {flags.FLAGS["config"].config_filename!r}: {_last_line(e)}') from e
+  cache = value.get('compilation_cache_dir', value.get('base', {}).get('compilation_cache_dir', compile_cache.AUTO))
+  compile_cache.enable(cache)
+  return value
 
 
 def run_app(main: Callable[[list[str]], None]) -> None:
@@ -100,6 +135,7 @@ def run_app(main: Callable[[list[str]], None]) -> None:
       log.addHandler(handler)
       log.setLevel(logging.INFO)
       log.propagate = False
+    compile_cache.enable()  # config_value moves it where the config says
     try:
       main(argv)
     except UserError as e:

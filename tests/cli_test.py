@@ -66,6 +66,26 @@ BAD_INPUTS = {
 }
 
 
+CONFIG_BUGS = {  # a config file's body → (line, what the one-line error names)
+    'division': ('from configs import default\n\n\ndef get_config():\n  c = default.get_config()\n'
+                 '  c.num_epochs = 1 / 0\n  return c\n', 6, 'ZeroDivisionError: division by zero'),
+    'syntax': ('def get_config(:\n  pass\n', 1, 'SyntaxError'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CONFIG_BUGS))
+@pytest.mark.parametrize('override', [False, True])
+def test_config_file_bug_names_file_and_line(case, override, tmp_path):
+  body, line, message = CONFIG_BUGS[case]
+  config = tmp_path / 'broken.py'
+  config.write_text(body)
+  proc = run_main([f'--config={config}'] + (['--config.seed=3'] if override else []), tmp_path / 'work')
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert proc.stderr.startswith(f'error: config file {config}, line {line}: {message}'), proc.stderr
+  assert not (tmp_path / 'work').exists()
+
+
 @pytest.mark.parametrize('case', sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path):
   args, must_mention = BAD_INPUTS[case]

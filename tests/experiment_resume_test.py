@@ -42,10 +42,10 @@ def _finish(proc, workdir):
   assert proc.wait(timeout=300) == 0, open(f'{workdir}.log').read()[-3000:]
 
 
-def _checkpointed_epoch(progress_file) -> int:
+def _checkpointed_epoch(checkpoint_dir) -> int:
+  """The latest complete orbax step (= epoch) in `checkpoint_dir`; a step being written has a temporary name."""
   try:
-    with open(progress_file) as f:
-      return json.load(f)['epoch']
+    return max((int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit()), default=0)
   except FileNotFoundError:
     return 0
 
@@ -67,22 +67,21 @@ def test_run_killed_mid_stage_resumes_to_the_same_metrics(tmp_path, start):
   reference_dir, killed_dir = tmp_path / 'reference', tmp_path / 'killed'
   reference = start(reference_dir)
   victim = start(killed_dir)
-  progress_file = killed_dir / 'erm_final.partial' / 'checkpoints' / 'erm_final' / 'progress.json'
+  checkpoint_dir = killed_dir / 'erm_final.partial' / 'checkpoints' / 'erm_final'
   deadline = time.time() + 300
-  while _checkpointed_epoch(progress_file) < 3 and victim.poll() is None and time.time() < deadline:
+  while _checkpointed_epoch(checkpoint_dir) < 3 and victim.poll() is None and time.time() < deadline:
     time.sleep(0.05)
   victim.send_signal(signal.SIGKILL)
   assert victim.wait(timeout=60) == -signal.SIGKILL, 'the run ended before a mid-stage checkpoint was seen'
-  killed_at = _checkpointed_epoch(progress_file)
+  killed_at = _checkpointed_epoch(checkpoint_dir)
   assert 3 <= killed_at < NUM_EPOCHS  # killed inside the stage, its epoch `killed_at` on disk
   assert not (killed_dir / 'erm_final.partial' / 'stages').exists() and not (killed_dir / 'erm_final').exists()
-  with open(progress_file) as f:
-    meta = json.load(f)
-  assert (progress_file.parent / meta['state']).is_dir()
+  assert (checkpoint_dir / str(killed_at) / 'state').is_dir()
   # A restored fit carries the checkpoint's training time forward; a restarted one would not see the mark.
-  meta['host']['seconds'] += MARK
-  with open(progress_file, 'w') as f:
-    json.dump(meta, f)
+  host_file = checkpoint_dir / str(killed_at) / 'host' / 'metadata'  # where orbax's JsonSave puts the host state
+  host = json.loads(host_file.read_text())
+  host['seconds'] += MARK
+  host_file.write_text(json.dumps(host))
 
   _finish(start(killed_dir), killed_dir)
   _finish(reference, reference_dir)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.linalg
 
 from s2f_jax.errors import UserError
 
@@ -207,12 +208,14 @@ def pwcca(X, Y) -> float:
 def procrustes_distance(X, Y) -> float:
   """Orthogonal Procrustes distance (Ding et al. 2021) of X [n, d1] and Y [n, d2], in [0, 2].
 
-  min over orthogonal R of ‖X R - Y‖²_F for centred, unit-Frobenius-norm X, Y, which is 2 - 2‖XᵀY‖_* (nuclear norm).
-  Zero-padding the narrower side to a common width, as the definition requires when d1 ≠ d2, leaves ‖XᵀY‖_*
-  unchanged, so no padding is materialised.
+  min over orthogonal R of ‖X R - Y‖²_F for centred, unit-Frobenius-norm X, Y, which is 2 - 2‖XᵀY‖_* (nuclear norm,
+  the scale `scipy.linalg.orthogonal_procrustes` returns). When d1 ≠ d2 the narrower side is zero-padded to a
+  common width, as the definition requires (this leaves ‖XᵀY‖_* unchanged).
   """
   X, Y, where = _pair('procrustes_distance', X, Y)
   X, Y = (_narrow(_centred_nonconstant(where, name, A)) for name, A in (('X', X), ('Y', Y)))
   X, Y = X / np.linalg.norm(X), Y / np.linalg.norm(Y)
-  nuclear = np.linalg.svd(X.T @ Y, compute_uv=False).sum()
+  width = max(X.shape[1], Y.shape[1])
+  X, Y = (np.pad(A, ((0, 0), (0, width - A.shape[1]))) for A in (X, Y))
+  _, nuclear = scipy.linalg.orthogonal_procrustes(X, Y)
   return float(np.clip(2.0 - 2.0 * nuclear, 0.0, 2.0))

@@ -1,4 +1,4 @@
-"""The model-patching experiment (CAMEL, spec model_patching.md; issue 10): ERM vs Group DRO vs CAMEL.
+"""The model-patching experiment (CAMEL, original.md Patching; issue 10): ERM vs Group DRO vs CAMEL.
 
 Data: a spurious-correlation set built from the configured base dataset and shift blocks
 (`data.groups.spurious_correlation`), or a Waterbirds/CelebA-style folder (`data.groups.load_group_folder`).
@@ -31,10 +31,11 @@ import numpy as np
 from s2f_jax.data.groups import CLASS_TASKS, GroupData, GroupedSplit, load_group_folder, spurious_correlation
 from s2f_jax.data.sources import load_source
 from s2f_jax.errors import UserError, choices_error
+from s2f_jax.io import atomic_open, write_atomic
 from s2f_jax.methods.base import RunContext
 from s2f_jax.models.registry import make_model
 from s2f_jax.patching import cyclegan
-from s2f_jax.results.writer import markdown_table, read_rows, run_metadata, write_atomic, write_config, write_rows
+from s2f_jax.results.writer import markdown_table, read_rows, run_metadata, write_config, write_rows
 from s2f_jax.training import grid as grid_lib
 from s2f_jax.training.consistency import CONSISTENCY_TYPES, Consistent
 from s2f_jax.training.loop import Examples, group_accuracies
@@ -165,9 +166,8 @@ def stage1_views(config, data: GroupData, directory: str, key: jax.Array) -> np.
     rows = [position[int(i)] for i in show]
     cyclegan.gallery(t.images[show], f_img[rows], g_img[rows], os.path.join(directory, f'gallery_{k}.png'),
                      rows=len(show))
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, ids=t.ids, views=views)
-  os.replace(tmp, path)
+  with atomic_open(path, 'wb') as f:
+    np.savez(f, ids=t.ids, views=views)
   return views
 
 

@@ -1,5 +1,5 @@
-"""Result tables in the paper's layout (spec §5.6, Tables 7–13): one table per setup, rows = architectures, columns =
-methods, from every finished method folder under a root.
+"""Result tables in the paper's layout (original.md S2F §5.6, Tables 7–13): one table per setup, rows = architectures,
+columns = methods, from every finished method folder under a root.
 
 `collect(root)` reads the metrics rows of every finished method folder (`metrics.jsonl` next to a `DONE` marker; an
 unfinished `<method>.partial/` is never read). `summarize(rows)` builds one `Table` per setup and `to_markdown`,
@@ -14,8 +14,8 @@ section), so a method added later appears without changes here.
   table of the setup with the same steps and the smaller final size, and a setup holding nothing but such erm_final
   rows gets no table of its own. A setup whose name ends without a size (portraits) takes its smallest n as "4k".
 - ConvNet rows show the `*_side_tune_block` methods in the ST-1 / SST-1 / JST-1 columns and '---' in the -B columns
-  (spec §5.6; the original's ConvNet only has block side modules). A ConvNet one-conv side-tune result, which this
-  port can produce, is listed under its own name in the other section.
+  (original.md S2F §5.6; the original's ConvNet only has block side modules). A ConvNet one-conv side-tune result, which
+  this port can produce, is listed under its own name in the other section.
 
 Cells: the metric (test accuracy by default; `metric='valid'` for validation accuracy) as a fraction, mean over
 seeds, formatted `.2f` without the leading 0 (".85"), with "± std" (sample std over seeds, as pandas' `std`) when
@@ -26,11 +26,11 @@ among (e.g. all of SFT's lr-decay variants), i.e. the compute behind the number.
 Model selection never looks at test data: where several method folders map to one column for the same (setup,
 architecture, seed) — SFT's / EWC's lr-decay variants (none, linear, exponential), or repeated runs — the one with
 the best validation accuracy is kept (ties: the first by method name). `compat_select_by_test=True` reproduces the
-original summary, which took the best *test* accuracy per seed (spec §3.4, §5.6, §8 item 11; deviations #13).
+original summary, which took the best *test* accuracy per seed (original.md S2F §3.4, §5.6, §8 item 11; deviations #13).
 
-Marking (spec §5.6: "cells within 0.02 of the best non-oracle method are **bold**; cells within 0.02 of the oracle
-are *bold italic*; in the Mean row, a method is bold (or italic-bold) if mean(diff to best or oracle) − std(diff) < 0
-across architectures"), as the original's `create_latex_table(tolerance=.02)` does it:
+Marking (original.md S2F §5.6: cells within 0.02 of the best non-oracle method are **bold**; cells within 0.02 of the
+oracle are *bold italic*; in the Mean row, a method is bold (or italic-bold) if mean(diff to best or oracle) − std(diff)
+< 0 across architectures), as the original's `create_latex_table(tolerance=.02)` does it:
 - per architecture row, with best = the largest cell mean among the paper's non-oracle columns of that row and
   oracle = the row's 20k mean: the 20k cell is never marked; another cell is bold italic if mean ≥ oracle − 0.02,
   else bold if best − mean ≤ 0.02 (comparisons on the unrounded means, with a 1e-9 slack so that a difference of
@@ -55,15 +55,16 @@ import statistics
 from typing import Iterable, Sequence
 
 from s2f_jax.errors import UserError
-from s2f_jax.results.writer import latex_escape, markdown_table, write_atomic
+from s2f_jax.io import write_atomic
+from s2f_jax.results.writer import latex_escape, markdown_table
 
 _DECAY = r'(?:_linear_lr_decay|_exponential_lr_decay)?'
 ERM_FINAL = re.compile(r'erm_final_(\d+)_samples')
 ORACLE = '20k'
 NOT_APPLICABLE = '---'
 
-# The paper's columns in the paper's order (spec §5.6 panels 1 and 2, labels of §7): (label, the method names it
-# takes, as a regular expression that must match the whole 'Method' value, what it is). Method names are those
+# The paper's columns in the paper's order (original.md S2F §5.6 panels 1 and 2, labels of §7): (label, the method names
+# it takes, as a regular expression that must match the whole 'Method' value, what it is). Method names are those
 # `s2f_jax.methods` writes; the settings are those of the original's experiment_scripts/run_*_RCL.sh.
 PAPER_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ('4k', ERM_FINAL.pattern, "ERM on the final step, n = the setup's final-step size"),
@@ -89,8 +90,8 @@ PAPER_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 LABELS = tuple(label for label, _, _ in PAPER_COLUMNS)
 _PATTERNS = tuple((label, re.compile(pattern)) for label, pattern, _ in PAPER_COLUMNS if pattern != ERM_FINAL.pattern)
-PANEL_1 = LABELS[:10]  # 4k .. ST-B; panel 2: SFT .. JST-B, 20k (the LaTeX layout of spec §5.6)
-# ConvNet rows: the block variant fills the one-conv column (spec §5.6).
+PANEL_1 = LABELS[:10]  # 4k .. ST-B; panel 2: SFT .. JST-B, 20k (the LaTeX layout of original.md S2F §5.6)
+# ConvNet rows: the block variant fills the one-conv column (original.md S2F §5.6).
 CONVNET_BLOCK_COLUMNS = {'ST-B': 'ST-1', 'SST-B': 'SST-1', 'JST-B': 'JST-1'}
 FAMILIES = (('convnet', 'Conv'), ('densenet', 'Dense'), ('resnet', 'Res'))
 METRICS = {'test': 'Test accuracy', 'valid': 'Validation accuracy'}

@@ -45,14 +45,6 @@ def latex_escape(text: str) -> str:
   return text
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and a rename."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', newline='') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _cell(value: Any) -> Any:
   return json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
 

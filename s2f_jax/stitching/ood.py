@@ -1,4 +1,4 @@
-"""Energy-based OOD detectors on representations (spec §8) and the AUROC / AUPR / FPR95 metrics.
+"""Energy-based OOD detectors on representations (original.md Stitching §8) and the AUROC / AUPR / FPR95 metrics.
 
 A detector is a block model (`s2f_jax.models.make_model`) trained on a donor network's layer representations: first
 supervised cross-entropy on (representation, label) pairs, then energy fine-tuning (Liu et al. 2020) that pushes the
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from s2f_jax.errors import TrainingDiverged, UserError, choices_error
 from s2f_jax.models import MODEL_NAMES, make_model
@@ -51,9 +52,9 @@ def _check_scores(name: str, scores) -> np.ndarray:
 def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
   """OOD-detection metrics with ID as the positive class; scores: 1-D real arrays, higher = more in-distribution.
 
-  auroc: area under the ROC curve = P(s_id > s_ood) + ½·P(s_id = s_ood) (scikit-learn `roc_auc_score`, ties ½).
+  auroc: area under the ROC curve = P(s_id > s_ood) + ½·P(s_id = s_ood) (scikit-learn `roc_auc_score`).
   aupr: average precision Σ_k (R_k − R_{k−1})·P_k over the distinct score thresholds in decreasing order, a tied
-    group entering all at once (scikit-learn `average_precision_score` with ID positive).
+    group entering all at once (scikit-learn `average_precision_score`).
   fpr95: fraction of OOD scores ≥ t, where t is the k-th largest ID score with k = ⌈0.95·n_id⌉, i.e. the highest
     threshold that accepts (score ≥ t) at least 95 % of the ID scores; ties at t are accepted on both sides (an ID
     group straddling rank k makes the accepted ID fraction exceed 0.95, an OOD score equal to t is a false positive).
@@ -62,19 +63,13 @@ def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
   All values are Python floats in [0, 1].
   """
   s_id, s_ood = _check_scores('ID scores', id_scores), _check_scores('OOD scores', ood_scores)
-  n_id, n_ood = s_id.size, s_ood.size
+  is_id = np.concatenate([np.ones(s_id.size), np.zeros(s_ood.size)])
   scores = np.concatenate([s_id, s_ood])
-  is_id = np.concatenate([np.ones(n_id), np.zeros(n_ood)])
-  _, group, counts = np.unique(scores, return_inverse=True, return_counts=True)  # groups in increasing score
-  midrank = np.cumsum(counts) - (counts - 1) / 2  # 1-based mean rank of each tied group
-  auroc = (midrank[group[:n_id]].sum() - n_id * (n_id + 1) / 2) / (n_id * n_ood)
-  tp_desc = np.bincount(group, weights=is_id, minlength=counts.size)[::-1]  # ID count per group, decreasing score
-  precision = np.cumsum(tp_desc) / np.cumsum(counts[::-1])
-  aupr = np.dot(tp_desc, precision) / n_id
-  k = (TPR_PERCENT * n_id + 99) // 100  # ⌈0.95·n_id⌉ in exact integer arithmetic
-  threshold = np.sort(s_id)[n_id - k]
-  fpr95 = np.mean(s_ood >= threshold)
-  return {'auroc': float(auroc), 'aupr': float(aupr), 'fpr95': float(fpr95)}
+  # One ROC point per distinct score t, in decreasing t: tpr = #{s_id ≥ t} / n_id (k / n_id rounds to ≥ 0.95 exactly
+  # when k ≥ 0.95·n_id), fpr = #{s_ood ≥ t} / n_ood; the first point reaching the TPR is at the documented t.
+  fpr, tpr, _ = roc_curve(is_id, scores, drop_intermediate=False)
+  return {'auroc': float(roc_auc_score(is_id, scores)), 'aupr': float(average_precision_score(is_id, scores)),
+          'fpr95': float(fpr[np.argmax(tpr >= TPR_PERCENT / 100)])}
 
 
 # --------------------------------------------------------------------------------------------------------------------

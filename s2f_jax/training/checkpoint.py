@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from s2f_jax.io import write_atomic
 
 _LOCK = threading.Lock()  # orbax checkpointers are not safe to run concurrently (runs side by side use threads)
 
@@ -36,35 +37,52 @@ def load_tree(path: str, like: Any) -> Any:
 
 def write_json(path: str, obj: Any) -> None:
   """Writes JSON atomically (temporary file, then rename)."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
+  write_atomic(path, json.dumps(obj))
 
 
 class FitCheckpoint:
-  """Latest-only checkpoint of a fit: device state under `state_<epoch>/`, host state in `progress.json`."""
+  """Latest-only checkpoint of a fit: an orbax `CheckpointManager` over `directory` whose step <epoch> holds the
+  device state (item 'state', a pytree of arrays) and the host state (item 'host', JSON)."""
 
   def __init__(self, directory: str):
     self.directory = directory
 
+  def _manager(self, **options) -> ocp.CheckpointManager:
+    # synchronous: a save is complete on disk when `save` returns (the process may be killed right after)
+    return ocp.CheckpointManager(os.path.abspath(self.directory), item_names=('state', 'host'),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
+                                                                      **options))
+
   def save(self, epoch: int, device_state: Any, host_state: dict) -> None:
-    os.makedirs(self.directory, exist_ok=True)
-    name = f'state_{epoch}'
-    save_tree(os.path.join(self.directory, name), device_state)
-    write_json(os.path.join(self.directory, 'progress.json'), {'epoch': epoch, 'state': name, 'host': host_state})
-    for entry in os.listdir(self.directory):
-      if entry.startswith('state_') and entry != name:
-        shutil.rmtree(os.path.join(self.directory, entry), ignore_errors=True)
+    """Saves `epoch`'s state and deletes the previous one (after the new one is complete)."""
+    with _LOCK:
+      manager = self._manager(cleanup_tmp_directories=True)  # removes what a killed save left
+      try:
+        for step in manager.all_steps():
+          if step >= epoch:  # orbax would keep a later step and skip this save; the latest save wins instead
+            manager.delete(step)
+        manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(device_state),
+                                                    host=ocp.args.JsonSave(host_state)), force=True)
+        manager.wait_until_finished()
+      finally:
+        manager.close()
 
   def restore(self, like: Any) -> tuple[int, Any, dict] | None:
-    """(epoch, device_state, host_state) of the latest save, or None if there is none."""
-    progress = os.path.join(self.directory, 'progress.json')
-    if not os.path.exists(progress):
+    """(epoch, device_state, host_state) of the latest save, or None if there is none; `like` gives the device
+    state's structure, shapes, dtypes and shardings."""
+    if not os.path.isdir(self.directory):
       return None
-    with open(progress) as f:
-      meta = json.load(f)
-    return meta['epoch'], load_tree(os.path.join(self.directory, meta['state']), like), meta['host']
+    with _LOCK:
+      manager = self._manager(create=False)
+      try:
+        epoch = manager.latest_step()
+        if epoch is None:
+          return None
+        restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)),
+                                                                  host=ocp.args.JsonRestore()))
+      finally:
+        manager.close()
+    return epoch, restored['state'], restored['host']
 
   def clear(self) -> None:
     shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,5 +1,5 @@
 """Tasks as representations: a trained model's penultimate features of a split, cached, standardised per task
-(spec §1, §11 point 1–2)."""
+(original.md Transferability §1, §11 point 1–2)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +10,7 @@ import numpy as np
 
 from s2f_jax.analysis.activations import representations
 from s2f_jax.data.sequence import Split
+from s2f_jax.io import atomic_open
 from s2f_jax.training.objective import InputScaling
 
 
@@ -41,10 +42,8 @@ def extract_features(model: nn.Module, variables, split: Split, scaling: InputSc
               num_classes)
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f'{cache}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
+    with atomic_open(cache, 'wb') as f:
       np.savez(f, z=task.z, y=task.y)
-    os.replace(tmp, cache)
   return task
 
 
