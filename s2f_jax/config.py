@@ -17,11 +17,13 @@ ADAPTER_MODES = ('add', 'multiply')
 
 
 def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
-  """Paper settings (spec §1.6, §3) for `method`: CIFAR-10 RCL, ResNet-4, 100 epochs, the 8-point grid."""
+  """Paper settings (original.md S2F §1.6, §3) for `method`: CIFAR-10 RCL, ResNet-4, 100 epochs, the 8-point grid."""
   c = ml_collections.ConfigDict()
   c.method = method  # one method or a comma list; see s2f_jax.methods.METHODS
   c.seed = 1007
   c.num_epochs = 100
+  c.compilation_cache_dir = 'auto'  # persistent JAX compilation cache: auto | a folder | '' (off); s2f_jax.compile_cache
+  c.tensorboard = True  # per-epoch train/valid metrics of every stage also as TensorBoard event files (tensorboard/)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'cifar10'  # digits | cifar10 | cifar100 | portraits | tfds:<name>
@@ -64,7 +66,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.adapter_mode = 'add'  # low_rank_adapt: add (W0 + A_o A_i) | multiply (W0 * A_o A_i)
   c.learning_rate_decay = 'exponential'  # sequential_fine_tune: none | linear | exponential
 
-  # Joint model (joint_model, spec §4).
+  # Joint model (joint_model, original.md S2F §4).
   c.joint = ml_collections.ConfigDict()
   c.joint.separate_layers = 'all'  # 'all' or per-target-step comma groups separated by ':' (e.g. 'conv1,layer1:fc')
   c.joint.adjacent_reg_type = 'l2'  # none | l2 | l1 | l2_fisher | l2_high | l2_very_high (β grid per type, §4.2)
@@ -73,13 +75,13 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.joint.weight_l2_by_time = False  # ω_t = 1/(t+1) on the L2 term and ν_t = 1/(T-t) on the adjacent term
   c.joint.loss_samples = 'all'  # all | nearest neighbors | optimal matching (historical samples chained from the final)
   c.joint.mode = 'separate'  # separate | side_tune | low_rank_adapt (side_layer_sizes, all_layers_efficient, adapter_*)
-  c.joint.adjacent = ()  # β grid; empty = adjacent_reg_type's (spec §4.2)
+  c.joint.adjacent = ()  # β grid; empty = adjacent_reg_type's (original.md S2F §4.2)
   c.joint.ablate = False  # every step runs step 0's model: ERM on all steps with the joint batch plan
   c.joint.sweep_efficient_reg = False  # side_tune/low_rank_adapt: β = 0.1, side/adapter L2 over 1e-5..1, best per value
   c.joint.resume_epochs = 0  # continue the selected model for this many more epochs (patience 10)
   c.joint.unroll_steps = False  # steps' forwards one after another, not vmapped: faster epochs on CPU, ~2× compile
 
-  # Fine-tuning under a distance constraint and label noise (Ju et al. 2022; hessian spec §6).
+  # Fine-tuning under a distance constraint and label noise (Ju et al. 2022; original.md Hessian §6).
   c.constraint = ml_collections.ConfigDict()
   c.constraint.norm = 'none'  # none | frob | inf_op: fine-tuning stages project weights onto balls around their start
   c.constraint.radius = (1.0,)  # radius grid (one vmapped run per value; a grid axis like the learning rate)
@@ -151,7 +153,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_constraint(config)
   _non_negative(config, 'seed', 'num_epochs', 'train.patience', 'train.parallel_runs', 'train.lanes',
                 'irm_anneal_steps')
-  if config.seed >= 2 ** 32:  # numpy's legacy seeding (spec §1.5) takes 32-bit seeds
+  if config.seed >= 2 ** 32:  # numpy's legacy seeding (original.md S2F §1.5) takes 32-bit seeds
     raise UserError(f'seed={config.seed} must be below 2**32 = {2 ** 32}')
   for key in ('dro_eta', 'irm_penalty'):
     if not isinstance(config[key], (int, float)) or config[key] < 0:

@@ -9,8 +9,12 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_opt
 import jax  # noqa: E402
 import pytest
 
-from s2f_jax import config as config_lib, experiment
+from s2f_jax import compile_cache, config as config_lib, experiment
 from s2f_jax.methods import base
+
+# Both workers, and the scripts the tests start, share the persistent compilation cache (S2F_JAX_CACHE_DIR, else
+# the user's cache folder): a program compiled once is read back by every later process that needs it.
+compile_cache.enable()
 
 @pytest.fixture(autouse=True, scope='module')
 def _fresh_compilation_caches():
