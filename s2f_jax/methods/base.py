@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from s2f_jax.data.sequence import Sequence, Split
+from s2f_jax.results import tensorboard
 from s2f_jax.training import checkpoint, grid as grid_lib
 from s2f_jax.training.loop import Examples, FitOptions, Learner, evaluate
 from s2f_jax.training.merged import FitBatcher, FitRequest
@@ -99,7 +100,7 @@ class RunContext:
                    (l2_penalty(),) if penalties is None else penalties, frozen, **kwargs)
 
   def grid(self, **overrides) -> dict[str, np.ndarray]:
-    """The configured lr × weight decay × dropout grid (spec §3.3 order), with axes replaced by `overrides`."""
+    """The configured lr × weight decay × dropout grid (original.md S2F §3.3 order), axes replaced by `overrides`."""
     axes = {k: tuple(np.atleast_1d(self.config.grid[k])) for k in ('learning_rate', 'weight_decay', 'dropout')}
     axes.update(overrides)
     return grid_lib.product_grid(axes)
@@ -142,9 +143,14 @@ class RunContext:
         checkpoint_dir=os.path.join(root, 'checkpoints', name),
         checkpoint_every_s=c.train.checkpoint_every_s, parallel_runs=c.train.parallel_runs,
         lanes=c.train.lanes, description=name)
+    writer = tensorboard.EpochWriter(os.path.join(root, 'tensorboard', name), grid) if c.tensorboard else None
     request = FitRequest(learner or self.learner(), init, grid, jnp.stack([stage_key] * num_runs), train, valid,
-                         options, aux, lambda r: f'seed {c.seed}, {grid_lib.describe(grid, r)}')
-    result = request.run() if self.batcher is None else self.batcher.fit(request)
+                         options, aux, lambda r: f'seed {c.seed}, {grid_lib.describe(grid, r)}', writer)
+    try:
+      result = request.run() if self.batcher is None else self.batcher.fit(request)
+    finally:
+      if writer:
+        writer.close()
     self.train_seconds += result.train_seconds
     self.examples_per_second.append(result.examples_per_second)
 

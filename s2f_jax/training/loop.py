@@ -448,7 +448,8 @@ def _compiled(learner: Learner, batch_size: int):
 def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray], keys: jax.Array,
         train: Examples | Sequence[Examples], valid: Examples | Sequence[Examples], options: FitOptions = FitOptions(),
         aux: PyTree = None, describe_run: Callable[[int], str] | None = None, slots: np.ndarray | None = None,
-        scalings: Sequence[InputScaling] | None = None) -> FitResult:
+        scalings: Sequence[InputScaling] | None = None, on_epoch: Callable[[dict], None] | None = None
+        ) -> FitResult:
   """Trains R runs in one compiled program and returns each run's best epoch.
 
   Args:
@@ -463,6 +464,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     describe_run: names run r in error messages.
     slots: int [R] data slot per run (default: all 0); scalings: the input scaling of every slot (default: the
       learner's).
+    on_epoch: called with each new history record (see `FitResult.history`) as soon as it is measured (e.g. a
+      TensorBoard writer); a resumed fit does not repeat the records of the epochs before its checkpoint.
   """
   num_runs = len(next(iter(hparams.values())))
   trains, valids = ([x] if isinstance(x, Examples) else list(x) for x in (train, valid))
@@ -530,6 +533,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       va_loss, va_acc, va_metric = evaluate(init_variables, valid_data)
       history = [_record(0, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric)]
       stopping = EarlyStopping.start(va_metric, options.patience, options.compat_early_stopping)
+      if on_epoch:
+        on_epoch(history[-1])
     else:
       epoch, device_state, host = restored
       state, best = device_state['state'], device_state['best']
@@ -566,6 +571,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
                        lanes.split(improved))
       history.append(_record(epoch, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric))
       elapsed += time.time() - tic
+      if on_epoch:
+        on_epoch(history[-1])
       bar.update(1)
       bar.set_postfix(best_valid=f'{stopping.best_acc[:num_runs].max():.3f}', running=int(stopping.active.sum()))
       if checkpoint and (time.time() - last_save >= options.checkpoint_every_s):

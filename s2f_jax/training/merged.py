@@ -34,6 +34,7 @@ class FitRequest:
   options: FitOptions
   aux: PyTree = None
   describe_run: Callable[[int], str] | None = None
+  on_epoch: Callable[[dict], None] | None = None
 
   @property
   def num_runs(self) -> int:
@@ -41,7 +42,7 @@ class FitRequest:
 
   def run(self) -> FitResult:
     return fit(self.learner, self.init, self.grid, self.keys, self.train, self.valid, self.options, self.aux,
-               self.describe_run)
+               self.describe_run, on_epoch=self.on_epoch)
 
   def merge_key(self) -> tuple:
     """Requests with equal keys can share one fit."""
@@ -81,11 +82,16 @@ def fit_together(requests: Sequence[FitRequest]) -> list[FitResult]:
       return f'fit {i + 1} of {len(requests)}, run {r - bounds[i]}'
     return requests[i].describe_run(r - bounds[i])
 
+  def on_epoch(record: dict) -> None:  # each request's own part of the merged record
+    for i, r in enumerate(requests):
+      if r.on_epoch:
+        r.on_epoch(_part(record, slice(bounds[i], bounds[i + 1])))
+
   aux = None if first.aux is None else grid_lib.concat([r.aux for r in requests])
   result = fit(first.learner, grid_lib.concat([r.init for r in requests]), grid_lib.concat([r.grid for r in requests]),
                np.concatenate([np.asarray(r.keys) for r in requests]), [r.train for r in requests],
                [r.valid for r in requests], options, aux, describe, np.repeat(np.arange(len(requests)), sizes),
-               [r.learner.scaling for r in requests])
+               [r.learner.scaling for r in requests], on_epoch)
   if options.checkpoint_dir:
     FitCheckpoint(options.checkpoint_dir).clear()
   parts = []
@@ -93,9 +99,14 @@ def fit_together(requests: Sequence[FitRequest]) -> list[FitResult]:
     part = slice(bounds[i], bounds[i + 1])
     parts.append(FitResult(
         grid_lib.take(result.best_variables, part), result.best_valid_accuracy[part], result.best_epoch[part],
-        result.stop_epoch[part], [{k: v if k == 'epoch' else v[part] for k, v in h.items()} for h in result.history],
+        result.stop_epoch[part], [_part(h, part) for h in result.history],
         result.train_seconds / len(requests), result.examples_per_second))
   return parts
+
+
+def _part(record: dict, part: slice) -> dict:
+  """The runs `part` of a history record."""
+  return {k: v if k == 'epoch' else v[part] for k, v in record.items()}
 
 
 @dataclasses.dataclass
