@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: they only show on a terminal (progress_enabled)
 
 
 def progress_enabled() -> bool:
