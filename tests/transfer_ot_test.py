@@ -181,3 +181,13 @@ def test_class_conditional_w1_multidimensional_equals_brute_force():
   np.testing.assert_allclose(out['per_class'][0], _brute_force_cost(scipy.spatial.distance.cdist(xs, xt)),
                              rtol=1e-9)
   assert out['prior_weighted'] == out['uniform'] == out['per_class'][0] and out['missing'] == []
+
+
+def test_sinkhorn_without_ott_jax_is_one_line_user_error(monkeypatch):
+  real = ot.importlib.util.find_spec
+  monkeypatch.setattr(ot.importlib.util, 'find_spec', lambda name, *a: None if name == 'ott' else real(name, *a))
+  with pytest.raises(UserError, match=r'sinkhorn needs ott-jax: pip install .*\[ott\]'):
+    ot.check_solver('sinkhorn')
+  ot.check_solver('emd')  # the exact solvers need no ott-jax
+  with pytest.raises(UserError, match="'sinkorn'.*emd, assignment, sinkhorn"):
+    ot.check_solver('sinkorn')
