@@ -116,6 +116,7 @@ def read_csv(path):
     return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_main_writes_results_then_skips_finished_run(tmp_path):
   workdir = tmp_path / 'work'
   proc = run_main(TINY + ['--config.method=erm_final,erm_all'], workdir)
@@ -153,6 +154,7 @@ def test_main_writes_results_then_skips_finished_run(tmp_path):
   assert first.split()[:3] == next(line for line in again.stdout.splitlines() if line.startswith('erm_final')).split()[:3]
 
 
+@pytest.mark.slow
 def test_fine_tuning_variant_from_the_cli(tmp_path):
   """A paper-method config file on the embedded data: its full method name, directory and a sane accuracy."""
   result = run_main(['--config=configs/linear_probe_fine_tune.py', '--config.data.name=digits',

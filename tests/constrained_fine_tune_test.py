@@ -25,6 +25,7 @@ def _leaf(tree, path):
   return np.asarray(tree, np.float64)
 
 
+@pytest.mark.slow
 def test_constrained_fine_tune_stays_in_its_balls(tmp_path):
   config = tiny_config(**{**SMALL, 'method': 'erm_fine_tune', 'num_epochs': 4, 'model.num_blocks': 2,
                           'constraint.norm': 'frob', 'constraint.radius': (0.3, 3.0),
@@ -76,6 +77,7 @@ def test_corrected_objective_is_the_library_loss(kind):
   assert float(loss) == pytest.approx(float(expected), rel=1e-6) and state == 'state'
 
 
+@pytest.mark.slow
 def test_dual_t_estimates_the_confusion_from_an_uncorrected_fine_tune(tmp_path, captured):
   rows = run_small(tmp_path, **{'method': 'erm_fine_tune', 'data.target_sizes': '150:300', 'label_noise.rate': 0.3,
                                 'label_noise.correction': 'forward', 'label_noise.confusion': 'dual_t'})

@@ -127,6 +127,7 @@ def test_domain_smaller_than_batch_is_a_user_error():
     cg.train_cyclegan(x, 255 - x, cg.CycleGANConfig(**TINY), jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_tiny_training_reduces_cycle_loss_and_translates_every_image(tmp_path):
   x = _pattern_images(18, 16)  # 18 vs 16 images: 16 // 4 = 4 batches per epoch
   y = 255 - x[:16]

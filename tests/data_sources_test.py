@@ -458,6 +458,7 @@ def test_tfds_not_installed(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------------ real data
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_real_cifar10_jpeg():
   if not (SHARED_DATA / 'cifar10-jpeg.tar.gz').exists():

@@ -63,6 +63,7 @@ def _selection(method_dir) -> dict:
   return meta
 
 
+@pytest.mark.slow
 def test_run_killed_mid_stage_resumes_to_the_same_metrics(tmp_path, start):
   reference_dir, killed_dir = tmp_path / 'reference', tmp_path / 'killed'
   reference = start(reference_dir)

@@ -32,6 +32,7 @@ def measured(tmp_path_factory):
   return config, workdir, rows
 
 
+@pytest.mark.slow
 def test_one_row_per_radius_inside_its_ball(measured):
   config, workdir, rows = measured
   assert [r['radius'] for r in rows] == list(RADII)
@@ -62,6 +63,7 @@ def test_top_eigenvalues_and_density(measured):
     assert np.trapezoid(density['density'], density['grid']) == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.slow
 def test_trace_estimators(measured):
   config, workdir, rows = measured
   kwargs = dict(num_probes=8, lanczos_steps=5, num_draws=4, max_examples=64)

@@ -221,6 +221,7 @@ def _block_traces(loss_of_flat, flat, blocks):
   return np.array([np.trace(h[b, b]) for b in blocks])
 
 
+@pytest.mark.slow
 def test_gauss_newton_traces_are_the_hessian_blocks_of_a_relu_net(mlp):
   module = ReluMLP()
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), module.init(jax.random.key(3), mlp.x)['params'])
@@ -249,6 +250,7 @@ def test_gauss_newton_traces_are_the_hessian_blocks_of_a_relu_net(mlp):
     hs.gauss_newton_traces(lambda s: loss(s), sel)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, include', [('convnet', hs.DEFAULT_INCLUDE), ('resnet', r'block0/conv2/kernel|^fc/k')])
 def test_gauss_newton_traces_are_the_hessian_blocks_of_the_repo_models(x64, name, include):
   """Eval-mode BN with random statistics, ReLU, pooling, a residual block: every selected kernel enters once."""

@@ -19,6 +19,7 @@ from s2f_jax.training.objective import Penalty
 from conftest import run_small as _run
 
 
+@pytest.mark.slow
 def test_adjacent_penalty_pulls_the_steps_together(tmp_path):
   """β > 0 shrinks every layer's change over time by far (down to Adam's noise floor, about lr per weight and step,
   which bounds how equal large β can make them)."""
@@ -34,6 +35,7 @@ def test_adjacent_penalty_pulls_the_steps_together(tmp_path):
   assert (method_dir / 'adjacent_reg.pdf').exists() and (method_dir / 'weight_differences.pdf').exists()
 
 
+@pytest.mark.slow
 def test_uncoupled_steps_train_independently():
   """adjacent none, all layers separate: the final step's modules do not depend on the other steps' data."""
   model = make_model('convnet', 1, 3, width=4)
@@ -70,6 +72,7 @@ def test_uncoupled_steps_train_independently():
   assert not np.allclose(*step0)  # step 0 itself did see its labels
 
 
+@pytest.mark.slow
 def test_search_resume_and_fisher(tmp_path, monkeypatch):
   from s2f_jax.methods import joint
   candidates = [('fc',), ('conv1', 'fc')]  # 2 of the 7 subsets keep the test quick
@@ -115,6 +118,7 @@ def test_search_resume_and_fisher(tmp_path, monkeypatch):
   assert histories['l2'][2:] != histories['l2_fisher'][2:]  # then the previous epoch's squared gradients
 
 
+@pytest.mark.slow
 def test_sweep_efficient_reg_and_errors(tmp_path):
   (row,) = _run(tmp_path, method='joint_model', num_epochs=2,
                 **{'joint.mode': 'side_tune', 'joint.sweep_efficient_reg': True})

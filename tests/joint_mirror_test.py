@@ -42,6 +42,7 @@ def train_losses(method_dir, stage: str) -> np.ndarray:
   return np.array([[r['train_loss'] for r in records if r['stage'] == stage and r['run'] == run] for run in runs])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', list(MIRRORS))
 def test_frozen_joint_modes_reproduce_the_methods_they_mirror(mirror_dir, captured, mode):
   """Same stage, start and grid as the mirrored method: the same metrics, per-run losses and winner."""
@@ -71,6 +72,7 @@ def test_frozen_joint_modes_reproduce_the_methods_they_mirror(mirror_dir, captur
   chex.assert_trees_all_equal(joint['params']['history'], history['params'])
 
 
+@pytest.mark.slow
 def test_ablated_joint_is_one_model_in_every_mode(tmp_path, captured):
   """Ablated, the three modes train the same single model (the base modules, on every step's batches)."""
   rows = {}
@@ -92,6 +94,7 @@ def test_ablated_joint_is_one_model_in_every_mode(tmp_path, captured):
       np.testing.assert_allclose(rows[mode][key], rows['separate'][key], atol=1e-6, err_msg=f'{mode}: {key}')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['side_tune', 'low_rank_adapt'])
 def test_sequential_adapted_freezes_earlier_steps(tmp_path, captured, mode):
   (row,) = _run(tmp_path, method='sequential_fine_tune', fine_tune_mode=mode, num_epochs=4,

@@ -116,6 +116,7 @@ def test_step_variables_traced_and_all_steps():
   assert jax.tree.structure(traced) == jax.tree.structure(MODEL_INIT(jax.random.key(0), SAMPLE))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('train', [False, True])
 def test_joint_apply_matches_loop(train):
   path = _path('all', 3)

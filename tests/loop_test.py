@@ -221,6 +221,7 @@ def _serial_results() -> list[loop.FitResult]:
   return [_fit(_grid_rows(GRID, [r])) for r in range(4)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('parallel_runs', [4, 1])
 def test_grid_equals_serial_runs(parallel_runs):
   grid_result = _fit(GRID, parallel_runs=parallel_runs)
@@ -236,6 +237,7 @@ def test_grid_equals_serial_runs(parallel_runs):
   assert all(s.best_epoch[0] > 0 for s in _serial_results())
 
 
+@pytest.mark.slow
 def test_lanes_equal_one_lane():
   """3 runs cut into 2 concurrent lanes (padded to 2 + 2) train exactly as in one lane: the same trained variables
   bit for bit (each run runs the same per-run program), accuracies and best epochs; losses to float rounding (the
@@ -287,6 +289,7 @@ def test_stopped_runs_skip_training_and_keep_their_metrics():
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_data_slots_equal_separate_fits():
   """Runs on two data slots (other examples, input scaling, init and key per slot, as seeds) in one fit give each
   slot's separate fit."""
@@ -427,6 +430,7 @@ def trained_epochs(monkeypatch):
   return epochs
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_equals_uninterrupted_fit(tmp_path, trained_epochs):
   grid = _grid_rows(GRID, [1])
   full = _fit(grid, num_epochs=4)
@@ -468,6 +472,7 @@ def test_infinite_loss_weight_raises_with_epoch_and_run():
   assert 'epoch 1 ' in message and 'my run #0' in message and 'stage X' in message
 
 
+@pytest.mark.slow
 def test_divergence_after_resume_names_later_epoch_and_the_bad_run(tmp_path):
   ckpt = str(tmp_path / 'ckpt')
   _fit(GRID, num_epochs=1, parallel_runs=4, checkpoint_dir=ckpt, checkpoint_every_s=0)
@@ -676,6 +681,7 @@ def test_evaluate_matches_numpy_argmax():
 # ------------------------------------------------------------------------------------------------- 11. learning
 
 
+@pytest.mark.slow
 def test_learns_digits():
   ds = _digits()
   train = _examples(0, 1000, dither=False)

@@ -129,6 +129,7 @@ def test_sequential_fine_tune_schedules(recorded, decay, lrs):
     assert (rows[0]['Starting learning rate'], rows[0]['Learning rate decay factor']) == (2e-4, 0.75)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_same_metrics(monkeypatch, tmp_path):
   config = tiny_config(method='erm_fine_tune')
   reference = experiment.run(config, str(tmp_path / 'a'))
@@ -159,6 +160,7 @@ def test_killed_run_resumes_to_same_metrics(monkeypatch, tmp_path):
   assert histories[0] == histories[1]
 
 
+@pytest.mark.slow
 def test_digits_reach_high_clean_accuracy(tmp_path):
   config = tiny_config(method='erm_all', num_epochs=15, **{
       'data.shift_sequence': 'corruption', 'data.source_size': 800, 'data.target_sizes': '400',
@@ -279,6 +281,7 @@ def test_robust_fine_tune_pretrains_on_history_only(recorded, method, kind):
   assert sizes(rec.calls[0]['train']) == 160 + 80 + 120 + 80  # the original's bug: the final step too
 
 
+@pytest.mark.slow
 def test_ewc_with_zero_strength_equals_sequential_fine_tuning(tmp_path):
   overrides = dict(method='sequential_fine_tune', learning_rate_decay='none', num_epochs=2, **{
       'grid.learning_rate': (1e-3,), 'grid.weight_decay': (0.0,), 'grid.dropout': (0.0,),
@@ -297,6 +300,7 @@ def test_ewc_with_zero_strength_equals_sequential_fine_tuning(tmp_path):
     ('erm_fine_tune', {'fine_tune_layers': 'surgical_snr'}),
     ('sequential_fine_tune', {'regularization': 'previous', 'fine_tune_layers': 'fc:all'}),
 ])
+@pytest.mark.slow
 def test_methods_run_and_beat_chance(tmp_path, method, overrides):
   config = tiny_config(method=method, num_epochs=4, learning_rate_decay='none', **overrides, **{
       'data.shift_sequence': 'rotation:corruption', 'data.target_sizes': '150:150', 'model.width': 16,
@@ -310,6 +314,7 @@ def test_methods_run_and_beat_chance(tmp_path, method, overrides):
     ('side_tune', {'side_layer_sizes': 'block', 'all_layers_efficient': True}, 'erm_side_tune_block_all_layers_efficient'),
     ('low_rank_adapt', {}, 'erm_low_rank_adapt_add_rank4'),
 ])
+@pytest.mark.slow
 def test_adapted_fine_tune_keeps_the_history_model_frozen(tmp_path, captured, mode, overrides, name):
   config = tiny_config(method='erm_fine_tune', fine_tune_mode=mode, num_epochs=4, **overrides, **{
       'data.shift_sequence': 'rotation:corruption', 'data.target_sizes': '150:150', 'model.width': 16,
@@ -357,6 +362,7 @@ def test_joint_objective_weights_steps():
   np.testing.assert_allclose(loss, (per_step[0] / 3 + per_step[1] / 2 + per_step[2]) / 3, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_joint_model_trains_one_module_per_step(tmp_path, captured):
   config = tiny_config(method='joint_model', num_epochs=5, **{
       'data.shift_sequence': 'rotation:corruption', 'data.target_sizes': '150:150', 'model.width': 16,

@@ -28,6 +28,7 @@ def finished(tmp_path_factory):
   return str(workdir), experiment.run(_config(), str(workdir))
 
 
+@pytest.mark.slow
 def test_rows_hold_consistent_group_metrics(finished):
   workdir, rows = finished
   assert [r['method'] for r in rows] == ['erm', 'gdro', 'camel']

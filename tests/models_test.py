@@ -248,6 +248,7 @@ def test_mask_uses_only_masked_in_examples(convnet):
   _check_mask(*convnet)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['resnet', 'densenet'])  # downsample BNs, DenseNet head BN
 def test_mask_other_models(name):
   model = make_model(name, 1, 10, WIDTH)

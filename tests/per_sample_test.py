@@ -90,6 +90,7 @@ def _assert_scores(got: dict[str, float], want: dict[str, float]):
 # ----------------------------------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_per_sample_grads_match_single_example_grads():
   learner, variables = _setup()
   ex = _examples()
@@ -184,6 +185,7 @@ def test_layer_scores_keys_and_bad_metric():
     layer_scores(learner, variables, _examples(), 'fisher')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('per_batch', [False, True])
 def test_resnet_scores_are_finite(per_batch):
   learner, variables = _setup('resnet')

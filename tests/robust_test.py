@@ -96,6 +96,7 @@ def test_irm_penalty_is_zero_when_the_optimal_scale_is_one():
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('objective', [GroupDRO(), IRM()])
 def test_grouped_fit_learns_and_sees_every_group(objective):
   from tests.loop_test import _data, _model

@@ -34,6 +34,7 @@ def finished(tmp_path_factory):
   return workdir, layer_pairs.run(config(), workdir)
 
 
+@pytest.mark.slow
 def test_one_row_per_layer_pair(finished):
   _, out = finished
   rows = out['pairs']

@@ -176,6 +176,7 @@ def test_bad_input_raises_user_error():
     ood.energy(np.zeros((2, 3)), temperature=0.0)
 
 
+@pytest.mark.slow
 def test_compat_learning_rate_drop_counts_iterations():
   """The original steps its scheduler per iteration: with one fine-tuning step per epoch (32 ID examples, half batch
   32) both counters agree; with 8 steps per epoch the drop comes after 2 iterations instead of 2 epochs."""

@@ -41,6 +41,7 @@ def _fit_images(ctx):
   return ctx.sequence.steps[0].train.images[:K]
 
 
+@pytest.mark.slow
 def test_prefix_then_suffix_is_the_full_forward(donor):
   ctx, model, v = donor
   x = ctx.scaling(_test(ctx).images[:20])

@@ -229,6 +229,7 @@ def test_job_waits_while_another_task_trains_its_shared_stage(tmp_path, monkeypa
   other_task.close()
 
 
+@pytest.mark.slow
 def test_seeds_together_merge_fits_and_equal_seeds_apart(tmp_path, monkeypatch):
   c = tiny_sweep(methods=('erm_final,erm_fine_tune',), sequences=1)
   c.seeds = (1007, 1008)

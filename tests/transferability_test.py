@@ -39,6 +39,7 @@ def finished(tmp_path_factory):
   return workdir, pairs.run(config(), workdir)
 
 
+@pytest.mark.slow
 def test_rows_hold_every_term_and_add_up(finished):
   _, rows = finished
   assert [(r['target'], r['setting']) for r in rows] == [('rotation', 'learned_all'), ('rotation', 'fixed_all'),

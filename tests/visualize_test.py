@@ -42,6 +42,7 @@ def run(runs):
   return visualize.open_run(runs[1])
 
 
+@pytest.mark.slow
 def test_stored_runs_and_models(runs, run):
   root, main, oracle = runs
   assert stored.find_runs(root) == sorted([main, oracle])
@@ -73,6 +74,7 @@ def test_interpolation_endpoints_reproduce_the_recorded_accuracies(run):
   assert curves['erm_side_tune']['accuracy'][0] == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_weight_projection_of_the_references(runs, run):
   coords, skipped = visualize.projection(run, stored.find_runs(runs[0]))
   assert set(skipped) == {'erm_side_tune'}
@@ -110,6 +112,7 @@ def test_layer_activations_end_in_the_logits(run):
   np.testing.assert_allclose(acts['fc'], logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_writes_figures_and_rejects_bad_input(runs, tmp_path):
   root = runs[0]
   cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'visualize.py'), f'--root={root}']
