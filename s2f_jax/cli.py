@@ -41,21 +41,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise
 
 
-def _config_path(argv: list[str]) -> str | None:
-  """The --config file named in `argv` (or define_config's default), without its ':arg'."""
-  path = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), None)
-  path = path or (_default_config[0] if _default_config else None)
-  return path.partition(':')[0] if path else None
+def _config_flag(argv: list[str]) -> str | None:
+  """The --config value ('FILE' or 'FILE:ARG') in `argv`, else define_config's default."""
+  value = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), None)
+  return value or (_default_config[0] if _default_config else None)
 
 
 def _config_file_bug(e: BaseException, argv: list[str]) -> str | None:
-  """'config file FILE, line N: ErrorType: message' when `e` was raised while running the --config file (or a
-  file of configs/ that it imports), at the deepest such line; None otherwise."""
-  path = _config_path(argv)
-  if not path:
+  """'config file FILE, line N: ErrorType: message' when `e` was raised while running the --config file (or a file
+  beside it that it imports, such as configs/default.py), at the deepest such line; None otherwise."""
+  value = _config_flag(argv)
+  if not value:
     return None
-  inside = lambda f: os.path.abspath(f) == os.path.abspath(path) or \
-      os.path.abspath(f).startswith(os.path.join(os.path.dirname(os.path.abspath(path)), ''))
+  folder = os.path.join(os.path.dirname(os.path.abspath(value.partition(':')[0])), '')
+  inside = lambda f: os.path.abspath(f).startswith(folder)
   if isinstance(e, SyntaxError) and e.filename and inside(e.filename):
     return f'config file {e.filename}, line {e.lineno}: SyntaxError: {e.msg}'
   frames = [f for f in traceback.extract_tb(e.__traceback__) if inside(f.filename)]
@@ -67,10 +66,8 @@ def _config_file_bug(e: BaseException, argv: list[str]) -> str | None:
 def _unknown_override(argv: list[str]) -> str | None:
   """'unknown config key …; valid keys: …' for the first `--config.KEY=VALUE` whose KEY the config file lacks, or
   None when there is none (or the config cannot be loaded here)."""
-  path = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), None)
-  path = path or (_default_config[0] if _default_config else None)
   try:
-    file, _, arg = path.partition(':')
+    file, _, arg = _config_flag(argv).partition(':')
     get_config = runpy.run_path(file)['get_config']
     config = get_config(arg) if arg else get_config()
   except Exception:  # noqa: BLE001 — fall back to the parser's own message

@@ -473,6 +473,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   scales = _scales(scalings or [learner.scaling] * len(trains))
   _check_slots(trains, valids, slots, len(scales))
   train, valid = trains[0], valids[0]
+  on_epoch = on_epoch or (lambda record: None)
   mesh = sharding.run_mesh(num_runs, options.batch_size)
   num_lanes = sharding.lane_count(options.lanes, num_runs, mesh)
   size = sharding.padded_size(num_runs, mesh, num_lanes)
@@ -533,8 +534,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       va_loss, va_acc, va_metric = evaluate(init_variables, valid_data)
       history = [_record(0, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric)]
       stopping = EarlyStopping.start(va_metric, options.patience, options.compat_early_stopping)
-      if on_epoch:
-        on_epoch(history[-1])
+      on_epoch(history[-1])
     else:
       epoch, device_state, host = restored
       state, best = device_state['state'], device_state['best']
@@ -571,8 +571,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
                        lanes.split(improved))
       history.append(_record(epoch, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric))
       elapsed += time.time() - tic
-      if on_epoch:
-        on_epoch(history[-1])
+      on_epoch(history[-1])
       bar.update(1)
       bar.set_postfix(best_valid=f'{stopping.best_acc[:num_runs].max():.3f}', running=int(stopping.active.sum()))
       if checkpoint and (time.time() - last_save >= options.checkpoint_every_s):
