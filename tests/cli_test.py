@@ -73,32 +73,67 @@ CONFIG_BUGS = {  # a config file's body → (line, what the one-line error names
 }
 
 
+def _folder(case: str) -> str:
+  return case.replace(' ', '_')
+
+
+@pytest.fixture(scope='module')
+def bad_runs(tmp_path_factory):
+  """Every case of BAD_INPUTS and CONFIG_BUGS through experiments/main.py, each in a child forked from one warm
+  interpreter (tests/forked_script.py): (their folder, case → (exit code, stderr, whether its workdir exists))."""
+  root = tmp_path_factory.mktemp('bad_inputs')
+  cases = {}
+  for case, (args, _) in BAD_INPUTS.items():
+    cases[case] = [f'--workdir={root / _folder(case)}', *(args if args[0].startswith('--config=') else TINY + args)]
+  for case, (body, _, _) in CONFIG_BUGS.items():
+    (root / f'{case}.py').write_text(body)
+    for override in (False, True):
+      cases[f'{case} {override}'] = [f'--workdir={root / _folder(f"{case} {override}")}', f'--config={root / case}.py',
+                                     *(['--config.seed=3'] if override else [])]
+  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, 'tests/forked_script.py', 'experiments/main.py'], input=json.dumps(cases),
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return root, {case: (code, err, (root / _folder(case)).exists())
+                for case, (code, _, err) in json.loads(proc.stdout).items()}
+
+
 @pytest.mark.parametrize('case', sorted(CONFIG_BUGS))
 @pytest.mark.parametrize('override', [False, True])
-def test_config_file_bug_names_file_and_line(case, override, tmp_path):
-  body, line, message = CONFIG_BUGS[case]
-  config = tmp_path / 'broken.py'
-  config.write_text(body)
-  proc = run_main([f'--config={config}'] + (['--config.seed=3'] if override else []), tmp_path / 'work')
-  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
-  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-  assert proc.stderr.startswith(f'error: config file {config}, line {line}: {message}'), proc.stderr
-  assert not (tmp_path / 'work').exists()
+def test_config_file_bug_names_file_and_line(case, override, bad_runs):
+  root, runs = bad_runs
+  code, stderr, wrote = runs[f'{case} {override}']
+  _, line, message = CONFIG_BUGS[case]
+  assert code == 2 and 'Traceback' not in stderr, stderr[-2000:]
+  assert len(stderr.strip().splitlines()) == 1, stderr
+  assert stderr.startswith(f'error: config file {root / case}.py, line {line}: {message}'), stderr
+  assert not wrote
 
 
-@pytest.mark.parametrize('case', sorted(BAD_INPUTS))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path):
-  args, must_mention = BAD_INPUTS[case]
-  workdir = tmp_path / 'work'
-  proc = run_main(TINY + args if not args[0].startswith('--config=') else args, workdir)
-  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1, proc.stderr
+def _assert_one_line_error(code: int, stderr: str, must_mention: list[str]) -> None:
+  assert code == 2, (code, stderr[-2000:])
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, stderr
   assert lines[0].startswith('error: ')
   for word in must_mention:
     assert word in lines[0], (word, lines[0])
-  assert 'Traceback' not in proc.stderr
-  assert not workdir.exists()
+  assert 'Traceback' not in stderr
+
+
+@pytest.mark.parametrize('case', sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_runs):
+  code, stderr, wrote = bad_runs[1][case]
+  _assert_one_line_error(code, stderr, BAD_INPUTS[case][1])
+  assert not wrote
+
+
+@pytest.mark.parametrize('case', ['unknown key', 'oversize'])
+def test_bad_input_in_a_fresh_process(case, tmp_path):
+  """The forked children above behave as fresh processes: two cases checked in real ones."""
+  args, must_mention = BAD_INPUTS[case]
+  proc = run_main(TINY + args, tmp_path / 'work')
+  _assert_one_line_error(proc.returncode, proc.stderr, must_mention)
+  assert not (tmp_path / 'work').exists()
 
 
 def test_half_prepared_tfds_root_is_one_line_exit_2(tmp_path):

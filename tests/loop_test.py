@@ -744,14 +744,14 @@ def test_max_pool_equals_flax(size):
 
 
 def test_augmentation_reaches_training_batches_only():
-  """An augmentation that blanks every image trains exactly like blank training images, with the same (unblanked)
-  valid split evaluated."""
+  """An augmentation that negates every image trains like negated training images, with the same (unnegated)
+  valid split evaluated. (Not blank images: BatchNorm of constant inputs divides rounding noise by sqrt(eps).)"""
   train, valid = _data()
-  blank = lambda key, images: jax.numpy.zeros_like(images)
+  negate = lambda key, images: -images
   grid = _grid_rows(GRID, [0])
-  augmented = _fit(grid, learner=dataclasses.replace(_learner(), augment=blank), num_epochs=2)
-  blanked = _fit(grid, train=dataclasses.replace(train, images=np.zeros_like(train.images)), num_epochs=2)
-  _assert_trees_close(augmented.best_variables, blanked.best_variables, atol=1e-6)
+  augmented = _fit(grid, learner=dataclasses.replace(_learner(), augment=negate), num_epochs=2)
+  negated = _fit(grid, train=dataclasses.replace(train, images=-train.images), num_epochs=2)
+  _assert_trees_close(augmented.best_variables, negated.best_variables, atol=1e-5)
   valid = lambda h: [(r['valid_loss'], r['valid_accuracy']) for r in h]
-  assert valid(augmented.history) == valid(blanked.history)
+  np.testing.assert_allclose(valid(augmented.history), valid(negated.history), rtol=1e-5)
   assert augmented.history[-1]['valid_loss'] != _fit(grid, num_epochs=2).history[-1]['valid_loss']
