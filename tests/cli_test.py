@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, assert_user_error, forked_runs
+
 TINY = ['--config=configs/default.py', '--config.model.width=8', '--config.num_epochs=2',
         '--config.data.source_size=200', '--config.data.target_sizes=100', '--config.data.test_size=100']
 
@@ -90,12 +91,8 @@ def bad_runs(tmp_path_factory):
     for override in (False, True):
       cases[f'{case} {override}'] = [f'--workdir={root / _folder(f"{case} {override}")}', f'--config={root / case}.py',
                                      *(['--config.seed=3'] if override else [])]
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, 'tests/forked_script.py', 'experiments/main.py'], input=json.dumps(cases),
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
   return root, {case: (code, err, (root / _folder(case)).exists())
-                for case, (code, _, err) in json.loads(proc.stdout).items()}
+                for case, (code, _, err) in forked_runs('experiments/main.py', cases).items()}
 
 
 @pytest.mark.parametrize('case', sorted(CONFIG_BUGS))
@@ -110,21 +107,11 @@ def test_config_file_bug_names_file_and_line(case, override, bad_runs):
   assert not wrote
 
 
-def _assert_one_line_error(code: int, stderr: str, must_mention: list[str]) -> None:
-  assert code == 2, (code, stderr[-2000:])
-  lines = [line for line in stderr.splitlines() if line.strip()]
-  assert len(lines) == 1, stderr
-  assert lines[0].startswith('error: ')
-  for word in must_mention:
-    assert word in lines[0], (word, lines[0])
-  assert 'Traceback' not in stderr
-
-
 @pytest.mark.parametrize('case', sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_runs):
   code, stderr, wrote = bad_runs[1][case]
-  _assert_one_line_error(code, stderr, BAD_INPUTS[case][1])
-  assert not wrote
+  assert_user_error(code, stderr, BAD_INPUTS[case][1])
+  assert 'Traceback' not in stderr and not wrote
 
 
 @pytest.mark.parametrize('case', ['unknown key', 'oversize'])
@@ -132,7 +119,7 @@ def test_bad_input_in_a_fresh_process(case, tmp_path):
   """The forked children above behave as fresh processes: two cases checked in real ones."""
   args, must_mention = BAD_INPUTS[case]
   proc = run_main(TINY + args, tmp_path / 'work')
-  _assert_one_line_error(proc.returncode, proc.stderr, must_mention)
+  assert_user_error(proc.returncode, proc.stderr, must_mention)
   assert not (tmp_path / 'work').exists()
 
 

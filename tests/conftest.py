@@ -8,6 +8,10 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
                            ' --xla_cpu_use_fusion_emitters=false').strip()
 
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import jax  # noqa: E402
 import pytest
 
@@ -24,6 +28,28 @@ def _fresh_compilation_caches():
   compiler has crashed (abort / segfault while compiling) late in long worker sessions."""
   yield
   jax.clear_caches()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def forked_runs(script: str, cases: dict[str, list[str]]) -> dict[str, tuple[int, str, str]]:
+  """Every case's command line through `script` (a path from the repo root), each in a child forked from one warm
+  interpreter (tests/forked_script.py, one jax import for all): case → (exit code, stdout, stderr)."""
+  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, 'tests/forked_script.py', script], input=json.dumps(cases), cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return {case: tuple(result) for case, result in json.loads(proc.stdout).items()}
+
+
+def assert_user_error(code: int, stderr: str, must_mention) -> None:
+  """A user error as the CLI reports it: exit 2 and one stderr line 'error: …' naming every `must_mention`."""
+  assert code == 2, (code, stderr[-2000:])
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error: '), stderr
+  for word in must_mention:
+    assert word in lines[0], (word, lines[0])
 
 
 # Two steps (rotation, then corruption) and a one-point grid: quick end-to-end runs.

@@ -18,7 +18,7 @@ from s2f_jax.methods import METHODS, Method
 from s2f_jax.results import read_metrics
 from s2f_jax.training import merged
 
-from conftest import SMALL, tiny_config
+from conftest import SMALL, assert_user_error, forked_runs, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS = os.path.join(ROOT, 'configs', 'sweeps')
@@ -295,17 +295,27 @@ def test_cli_dry_run_lists_jobs_and_writes_nothing(tmp_path):
   assert sliced.returncode == 0 and sliced.stdout.strip().splitlines()[-1].startswith('20 jobs (task 1 of 4; 240')
 
 
-@pytest.mark.parametrize('args,words', [
+BAD_INPUTS = [
     (['--config=configs/sweeps/rcl.py:quick', '--only=arch=resnet'], ['arch', 'sequence', 'variant', 'seed']),
     (['--config=configs/sweeps/rcl.py:quick', '--task_index=5', '--num_tasks=2'], ['--task_index=5', '0..1']),
     (['--config=configs/sweeps/nope.py'], ['nope.py', 'configs/sweeps/rcl.py', 'rotation_length.py']),
     (['--config=configs/sweeps/rcl.py:fast'], ['fast', 'quick', 'quick_all']),
     (['--config=configs/sweeps/rcl.py', '--only=variant=4k'], ['cifar10', '--config.base.data.root']),
-])
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, words):
-  proc = run_cli(*args, f'--root={tmp_path / "root"}')
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
-  assert all(w in lines[0] for w in words), lines[0]
-  assert not (tmp_path / 'root').exists()
+]
+
+
+@pytest.fixture(scope='module')
+def bad_runs(tmp_path_factory):
+  """Each BAD_INPUTS command line through experiments/sweep.py in a forked child: case index → (exit code, stderr,
+  whether its root exists)."""
+  root = tmp_path_factory.mktemp('bad_sweeps')
+  runs = forked_runs('experiments/sweep.py', {str(i): [*args, f'--root={root / str(i)}']
+                                              for i, (args, _) in enumerate(BAD_INPUTS)})
+  return {int(i): (code, err, (root / i).exists()) for i, (code, _, err) in runs.items()}
+
+
+@pytest.mark.parametrize('case', range(len(BAD_INPUTS)))
+def test_cli_bad_input_is_one_line_exit_2(bad_runs, case):
+  code, stderr, wrote = bad_runs[case]
+  assert_user_error(code, stderr, BAD_INPUTS[case][1])
+  assert not wrote
