@@ -53,6 +53,7 @@ def _apply(model, variables, x, *, rate=None, key=None, mask=None, **static):
   return _jitted_apply(model, tuple(sorted(static.items())))(variables, x, rate, key, mask)
 
 
+@functools.cache  # tracing DenseNet-4 takes seconds; several tests ask for the same model
 def _shapes(name: str, num_blocks: int, width: int = 64, num_classes: int = 10, batch: int = 2):
   """(variables, logits, intermediates) as ShapeDtypeStructs, without computing anything."""
   model = make_model(name, num_blocks, num_classes, width)
@@ -119,12 +120,12 @@ def test_block_dims_small_models():
 
 
 def test_width_scales_channels():
-  variables, _, inter = _shapes('densenet', 2, WIDTH)
+  variables, _, inter = _shapes('densenet', 2, WIDTH, num_classes=7, batch=3)  # as test_layer_names_and_output_shape
   assert inter['conv1']['__call__'][0].shape[-1] == WIDTH
   dense0 = variables['params']['layer1']
   assert dense0['dense0_conv1']['kernel'].shape == (1, 1, WIDTH, 4 * WIDTH // 2)
   assert dense0['dense0_conv2']['kernel'].shape == (3, 3, 4 * WIDTH // 2, WIDTH // 2)
-  _, _, inter = _shapes('resnet', 4, WIDTH)
+  _, _, inter = _shapes('resnet', 4, WIDTH, num_classes=7, batch=3)
   assert [inter[f'layer{i}']['__call__'][0].shape[-1] for i in range(1, 5)] == [8, 16, 32, 64]
 
 
