@@ -1,5 +1,9 @@
-"""Shared test helpers: a tiny run configuration and a fixture recording every stage of real training."""
+"""Shared test helpers: a tiny run configuration, command lines run in forked children, the check of a one-line
+user error, and a fixture recording every stage of real training."""
+import json
 import os
+import subprocess
+import sys
 
 # The suite is bound by XLA CPU compile time (tiny models, many distinct programs): the tests, and the experiment
 # scripts they start as subprocesses, compile with backend optimisation off (about 2.5x faster compiles) and with
@@ -7,10 +11,6 @@ import os
 # program). Results are checked against references with tolerances, never against timings.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
                            ' --xla_cpu_use_fusion_emitters=false').strip()
-
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import jax  # noqa: E402
 import pytest
