@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config(**overrides):
   p = experiment.patching_config()
   p.correlation, p.num_epochs, p.batch_size = 0.9, 2, 32
-  p.stage1.update(num_epochs=2, batch_size=4, generator_widths=(4, 8, 8, 8), discriminator_widths=(4, 8),
+  p.stage1.update(num_epochs=2, batch_size=16, generator_widths=(4, 8, 8, 8), discriminator_widths=(4, 8),
                   discriminator_final=8)
   return tiny_config({'patching': p}, **overrides)
 

@@ -18,7 +18,7 @@ from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'data.source_size': 300, 'model.num_blocks': 1, 'model.width': 4, 'stitching.tlm_epochs': 1, 'stitching.ranks': (1, 4),
-        'stitching.probe_epochs': 20, 'stitching.similarity_samples': 60, 'stitching.dm_samples': 20,
+        'stitching.probe_epochs': 5, 'stitching.similarity_samples': 60, 'stitching.dm_samples': 20,
         'stitching.detector.pretrain_epochs': 2, 'stitching.detector.finetune_epochs': 1,
         'stitching.detector.width': 8, 'stitching.detector.batch_size': 64,
         'grid.learning_rate': (1e-3,), 'grid.weight_decay': (1e-4,), 'grid.dropout': (0.0,)}
