@@ -74,25 +74,17 @@ CONFIG_BUGS = {  # a config file's body → (line, what the one-line error names
 }
 
 
-def _folder(case: str) -> str:
-  return case.replace(' ', '_')
-
-
 @pytest.fixture(scope='module')
 def bad_runs(tmp_path_factory):
-  """Every case of BAD_INPUTS and CONFIG_BUGS through experiments/main.py, each in a child forked from one warm
-  interpreter (tests/forked_script.py): (their folder, case → (exit code, stderr, whether its workdir exists))."""
+  """Every case of BAD_INPUTS and CONFIG_BUGS through experiments/main.py in forked children: (the folder of the
+  config files, case → (exit code, stderr, whether its workdir exists))."""
   root = tmp_path_factory.mktemp('bad_inputs')
-  cases = {}
-  for case, (args, _) in BAD_INPUTS.items():
-    cases[case] = [f'--workdir={root / _folder(case)}', *(args if args[0].startswith('--config=') else TINY + args)]
+  cases = {case: args if args[0].startswith('--config=') else TINY + args for case, (args, _) in BAD_INPUTS.items()}
   for case, (body, _, _) in CONFIG_BUGS.items():
     (root / f'{case}.py').write_text(body)
     for override in (False, True):
-      cases[f'{case} {override}'] = [f'--workdir={root / _folder(f"{case} {override}")}', f'--config={root / case}.py',
-                                     *(['--config.seed=3'] if override else [])]
-  return root, {case: (code, err, (root / _folder(case)).exists())
-                for case, (code, _, err) in forked_runs('experiments/main.py', cases).items()}
+      cases[f'{case} {override}'] = [f'--config={root / case}.py', *(['--config.seed=3'] if override else [])]
+  return root, forked_runs('experiments/main.py', cases, root / 'work', '--workdir')
 
 
 @pytest.mark.parametrize('case', sorted(CONFIG_BUGS))

@@ -33,14 +33,17 @@ def _fresh_compilation_caches():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def forked_runs(script: str, cases: dict[str, list[str]]) -> dict[str, tuple[int, str, str]]:
-  """Every case's command line through `script` (a path from the repo root), each in a child forked from one warm
-  interpreter (tests/forked_script.py, one jax import for all): case → (exit code, stdout, stderr)."""
+def forked_runs(script: str, cases: dict[str, list[str]], root, out_flag: str) -> dict[str, tuple[int, str, bool]]:
+  """Every case's command line through `script` (a path from the repo root), with `{out_flag}=root/<i>` as its own
+  output folder, each in a child forked from one warm interpreter (tests/forked_script.py, one jax import for all):
+  case → (exit code, stderr, whether its output folder exists)."""
+  folders = {case: os.path.join(root, str(i)) for i, case in enumerate(cases)}
   env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, 'tests/forked_script.py', script], input=json.dumps(cases), cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([sys.executable, 'tests/forked_script.py', script], cwd=ROOT, env=env, capture_output=True,
+                        input=json.dumps({c: [*args, f'{out_flag}={folders[c]}'] for c, args in cases.items()}),
+                        text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return {case: tuple(result) for case, result in json.loads(proc.stdout).items()}
+  return {case: (code, err, os.path.exists(folders[case])) for case, (code, _, err) in json.loads(proc.stdout).items()}
 
 
 def assert_user_error(code: int, stderr: str, must_mention) -> None:

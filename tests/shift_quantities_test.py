@@ -234,15 +234,13 @@ BAD_INPUTS = [(['--max_samples=1'], 'max_samples'), (['--no_such_flag=1'], 'no_s
 
 @pytest.mark.parametrize('case', range(len(BAD_INPUTS)))
 def test_cli_bad_input_is_one_line_exit_2(bad_runs, case):
-  code, stderr, wrote = bad_runs[case]
+  code, stderr, wrote = bad_runs[str(case)]
   assert_user_error(code, stderr, [BAD_INPUTS[case][1]])
   assert not wrote
 
 
 @pytest.fixture(scope='module')
 def bad_runs(tmp_path_factory):
-  """Each BAD_INPUTS command line through the script in a forked child: index → (exit code, stderr, wrote)."""
-  root = tmp_path_factory.mktemp('bad_shifts')
-  runs = forked_runs('experiments/quantify_shifts.py', {str(i): [*TINY, f'--out={root / str(i)}', *args]
-                                                        for i, (args, _) in enumerate(BAD_INPUTS)})
-  return {int(i): (code, err, (root / i).exists()) for i, (code, _, err) in runs.items()}
+  """Each BAD_INPUTS command line through the script in a forked child: str(index) → (exit code, stderr, wrote)."""
+  cases = {str(i): [*TINY, *args] for i, (args, _) in enumerate(BAD_INPUTS)}
+  return forked_runs('experiments/quantify_shifts.py', cases, tmp_path_factory.mktemp('bad_shifts'), '--out')

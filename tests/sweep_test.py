@@ -306,16 +306,14 @@ BAD_INPUTS = [
 
 @pytest.fixture(scope='module')
 def bad_runs(tmp_path_factory):
-  """Each BAD_INPUTS command line through experiments/sweep.py in a forked child: case index → (exit code, stderr,
+  """Each BAD_INPUTS command line through experiments/sweep.py in a forked child: str(index) → (exit code, stderr,
   whether its root exists)."""
-  root = tmp_path_factory.mktemp('bad_sweeps')
-  runs = forked_runs('experiments/sweep.py', {str(i): [*args, f'--root={root / str(i)}']
-                                              for i, (args, _) in enumerate(BAD_INPUTS)})
-  return {int(i): (code, err, (root / i).exists()) for i, (code, _, err) in runs.items()}
+  return forked_runs('experiments/sweep.py', {str(i): args for i, (args, _) in enumerate(BAD_INPUTS)},
+                     tmp_path_factory.mktemp('bad_sweeps'), '--root')
 
 
 @pytest.mark.parametrize('case', range(len(BAD_INPUTS)))
 def test_cli_bad_input_is_one_line_exit_2(bad_runs, case):
-  code, stderr, wrote = bad_runs[case]
+  code, stderr, wrote = bad_runs[str(case)]
   assert_user_error(code, stderr, BAD_INPUTS[case][1])
   assert not wrote
