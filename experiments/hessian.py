@@ -5,7 +5,7 @@ r"""Constrained fine-tuning under label noise, then Hessian generalisation measu
 Trains the config's erm_fine_tune (history model, then fine-tuning on the noisy final step with one run per radius;
 finished runs are reused), then prints and writes generalization.{json,md,pdf} to the method's folder: per radius
 the train/test loss and accuracy, the gap, the distance, HDM, the trace distance, the Hessian trace, the top
-eigenvalues, noise stability, and an eigenvalue density plot per radius (`s2f_jax.analysis.generalization`).
+eigenvalues, noise stability, and an eigenvalue density plot per radius (`s2f_jax.generalization`).
 """
 import os
 import sys
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # noqa: E402
 
 from s2f_jax import cli, experiment  # noqa: E402
-from s2f_jax.analysis import generalization  # noqa: E402
+from s2f_jax import generalization  # noqa: E402
 from s2f_jax.errors import choices_error  # noqa: E402
 from s2f_jax.methods.fine_tune import fine_tune_name  # noqa: E402
 

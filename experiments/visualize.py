@@ -5,7 +5,7 @@ r"""Visualisations of finished runs: linear interpolation, weight projection, SV
   python experiments/visualize.py --root=runs/quick --representation=cca
 
 Figures and JSON go to `<root>/visualizations/` (or --out). weight_proj and cca need each run's erm_final and
-erm_fine_tune and an oracle run (a sweep's `oracle` job); see `s2f_jax.analysis.visualize`.
+erm_fine_tune and an oracle run (a sweep's `oracle` job); see `s2f_jax.visualize`.
 """
 import os
 import sys
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # noqa: E402
 
 from s2f_jax import cli  # noqa: E402
-from s2f_jax.analysis import visualize  # noqa: E402
+from s2f_jax import visualize  # noqa: E402
 
 ROOT = flags.DEFINE_string('root', None, 'folder holding finished runs (searched recursively)')
 REPRESENTATION = flags.DEFINE_string('representation', 'linear_interpolate',

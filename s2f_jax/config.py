@@ -127,7 +127,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises UserError for the first invalid value (sequence strings are checked when parsed)."""
   from s2f_jax.methods import METHODS
   from s2f_jax.models import MODEL_NAMES
-  from s2f_jax.data.sources import SOURCE_NAMES
+  from s2f_jax.data.sources import SOURCES, source_names
   methods = methods_of(config)
   if not methods:
     raise choices_error('method', config.method, sorted(METHODS))
@@ -137,8 +137,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in MODEL_NAMES:
     raise choices_error('model', config.model.name, MODEL_NAMES)
   name = config.data.name
-  if not (name in SOURCE_NAMES or (name.startswith('tfds:') and len(name) > 5)):
-    raise choices_error('dataset', name, SOURCE_NAMES)
+  if not (name in SOURCES or (name.startswith('tfds:') and len(name) > 5)):
+    raise choices_error('dataset', name, source_names())
   if config.data.input_scaling not in INPUT_SCALINGS:
     raise choices_error('data.input_scaling', config.data.input_scaling, INPUT_SCALINGS)
   if config.learning_rate_decay not in LR_DECAYS:
@@ -224,6 +224,7 @@ def _validate_fine_tuning(config: ml_collections.ConfigDict, methods: list[str])
   if config.adapter_mode not in ADAPTER_MODES:
     raise choices_error('adapter_mode', config.adapter_mode, ADAPTER_MODES)
   _positive(config, 'adapter_rank')
+  from s2f_jax.methods.adapted import side_layer_sizes
   side_layer_sizes(config)
   spec = config.fine_tune_layers
   if not isinstance(spec, str) or not spec.strip():
@@ -253,21 +254,6 @@ def _validate_fine_tuning(config: ml_collections.ConfigDict, methods: list[str])
     parts.append(spec)  # erm/irm/dro_fine_tune take one spec (no ':')
   for part in parts:
     layers_spec.layer_plan(part, config.model.num_blocks)
-
-
-def side_layer_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...] | str:
-  """`side_layer_sizes` parsed: () one conv, 'block', or a tuple of intermediate widths."""
-  raw = str(config.side_layer_sizes).strip()
-  if raw in ('', 'block'):
-    return () if raw == '' else 'block'
-  try:
-    sizes = tuple(int(v) for v in raw.split(','))
-  except ValueError:
-    sizes = ()
-  if not sizes or any(v < 1 for v in sizes):
-    raise UserError(f"side_layer_sizes={raw!r}: give '' (one 3x3 conv), 'block', or comma-separated positive "
-                    "widths such as '8,16'")
-  return sizes
 
 
 def validate_for_sequence(config: ml_collections.ConfigDict, num_steps: int) -> None:

@@ -469,3 +469,18 @@ def test_real_cifar10_jpeg():
   np.testing.assert_array_equal(np.bincount(ds.train_labels, minlength=10), [5000] * 10)
   np.testing.assert_array_equal(np.bincount(ds.test_labels, minlength=10), [1000] * 10)
   np.testing.assert_allclose(ds.train_images.reshape(-1, 3).mean(0) / 255, [0.4913, 0.4821, 0.4465], atol=2e-4)
+
+
+def test_registered_source_loads_by_name_and_joins_the_choices(tmp_path, monkeypatch):
+  from s2f_jax.data import sources
+  monkeypatch.setattr(sources, 'SOURCES', dict(sources.SOURCES))
+  monkeypatch.setattr(sources, 'NEEDS_ROOT', set(sources.NEEDS_ROOT))
+  images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+  toy = BaseDataset('toy', images, np.array([0, 1], np.int32), images[:1], np.array([1], np.int32), ('a', 'b'))
+  calls = []
+  sources.register_source('toy', lambda root, size: calls.append((root, size)) or toy, needs_root=True)
+  assert load_source('toy', str(tmp_path), 8) is toy and calls == [(str(tmp_path), 8)]
+  with pytest.raises(UserError, match="'toy' needs data.root"):
+    load_source('toy', None)
+  with pytest.raises(UserError, match='digits, cifar10, cifar100, portraits, toy, tfds:<name>'):
+    load_source('nope')

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from s2f_jax import experiment
-from s2f_jax.analysis import generalization, hessian
+from s2f_jax import generalization
+from s2f_jax.analysis import hessian
 from s2f_jax.errors import UserError
 from s2f_jax.results import stored
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from s2f_jax import experiment, sweep
-from s2f_jax.analysis import activations, projection, visualize
+from s2f_jax import visualize
+from s2f_jax.analysis import activations, projection
 from s2f_jax.errors import UserError
 from s2f_jax.results import stored
 

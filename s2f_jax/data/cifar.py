@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from s2f_jax.data.sources import BaseDataset, resize_images
+from s2f_jax.data.datasets import BaseDataset, resize_images
 from s2f_jax.errors import UserError
 
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')

@@ -17,7 +17,7 @@ import numpy as np
 
 from s2f_jax.data.portraits import decode_image
 from s2f_jax.data.shifts import ShiftState
-from s2f_jax.data.sources import BaseDataset
+from s2f_jax.data.datasets import BaseDataset
 from s2f_jax.errors import UserError, choices_error
 
 CLASS_TASKS = ('parity', 'halves', 'vehicle_animal')

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from s2f_jax.data.sources import RealSequence
+from s2f_jax.data.datasets import RealSequence
 from s2f_jax.errors import UserError
 
 NUM_STEPS = 8

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from s2f_jax.data.shifts import SHIFT_BLOCKS, ShiftState
-from s2f_jax.data.sources import BaseDataset, RealSequence
+from s2f_jax.data.datasets import BaseDataset, RealSequence
 from s2f_jax.errors import UserError, choices_error
 
 TRAIN_FRACTION = 0.8  # of each class's train+valid sample (the rest is valid)

@@ -1,116 +1,46 @@
-"""Base datasets held in memory as numpy arrays.
+"""The dataset registry: `load_source(name, root, image_size)` is the single entry point.
 
-Every loader returns images as uint8 arrays of shape [N, H, W, 3] (0–255 scale) and integer labels.
-`load_source(name, root, image_size)` is the single entry point; `digits` is the embedded default and needs no
-files.
+Every loader returns a `BaseDataset` (an official train/test split) or a `RealSequence` (a dataset that already is
+a sequence of time steps); `digits` is the embedded default and needs no files. `register_source` adds a loader
+(docs/extending.md).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
-import numpy as np
-
+from s2f_jax.data import cifar, portraits, tfds_source
+from s2f_jax.data.datasets import BaseDataset, RealSequence, load_digits
 from s2f_jax.errors import UserError, choices_error
 
+Loader = Callable[[str | None, int], BaseDataset | RealSequence]
 
-@dataclasses.dataclass(frozen=True)
-class BaseDataset:
-  """A labelled image dataset with an official train/test split.
-
-  Attributes:
-    name: dataset name.
-    train_images, test_images: uint8 [N, H, W, 3].
-    train_labels, test_labels: int32 [N] class labels (coarse labels for CIFAR-100).
-    class_names: one name per class, in label order.
-    train_fine_labels, test_fine_labels: int32 [N] fine labels (CIFAR-100) or None.
-    fine_class_names: fine class names in fine-label order, or None.
-  """
-  name: str
-  train_images: np.ndarray
-  train_labels: np.ndarray
-  test_images: np.ndarray
-  test_labels: np.ndarray
-  class_names: tuple[str, ...]
-  train_fine_labels: np.ndarray | None = None
-  test_fine_labels: np.ndarray | None = None
-  fine_class_names: tuple[str, ...] | None = None
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
+# name → loader(root, image_size); 'tfds' serves every 'tfds:<name>'.
+SOURCES: dict[str, Loader] = {
+    'digits': lambda root, image_size: load_digits(image_size), 'cifar10': cifar.load_cifar10,
+    'cifar100': cifar.load_cifar100, 'portraits': portraits.load_portraits}
+NEEDS_ROOT = {'cifar10', 'cifar100', 'portraits'}
 
 
-@dataclasses.dataclass(frozen=True)
-class RealSequence:
-  """A dataset that already is a sequence of time steps (Portraits).
-
-  Attributes:
-    name: dataset name.
-    images: per step, uint8 [N_t, H, W, 3].
-    labels: per step, int32 [N_t].
-    class_names: one name per class.
-    step_names: one name per time step (e.g. decades).
-  """
-  name: str
-  images: list[np.ndarray]
-  labels: list[np.ndarray]
-  class_names: tuple[str, ...]
-  step_names: tuple[str, ...]
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
+def register_source(name: str, loader: Loader, needs_root: bool = False) -> None:
+  """Makes `data.name=<name>` load through `loader(root, image_size)`."""
+  SOURCES[name] = loader
+  if needs_root:
+    NEEDS_ROOT.add(name)
 
 
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear resize of float or uint8 [N, h, w, C] images to [N, size, size, C] uint8, whole array at once."""
-  import jax
-  import jax.numpy as jnp
-  n, _, _, c = images.shape
-  out = jax.image.resize(jnp.asarray(images, jnp.float32), (n, size, size, c), method='linear', antialias=False)
-  return np.asarray(jnp.clip(jnp.round(out), 0, 255)).astype(np.uint8)
-
-
-DIGITS_TEST_PER_CLASS = 30
-
-
-def load_digits(image_size: int = 32) -> BaseDataset:
-  """scikit-learn's bundled 8x8 digits (1,797 images) as 3-channel uint8 images of `image_size`².
-
-  Grey levels 0..16 are scaled to 0..255 and repeated over 3 channels. The split is fixed: for every class the
-  last `DIGITS_TEST_PER_CLASS` images (in the bundled order) are the test split, the rest (about 150 per class)
-  the train split.
-  """
-  from sklearn.datasets import load_digits as sk_load_digits
-  bunch = sk_load_digits()
-  grey = bunch.images.astype(np.float32) * (255.0 / 16.0)
-  images = resize_images(np.repeat(grey[..., None], 3, axis=-1), image_size)
-  labels = bunch.target.astype(np.int32)
-  is_test = np.zeros(len(labels), bool)
-  for c in range(10):
-    is_test[np.flatnonzero(labels == c)[-DIGITS_TEST_PER_CLASS:]] = True
-  return BaseDataset(
-      name='digits', train_images=images[~is_test], train_labels=labels[~is_test],
-      test_images=images[is_test], test_labels=labels[is_test],
-      class_names=tuple(str(c) for c in range(10)))
-
-
-def _loaders() -> dict[str, Callable[..., BaseDataset | RealSequence]]:
-  from s2f_jax.data import cifar, portraits, tfds_source  # these import this module
-  return {'digits': lambda root, image_size: load_digits(image_size), 'cifar10': cifar.load_cifar10,
-          'cifar100': cifar.load_cifar100, 'portraits': portraits.load_portraits, 'tfds': tfds_source.load_tfds}
-
-
-SOURCE_NAMES = ('digits', 'cifar10', 'cifar100', 'portraits', 'tfds:<name>')
+def source_names() -> tuple[str, ...]:
+  """The valid `data.name` values, for error messages."""
+  return (*SOURCES, 'tfds:<name>')
 
 
 def load_source(name: str, root: str | None = None, image_size: int = 32) -> BaseDataset | RealSequence:
-  """Loads base dataset `name` ('digits', 'cifar10', 'cifar100', 'portraits' or 'tfds:<name>') from `root`."""
-  loaders = _loaders()
-  key = 'tfds' if name.startswith('tfds:') else name
-  if key not in loaders:
-    raise choices_error('dataset', name, SOURCE_NAMES)
-  if key != 'digits' and not root:
+  """Loads base dataset `name` (a registered name or 'tfds:<name>') from `root`."""
+  if name.startswith('tfds:') and len(name) > 5:
+    if not root:
+      raise UserError(f"dataset {name!r} needs data.root (a folder holding its files); none was given")
+    return tfds_source.load_tfds(root, image_size, name[5:])
+  if name not in SOURCES:
+    raise choices_error('dataset', name, source_names())
+  if name in NEEDS_ROOT and not root:
     raise UserError(f"dataset {name!r} needs data.root (a folder holding its files); none was given")
-  return loaders[key](root, image_size) if key != 'tfds' else loaders[key](root, image_size, name[5:])
+  return SOURCES[name](root, image_size)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from s2f_jax.data.sources import BaseDataset, resize_images
+from s2f_jax.data.datasets import BaseDataset, resize_images
 from s2f_jax.errors import UserError
 
 IMAGE_KEY = 'image'

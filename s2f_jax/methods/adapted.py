@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import ml_collections
 import numpy as np
 
-from s2f_jax import config as config_lib
+from s2f_jax.errors import UserError
 from s2f_jax.methods.base import RunContext, Selection, result_row, stage_of
 from s2f_jax.models import LowRank, adapter_ranks, make_side_tuned
 from s2f_jax.models.adapters import check_ranks
@@ -30,7 +31,7 @@ def adapted_name(config, kind: str = 'erm', mode: str | None = None) -> str:
   """erm_side_tune[_block|_<k>layers_size<a>_<b>], erm_low_rank_adapt_<mode>_rank<r>[_all_layers_efficient];
   mode: side_tune or low_rank_adapt (default: `fine_tune_mode`)."""
   if (mode or config.fine_tune_mode) == 'side_tune':
-    sizes = config_lib.side_layer_sizes(config)
+    sizes = side_layer_sizes(config)
     suffix = '_block' if sizes == 'block' else (
         f"_{len(sizes)}layers_size{'_'.join(map(str, sizes))}" if sizes else '')
     name = f'{kind}_side_tune{suffix}'
@@ -62,7 +63,7 @@ def side_tune_setup(ctx: RunContext, history: dict, num_sides: int = 1, salt: in
   `all_layers_efficient`; one new side module per layer is trained."""
   c = ctx.config
   model = make_side_tuned(c.model.name, c.model.num_blocks, ctx.sequence.num_classes, c.model.width,
-                          config_lib.side_layer_sizes(c), c.all_layers_efficient,
+                          side_layer_sizes(c), c.all_layers_efficient,
                           not c.compat.convnet_no_relu).clone(num_sides=num_sides)
   fresh = ctx.init_variables(model, salt=salt)
   separate = () if c.all_layers_efficient else ('conv1', 'fc')
@@ -96,7 +97,7 @@ def check_adapted(ctx: RunContext) -> None:
   x = jax.ShapeDtypeStruct((1,) + ctx.sequence.steps[0].train.images.shape[1:], np.float32)
   if c.fine_tune_mode == 'side_tune':
     model = make_side_tuned(c.model.name, c.model.num_blocks, ctx.sequence.num_classes, c.model.width,
-                            config_lib.side_layer_sizes(c), c.all_layers_efficient, not c.compat.convnet_no_relu)
+                            side_layer_sizes(c), c.all_layers_efficient, not c.compat.convnet_no_relu)
     jax.eval_shape(lambda x: model.init(ctx.key, x, train=False), x)
   elif c.fine_tune_mode == 'low_rank_adapt':
     params = jax.eval_shape(lambda x: ctx.model.init(ctx.key, x, train=False), x)['params']
@@ -145,3 +146,18 @@ def sequential_adapted(ctx: RunContext, time0: Selection) -> list[dict]:
     sel, learner, history = adapted_stage(ctx, history, t, f'{ctx.config.fine_tune_mode}_time{t}', num_sides=t,
                                           salt=t)
   return [result_row(adapted_name(ctx.config, 'sequential'), sel, ctx.test_accuracy(sel.winner(), learner=learner))]
+
+
+def side_layer_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...] | str:
+  """`side_layer_sizes` parsed: () one conv, 'block', or a tuple of intermediate widths."""
+  raw = str(config.side_layer_sizes).strip()
+  if raw in ('', 'block'):
+    return () if raw == '' else 'block'
+  try:
+    sizes = tuple(int(v) for v in raw.split(','))
+  except ValueError:
+    sizes = ()
+  if not sizes or any(v < 1 for v in sizes):
+    raise UserError(f"side_layer_sizes={raw!r}: give '' (one 3x3 conv), 'block', or comma-separated positive "
+                    "widths such as '8,16'")
+  return sizes

@@ -203,7 +203,7 @@ def fine_tune_after(ctx: RunContext, prev: Selection, kind: str) -> list[dict]:
   confusion = learner_kwargs.pop('confusion', None)
   grid = ctx.grid(**axes)
   num_runs = len(grid['learning_rate'])
-  # with a radius grid, the best run per radius is kept (analysis.generalization reads them all)
+  # with a radius grid, the best run per radius is kept (s2f_jax.generalization reads them all)
   groups = np.abs(np.asarray(grid['radius'])[:, None] - np.asarray(axes['radius'])[None]).argmin(1) if axes else None
   penalties, aux = regularizer(ctx, [grid_lib.stack(reference['params'], 1)], fishers)
   aux = None if aux is None else grid_lib.stack(grid_lib.take(aux, 0), num_runs)

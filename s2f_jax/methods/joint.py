@@ -24,13 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2f_jax import config as config_lib
 from s2f_jax.analysis.joint_weights import (adjacent_differences, change_norms, save_adjacent_reg_effect,
                                             save_weight_differences)
 from s2f_jax.data.loss_samples import save_usage_histogram, select_samples, usage_counts
 from s2f_jax.data.sequence import Split
 from s2f_jax.errors import UserError, choices_error
-from s2f_jax.methods.adapted import adapted_name
+from s2f_jax.methods.adapted import adapted_name, side_layer_sizes
 from s2f_jax.methods.base import Method, RunContext, Selection, result_row
 from s2f_jax.methods.layers_spec import all_subsets, stage_tag
 from s2f_jax.models import LowRank, adapter_ranks, layer_names, make_side_tuned
@@ -155,7 +154,7 @@ def joint_setup(ctx: RunContext, separate_layers: str) -> tuple[nn.Module, Joint
   if steps < 2:
     raise UserError(f'joint.mode={j.mode} needs at least 2 time steps; the sequence has {steps}')
   if j.mode == 'side_tune':
-    sizes = config_lib.side_layer_sizes(c)
+    sizes = side_layer_sizes(c)
     model = make_side_tuned(c.model.name, blocks, ctx.sequence.num_classes, c.model.width, sizes,
                             c.all_layers_efficient, not c.compat.convnet_no_relu).clone(num_sides=steps - 1)
     names = model.layer_names()

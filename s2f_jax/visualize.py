@@ -24,12 +24,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from s2f_jax import config as config_lib, experiment
+from s2f_jax import experiment
 from s2f_jax.analysis import activations as activations_lib
 from s2f_jax.analysis.interpolation import interpolation_accuracy, path_family, save_interpolation, \
     save_merged_interpolation
 from s2f_jax.analysis.projection import ENTIRE, PAPER_PANELS, save_projection, weight_projection
 from s2f_jax.errors import UserError
+from s2f_jax.methods.adapted import side_layer_sizes
 from s2f_jax.methods.base import RunContext
 from s2f_jax.models import make_side_tuned
 from s2f_jax.results import stored
@@ -99,7 +100,7 @@ def _side_tune_pair(run: Run, method: stored.StoredMethod) -> tuple[Learner, PyT
   ctx = run.context(method)
   num_sides = ctx.num_steps - 1 if method.name.startswith('sequential') else 1
   model = make_side_tuned(c.model.name, c.model.num_blocks, ctx.sequence.num_classes, c.model.width,
-                          config_lib.side_layer_sizes(c), False, not c.compat.convnet_no_relu).clone(
+                          side_layer_sizes(c), False, not c.compat.convnet_no_relu).clone(
                               num_sides=num_sides)
   final = run.load(stored.stage_ref(method.row))
   params = dict(final['params'])
