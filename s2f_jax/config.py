@@ -126,7 +126,7 @@ def methods_of(config: ml_collections.ConfigDict) -> list[str]:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises UserError for the first invalid value (sequence strings are checked when parsed)."""
   from s2f_jax.methods import METHODS
-  from s2f_jax.models import MODEL_NAMES
+  from s2f_jax.models.registry import MODELS
   from s2f_jax.data.sources import SOURCES, source_names
   methods = methods_of(config)
   if not methods:
@@ -134,8 +134,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for m in methods:
     if m not in METHODS:
       raise choices_error('method', m, sorted(METHODS))
-  if config.model.name not in MODEL_NAMES:
-    raise choices_error('model', config.model.name, MODEL_NAMES)
+  if config.model.name not in MODELS:
+    raise choices_error('model', config.model.name, tuple(MODELS))
   name = config.data.name
   if not (name in SOURCES or (name.startswith('tfds:') and len(name) > 5)):
     raise choices_error('dataset', name, source_names())

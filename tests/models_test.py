@@ -315,3 +315,20 @@ def test_make_model_errors():
     make_model('vgg', 2, 10)
   with pytest.raises(UserError, match='num_blocks'):
     make_model('resnet', 0, 10)
+
+
+def test_registered_model_builds_by_name_and_joins_the_choices(monkeypatch):
+  from s2f_jax import config as config_lib
+  from s2f_jax.models import registry
+  monkeypatch.setattr(registry, 'MODELS', dict(registry.MODELS))
+  built = []
+  registry.register_model('wide_convnet', lambda n, classes, width, relu: built.append((n, classes, width, relu))
+                          or make_model('convnet', n, classes, 2 * width, relu))
+  model = make_model('wide_convnet', 2, 10, WIDTH, False)
+  assert built == [(2, 10, WIDTH, False)] and model.width == 2 * WIDTH and model.relu is False
+  config = config_lib.base_config()
+  config.model.name = 'wide_convnet'
+  config_lib.validate(config)  # a registered name is a valid model.name
+  config.model.name = 'vgg'
+  with pytest.raises(UserError, match='convnet, resnet, densenet, wide_convnet'):
+    config_lib.validate(config)

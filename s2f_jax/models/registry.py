@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -15,8 +15,20 @@ from s2f_jax.models.densenet import DenseNet
 from s2f_jax.models.layers import PAPER_WIDTH
 from s2f_jax.models.resnet import ResNet
 
-MODEL_NAMES = ('convnet', 'resnet', 'densenet')
+MODEL_NAMES = ('convnet', 'resnet', 'densenet')  # the paper's block models
 PyTree = Any
+# name → build(num_blocks, num_classes, width, convnet_relu) → a linen module with top-level layers conv1,
+# layer1..layerN and fc (what layer specs, adapters and the joint model address); `register_model` adds one.
+ModelBuilder = Callable[[int, int, int, bool], nn.Module]
+MODELS: dict[str, ModelBuilder] = {
+    'convnet': lambda n, classes, width, relu: ConvNet(n, classes, width, relu=relu),
+    'resnet': lambda n, classes, width, relu: ResNet(n, classes, width),
+    'densenet': lambda n, classes, width, relu: DenseNet(n, classes, width)}
+
+
+def register_model(name: str, build: ModelBuilder) -> None:
+  """Makes `model.name=<name>` build `build(num_blocks, num_classes, width, convnet_relu)`."""
+  MODELS[name] = build
 
 
 def make_model(name: str, num_blocks: int, num_classes: int, width: int = PAPER_WIDTH,
@@ -25,15 +37,13 @@ def make_model(name: str, num_blocks: int, num_classes: int, width: int = PAPER_
 
   convnet_relu: ReLU after each ConvNet block's BN (False reproduces the original code, which has none).
   """
-  if name not in MODEL_NAMES:
-    raise choices_error('model', name, MODEL_NAMES)
+  if name not in MODELS:
+    raise choices_error('model', name, tuple(MODELS))
   if num_blocks < 1:
     raise UserError(f'num_blocks must be at least 1, got {num_blocks}')
   if width < 2:
     raise UserError(f'model width must be at least 2, got {width}')
-  if name == 'convnet':
-    return ConvNet(num_blocks, num_classes, width, relu=convnet_relu)
-  return {'resnet': ResNet, 'densenet': DenseNet}[name](num_blocks, num_classes, width)
+  return MODELS[name](num_blocks, num_classes, width, convnet_relu)
 
 
 def check_input_size(model: nn.Module, image_size: int) -> None:

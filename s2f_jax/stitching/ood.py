@@ -25,7 +25,8 @@ import optax
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from s2f_jax.errors import TrainingDiverged, UserError, choices_error
-from s2f_jax.models import MODEL_NAMES, make_model
+from s2f_jax.models import make_model
+from s2f_jax.models.registry import MODELS
 from s2f_jax.stitching.layers import resize_bilinear
 from s2f_jax.training.objective import cross_entropy
 
@@ -120,7 +121,7 @@ class DetectorOptions:
   the original steps its scheduler every iteration, so almost all of its fine-tuning runs at learning_rate / 10;
   `compat_lr_drop_per_iteration` reproduces that).
   """
-  model: str = 'convnet'  # block model of `s2f_jax.models.MODEL_NAMES`
+  model: str = 'convnet'  # block model of `s2f_jax.models.registry.MODELS`
   num_blocks: int = 1
   width: int = 16  # channel scale of the block model (64 = the paper's widths)
   input_size: tuple[int, int] | None = None  # (H, W) the representation is bilinearly resized to; None = as is
@@ -138,8 +139,8 @@ class DetectorOptions:
 
   def validate(self) -> DetectorOptions:
     """Returns self, or raises `UserError` naming the first bad field."""
-    if self.model not in MODEL_NAMES:
-      raise choices_error('detector model', self.model, MODEL_NAMES)
+    if self.model not in MODELS:
+      raise choices_error('detector model', self.model, tuple(MODELS))
     for name, minimum in (('num_blocks', 1), ('width', 2), ('batch_size', 2), ('eval_batch_size', 1),
                           ('pretrain_epochs', 0), ('finetune_epochs', 0)):
       value = getattr(self, name)
