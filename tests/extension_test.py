@@ -1,0 +1,87 @@
+"""A method and a dataset registered from outside the package (this file) and run through the CLI.
+
+The config file the test writes imports this module and calls `register`, which adds `source_only` (ERM on the source step,
+tested on the final step) and the dataset `digits_upside_down`; `experiments/main.py` then validates and runs them
+like built-in ones.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import ROOT, assert_user_error
+from s2f_jax.data import datasets, sources
+from s2f_jax.methods import Method, register_method
+from s2f_jax.methods.base import RunContext, result_row
+
+
+def source_only(ctx: RunContext) -> list[dict]:
+  """ERM on the source step's train set, selected on its valid set, tested on the final step."""
+  selection = ctx.train_stage('source', ctx.init_variables(), ctx.grid(), ctx.examples([0]),
+                              ctx.examples([0], 'valid'))
+  return [result_row('source_only', selection, ctx.test_accuracy(selection.winner()))]
+
+
+def upside_down_digits(root, image_size):
+  """scikit-learn's digits turned upside down (rows reversed)."""
+  d = datasets.load_digits(image_size)
+  return datasets.BaseDataset('digits_upside_down', d.train_images[:, ::-1], d.train_labels, d.test_images[:, ::-1],
+                              d.test_labels, d.class_names)
+
+
+def register():
+  """What a user's config file calls before the run (here in the experiment's own process only)."""
+  register_method('source_only', Method(source_only, 'ERM on the source step only'))
+  sources.register_source('digits_upside_down', upside_down_digits)
+
+CONFIG = f'''
+import runpy, sys
+sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+import extension_test
+extension_test.register()
+
+
+def get_config():
+  c = runpy.run_path({os.path.join(ROOT, 'configs', 'default.py')!r})['get_config']()
+  c.method = 'source_only'
+  c.data.name = 'digits_upside_down'
+  c.num_epochs, c.model.width = 2, 8
+  c.data.source_size, c.data.target_sizes, c.data.test_size = 200, '100', 100
+  c.grid.learning_rate, c.grid.weight_decay = (1e-3, 1e-2), (1e-4,)
+  c.grid.dropout = (0.0,)
+  return c
+'''
+
+
+def _main(config, workdir, *args):
+  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, 'experiments/main.py', f'--config={config}', f'--workdir={workdir}', *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_registered_method_and_dataset_run_through_the_cli(tmp_path):
+  config = tmp_path / 'toy.py'
+  config.write_text(CONFIG)
+  workdir = tmp_path / 'work'
+  proc = _main(config, workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'source_only' in proc.stdout
+  method_dir = workdir / 'source_only'
+  assert (method_dir / 'DONE').exists()
+  saved = json.loads((method_dir / 'config.json').read_text())['config']
+  assert saved['method'] == 'source_only' and saved['data']['name'] == 'digits_upside_down'
+  history = [json.loads(line) for line in (method_dir / 'history.jsonl').read_text().splitlines()]
+  assert {h['stage'] for h in history} == {'source'} and {h['run'] for h in history} == {0, 1}
+  row = json.loads((method_dir / 'metrics.jsonl').read_text().splitlines()[0])
+  best = max(h['valid_accuracy'] for h in history)  # the selected run's best epoch on the source valid set
+  assert row['Method'] == 'source_only' and np.isclose(row['Validation accuracy'], best)
+  assert 0.0 <= row['Test accuracy'] <= 1.0
+
+  again = _main(config, workdir)  # finished: skipped
+  assert again.returncode == 0 and 'skipping' in again.stderr
+
+  bad = _main(config, tmp_path / 'bad', '--config.method=source_onyl')  # the registry drives the choices
+  assert_user_error(bad.returncode, bad.stderr, ['source_onyl', 'source_only', 'erm_final'])
+  assert not (tmp_path / 'bad').exists()
