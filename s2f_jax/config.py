@@ -127,7 +127,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises UserError for the first invalid value (sequence strings are checked when parsed)."""
   from s2f_jax.methods import METHODS
   from s2f_jax.models.registry import MODELS
-  from s2f_jax.data.sources import SOURCES, source_names
+  from s2f_jax.data.sources import is_source, source_names
   methods = methods_of(config)
   if not methods:
     raise choices_error('method', config.method, sorted(METHODS))
@@ -137,7 +137,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in MODELS:
     raise choices_error('model', config.model.name, tuple(MODELS))
   name = config.data.name
-  if not (name in SOURCES or (name.startswith('tfds:') and len(name) > 5)):
+  if not is_source(name):
     raise choices_error('dataset', name, source_names())
   if config.data.input_scaling not in INPUT_SCALINGS:
     raise choices_error('data.input_scaling', config.data.input_scaling, INPUT_SCALINGS)
@@ -216,6 +216,7 @@ def _validate_constraint(config: ml_collections.ConfigDict) -> None:
 
 def _validate_fine_tuning(config: ml_collections.ConfigDict, methods: list[str]) -> None:
   from s2f_jax.methods import layers_spec
+  from s2f_jax.methods.adapted import side_layer_sizes
   from s2f_jax.methods.fine_tune import REGULARIZATIONS
   if config.fine_tune_mode not in FINE_TUNE_MODES:
     raise choices_error('fine_tune_mode', config.fine_tune_mode, FINE_TUNE_MODES)
@@ -224,7 +225,6 @@ def _validate_fine_tuning(config: ml_collections.ConfigDict, methods: list[str])
   if config.adapter_mode not in ADAPTER_MODES:
     raise choices_error('adapter_mode', config.adapter_mode, ADAPTER_MODES)
   _positive(config, 'adapter_rank')
-  from s2f_jax.methods.adapted import side_layer_sizes
   side_layer_sizes(config)
   spec = config.fine_tune_layers
   if not isinstance(spec, str) or not spec.strip():

@@ -6,8 +6,8 @@ datasets (`cifar`, `portraits`, `tfds_source`) build these types; `sources.load_
 from __future__ import annotations
 
 import dataclasses
-import numpy as np
 
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from s2f_jax.errors import UserError, choices_error
 
 Loader = Callable[[str | None, int], BaseDataset | RealSequence]
 
-# name → loader(root, image_size); 'tfds' serves every 'tfds:<name>'.
+# name → loader(root, image_size); every 'tfds:<name>' goes to tfds_source.load_tfds instead.
 SOURCES: dict[str, Loader] = {
     'digits': lambda root, image_size: load_digits(image_size), 'cifar10': cifar.load_cifar10,
     'cifar100': cifar.load_cifar100, 'portraits': portraits.load_portraits}
@@ -33,14 +33,19 @@ def source_names() -> tuple[str, ...]:
   return (*SOURCES, 'tfds:<name>')
 
 
+def _is_tfds(name: str) -> bool:
+  return name.startswith('tfds:') and len(name) > 5
+
+
+def is_source(name: str) -> bool:
+  """Whether `name` is a valid `data.name`: a registered dataset or 'tfds:<name>'."""
+  return name in SOURCES or _is_tfds(name)
+
+
 def load_source(name: str, root: str | None = None, image_size: int = 32) -> BaseDataset | RealSequence:
   """Loads base dataset `name` (a registered name or 'tfds:<name>') from `root`."""
-  if name.startswith('tfds:') and len(name) > 5:
-    if not root:
-      raise UserError(f"dataset {name!r} needs data.root (a folder holding its files); none was given")
-    return tfds_source.load_tfds(root, image_size, name[5:])
-  if name not in SOURCES:
+  if not is_source(name):
     raise choices_error('dataset', name, source_names())
-  if name in NEEDS_ROOT and not root:
+  if (_is_tfds(name) or name in NEEDS_ROOT) and not root:
     raise UserError(f"dataset {name!r} needs data.root (a folder holding its files); none was given")
-  return SOURCES[name](root, image_size)
+  return tfds_source.load_tfds(root, image_size, name[5:]) if _is_tfds(name) else SOURCES[name](root, image_size)
