@@ -11,7 +11,8 @@ jobs are skipped and interrupted ones resume, so the same command continues a sw
 runs every n-th job (job k goes to task k mod n; e.g. `--task_index=$SLURM_ARRAY_TASK_ID`); `--only=KEY=VALUE`
 keeps the jobs whose key matches (keys: sequence, model, blocks, variant, method, seed; repeat a key for
 alternatives). A failed job is recorded in `DIR/failures.jsonl` and the sweep goes on (exit code 1 at the end);
-every job appends a line to `DIR/sweep_status.jsonl`. `--dry_run` lists the jobs and writes nothing.
+every job appends a line to `DIR/sweep_status.jsonl`, and `DIR/columns/<sweep>.json` records the summary table column
+of every job's method folder (read by experiments/summarize.py). `--dry_run` lists the jobs and writes nothing.
 """
 import os
 import sys
@@ -69,6 +70,8 @@ def main(argv):
       print(f'{k:4d}  {sweep.job_state(job, root):8s}  {job.describe()}  {job.workdir(root)}')
     print(f'{len(selected)} jobs ({scope})')
     return
+  sweep.check_data(selected)
+  sweep.write_columns(all_jobs, root, config.get('name') or 'sweep')
   counts = sweep.run_sweep(selected, root, (_TASK_INDEX.value, _NUM_TASKS.value), _SEEDS_TOGETHER.value)
   print(f'{len(selected)} jobs ({scope}): ' + ', '.join(f'{v} {k}' for k, v in counts.items()))
   if counts['failed']:

@@ -11,8 +11,9 @@ A sweep config (`configs/sweeps/*.py`, `get_config(arg)`; `arg` = `quick` for th
   num_blocks   tuple of block counts
   seeds        tuple of seeds (one job each: the seed also draws the data)
   methods      tuple of method strings (a comma list = several methods in one job), variant label = the string
-  variants     tuple of (label, overrides): overrides are dotted keys, 'method' included (e.g. LP-FT =
-               ('LP-FT', {'method': 'erm_fine_tune', 'fine_tune_layers': 'linear_probe_fine_tune'}))
+  variants     tuple of (label, overrides) or (label, overrides, column): overrides are dotted keys, 'method'
+               included (e.g. LP-FT = ('LP-FT', {'method': 'erm_fine_tune', 'fine_tune_layers':
+               'linear_probe_fine_tune'})); column = the summary table column of its results (default: the label)
   oracle_final_size  > 0: per sequence one more job, erm_final with the final step's size replaced (variant
                'oracle'); skipped for real sequences (Portraits)
 
@@ -21,6 +22,9 @@ folder of `experiment.default_workdir` (`<model>_<N>blocks_<dataset>/<setup>/see
 (model, sequence, seed) share a folder and the stages several methods start from (`<workdir>/shared/`); the oracle's
 setup differs (final size) and gets its own folder. Jobs whose methods share such a stage are serialised across
 concurrent tasks with a lock per (folder, stage family), so a shared stage is trained once.
+
+The summary tables take each result's column from the job list: `write_columns` records, per method folder, the
+column of the job that writes it (`<root>/columns/<sweep name>.json`, read by `results.summary.collect`).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ import ml_collections
 from s2f_jax import config as config_lib, experiment
 from s2f_jax.data.sequence import SequenceSpec
 from s2f_jax.errors import UserError, choices_error
+from s2f_jax.results import summary
 from s2f_jax.training.progress import progress_bar
 
 log = logging.getLogger('s2f_jax')
@@ -54,9 +59,10 @@ ORACLE = 'oracle'
 STATUS_FILE = 'sweep_status.jsonl'
 FAILURES_FILE = 'failures.jsonl'
 
-# The paper's table columns (original.md S2F §5.6) as run variants. SFT is run with each learning-rate decay (the
-# summary takes the best per seed); ST-1/SST-1/JST-1 and the -B columns are run for every architecture (the summary puts
-# the ConvNet rows' *_block results in the -1 columns, original.md S2F §5.6).
+# The paper's table columns (original.md S2F §5.6) as run variants (label, overrides[, column]). SFT is run with each
+# learning-rate decay, all three in the SFT column (the summary takes the best per seed by validation accuracy);
+# ST-1/SST-1/JST-1 and the -B columns are run for every architecture, each in its own column (the paper's ConvNet rows
+# show the block variant under -1 and '---' under -B, as the original's ConvNet has block side modules only).
 PAPER_VARIANTS = (
     ('4k', {'method': 'erm_final'}),
     ('ERM', {'method': 'erm_all'}),
@@ -69,8 +75,8 @@ PAPER_VARIANTS = (
     ('ST-1', {'method': 'erm_fine_tune', 'fine_tune_mode': 'side_tune'}),
     ('ST-B', {'method': 'erm_fine_tune', 'fine_tune_mode': 'side_tune', 'side_layer_sizes': 'block'}),
     ('SFT', {'method': 'sequential_fine_tune', 'learning_rate_decay': 'none'}),
-    ('SFT-linear', {'method': 'sequential_fine_tune', 'learning_rate_decay': 'linear'}),
-    ('SFT-exponential', {'method': 'sequential_fine_tune', 'learning_rate_decay': 'exponential'}),
+    ('SFT-linear', {'method': 'sequential_fine_tune', 'learning_rate_decay': 'linear'}, 'SFT'),
+    ('SFT-exponential', {'method': 'sequential_fine_tune', 'learning_rate_decay': 'exponential'}, 'SFT'),
     ('EWC', {'method': 'sequential_fine_tune', 'regularization': 'fisher_all', 'learning_rate_decay': 'none'}),
     ('SST-1', {'method': 'sequential_fine_tune', 'fine_tune_mode': 'side_tune'}),
     ('SST-B', {'method': 'sequential_fine_tune', 'fine_tune_mode': 'side_tune', 'side_layer_sizes': 'block'}),
@@ -93,10 +99,12 @@ QUICK_SCALE = 40  # quick variants: every sample size divided by this (6000 → 
 
 @dataclasses.dataclass(eq=False)
 class Job:
-  """One run: `key` (KEY_FIELDS → value), its full run `config`, and its run `folder` (relative to the root)."""
+  """One run: `key` (KEY_FIELDS → value), its full run `config`, its run `folder` (relative to the root) and the
+  summary table `column` of its results."""
   key: dict[str, Any]
   config: ml_collections.ConfigDict
   folder: str
+  column: str = ''
 
   def workdir(self, root: str) -> str:
     return os.path.join(root, self.folder)
@@ -163,18 +171,21 @@ def _models(sweep: ml_collections.ConfigDict) -> list[tuple[str, int]]:
   return out
 
 
-def _variants(sweep: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
-  variants = [(str(m), {'method': str(m)}) for m in sweep.get('methods', ())]
+def _variants(sweep: ml_collections.ConfigDict) -> list[tuple[str, dict, str]]:
+  """(label, overrides, column) of every variant: `methods` entries, then `variants`."""
+  variants = [(str(m), {'method': str(m)}, str(m)) for m in sweep.get('methods', ())]
   for entry in sweep.get('variants', ()):
-    label, overrides = entry
-    variants.append((str(label), dict(overrides)))
-  labels = [label for label, _ in variants]
+    if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+      raise UserError(f'sweep variant {entry!r}: give (label, overrides) or (label, overrides, column)')
+    label, overrides, *column = entry
+    variants.append((str(label), dict(overrides), str(column[0]) if column else str(label)))
+  labels = [label for label, _, _ in variants]
   if ORACLE in labels or len(set(labels)) < len(labels):
     raise UserError(f'sweep variant labels must be unique and not {ORACLE!r}; got {", ".join(labels)}')
   return variants
 
 
-def _make_job(sweep, sequence: dict, model: tuple[str, int], seed: int, label: str, overrides: dict,
+def _make_job(sweep, sequence: dict, model: tuple[str, int], seed: int, label: str, overrides: dict, column: str,
               oracle_size: int = 0) -> Job:
   config = copy.deepcopy(sweep.base)
   for k, v in sequence.items():
@@ -196,7 +207,7 @@ def _make_job(sweep, sequence: dict, model: tuple[str, int], seed: int, label: s
   except UserError as e:
     raise UserError(f"sweep {sweep.get('name', '')!r} job {' '.join(f'{k}={v}' for k, v in key.items())}: "
                     f'{e}') from None
-  return Job(key, config, folder)
+  return Job(key, config, folder, column)
 
 
 def jobs(sweep: ml_collections.ConfigDict) -> list[Job]:
@@ -214,10 +225,11 @@ def jobs(sweep: ml_collections.ConfigDict) -> list[Job]:
       raise UserError(f'sweep sequence {sequence} has no name')
     for model in _models(sweep):
       for seed in sweep.seeds:
-        out += [_make_job(sweep, sequence, model, seed, label, overrides) for label, overrides in variants]
+        out += [_make_job(sweep, sequence, model, seed, *variant) for variant in variants]
         data_name = sequence.get('data.name', sweep.base.data.name)
         if oracle_size and sequence.get('oracle', True) and data_name != 'portraits':
-          out.append(_make_job(sweep, sequence, model, seed, ORACLE, {'method': 'erm_final'}, oracle_size))
+          out.append(_make_job(sweep, sequence, model, seed, ORACLE, {'method': 'erm_final'}, summary.ORACLE,
+                               oracle_size))
   _check_distinct(out)
   return out
 
@@ -230,6 +242,12 @@ def _check_distinct(all_jobs: list[Job]) -> None:
         raise UserError(f'sweep jobs {seen[d].describe()!r} and {job.describe()!r} both write {d}; give one of them '
                         'other settings or drop it')
       seen[d] = job
+
+
+def write_columns(all_jobs: list[Job], root: str, name: str) -> str:
+  """Records the summary column of every method folder of `all_jobs` (`summary.write_columns`); returns the path."""
+  return summary.write_columns(root, name, {os.path.relpath(d, root): job.column
+                                            for job in all_jobs for d in job.method_dirs(root)})
 
 
 def parse_only(only: Iterable[str]) -> dict[str, set[str]]:

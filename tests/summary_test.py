@@ -227,7 +227,7 @@ def test_mapping_of_method_names():
       'sequential_fine_tune_linear_lr_decay', 'sequential_fine_tune_reg_all_previous_fisher',
       'sequential_side_tune', 'sequential_side_tune_block', 'joint_model_adjacent_reg_l2',
       'joint_model_side_tune_all_layers_efficient_adjacent_reg_none',
-      'joint_model_side_tune_block_all_layers_efficient_adjacent_reg_none')] == [
+      'joint_model_side_tune_block_adjacent_reg_none')] == [
       'ERM', 'IRM', 'DRO', 'FT', 'LP-FT', 'I-FT', 'D-FT', 'ST-1', 'ST-B', 'SFT', 'SFT', 'EWC', 'SST-1', 'SST-B', 'JM',
       'JST-1', 'JST-B']
   for other in ('erm_fine_tune_fc', 'sequential_fine_tune_fc_exponential_lr_decay', 'joint_model_adjacent_reg_l1',

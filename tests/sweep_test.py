@@ -15,7 +15,7 @@ import numpy as np
 from s2f_jax import experiment, sweep
 from s2f_jax.errors import UserError
 from s2f_jax.methods import METHODS, Method
-from s2f_jax.results import read_metrics
+from s2f_jax.results import read_metrics, summary
 from s2f_jax.training import merged
 
 from conftest import SMALL, assert_user_error, forked_runs, tiny_config
@@ -73,6 +73,38 @@ def test_paper_grid_of_the_rcl_sweep(rcl_jobs):
   assert variants['JST-1'].joint.mode == 'side_tune' and variants['JST-1'].joint.adjacent_reg_type == 'none'
   assert {variants[v].learning_rate_decay for v in ('SFT', 'SFT-linear', 'SFT-exponential')} == {
       'none', 'linear', 'exponential'}
+
+
+def test_paper_sweep_fills_every_column_of_the_summary(rcl_jobs, tmp_path):
+  """A fake result per job of the full RCL sweep (12 architectures): the summary, taking each result's column from the
+  recorded job list, fills all 18 paper columns of all 12 rows, puts each job's number in its own variant's column,
+  and leaves nothing for the "other" section."""
+  root = str(tmp_path)
+  sweep.write_columns(rcl_jobs, root, 'rcl')
+  expected = {}
+  for k, job in enumerate(rcl_jobs):
+    (method_dir,) = job.method_dirs(root)
+    c = job.config
+    name = os.path.basename(method_dir)
+    if c.method == 'erm_final':  # the folder is erm_final, the row's method names the final-step size
+      name = f"erm_final_{c.data.target_sizes.split(':')[-1]}_samples"
+    accuracy = round(0.1 + k / 1000, 4)  # distinct per job, larger for later variants (SFT-exponential > SFT)
+    os.makedirs(method_dir)
+    with open(os.path.join(method_dir, 'metrics.jsonl'), 'w') as f:
+      f.write(json.dumps({'Method': name, 'Model': f'{c.model.name} {c.model.num_blocks} blocks',
+                          'Shift sequence': sweep.setup_name(c), 'Seed': c.seed, 'Test accuracy': accuracy,
+                          'Validation accuracy': accuracy}) + '\n')
+    open(os.path.join(method_dir, 'DONE'), 'w').close()
+    label = {'SFT-linear': 'SFT', 'SFT-exponential': 'SFT', 'oracle': '20k'}.get(job.key['variant'],
+                                                                                 job.key['variant'])
+    architecture = summary.architecture_label(f'{c.model.name} {c.model.num_blocks} blocks')
+    expected[(architecture, label)] = max(expected.get((architecture, label), 0), accuracy)
+  tables = summary.summarize(summary.collect(root))
+  (table,) = tables.values()
+  assert table.columns == summary.LABELS and table.other_columns == ()
+  assert table.architectures == tuple(f'{f}-{b}' for f in ('Conv', 'Dense', 'Res') for b in (1, 2, 3, 4))
+  assert len(expected) == 12 * 18
+  assert {key: cell.mean for key, cell in table.cells.items()} == pytest.approx(expected)
 
 
 def test_run_folder_is_the_default_workdir_layout():

@@ -5,9 +5,12 @@ columns = methods, from every finished method folder under a root.
 unfinished `<method>.partial/` is never read). `summarize(rows)` builds one `Table` per setup and `to_markdown`,
 `to_csv`, `to_latex` render it; `write_tables` writes `<dir>/<name>.{md,csv,tex}`.
 
-Columns: the paper's methods in the paper's order and naming (`PAPER_COLUMNS`, one table mapping method names to
-labels), only those with results; then every method without a paper column under its own name (the "other"
-section), so a method added later appears without changes here.
+Columns: the paper's methods in the paper's order and naming, only those with results; then every other column
+(the "other" section), so a method added later appears without changes here. A result's column is the one the
+sweep that wrote it recorded for its method folder (`<root>/columns/*.json`, written by `write_columns` from the
+sweep's job list: its variant label, e.g. 'ST-B', 'SFT' for every SFT lr decay, '20k' for the oracle). A result no
+sweep recorded (a run of experiments/main.py) is mapped by its method name (`PAPER_COLUMNS`, one table mapping method
+names to labels), and goes under its own name when it has no paper column:
 - "4k" and "20k" are both `erm_final_<n>_samples`, told apart by n: n equal to the setup's final-step size (the
   trailing number of its name, e.g. ...label_flip4000) is "4k"; the largest larger n is the oracle "20k". As in the
   original, the oracle is run as its own setup (final size 20000: ...label_flip20000); its erm_final rows join the
@@ -15,7 +18,8 @@ section), so a method added later appears without changes here.
   rows gets no table of its own. A setup whose name ends without a size (portraits) takes its smallest n as "4k".
 - ConvNet rows show the `*_side_tune_block` methods in the ST-1 / SST-1 / JST-1 columns and '---' in the -B columns
   (original.md S2F §5.6; the original's ConvNet only has block side modules). A ConvNet one-conv side-tune result, which
-  this port can produce, is listed under its own name in the other section.
+  this port can produce, is listed under its own name in the other section. (Recorded sweep columns are kept as
+  they are: the paper sweeps run both side-module sizes on every architecture, each in its own column.)
 
 Cells: the metric (test accuracy by default; `metric='valid'` for validation accuracy) as a fraction, mean over
 seeds, formatted `.2f` without the leading 0 (".85"), with "± std" (sample std over seeds, as pandas' `std`) when
@@ -84,8 +88,7 @@ PAPER_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ('JM', r'joint_model_adjacent_reg_l2', 'joint model, adjacent L2'),
     ('JST-1', r'joint_model_side_tune_all_layers_efficient_adjacent_reg_none',
      'joint side-tuned model, one conv per block, all_layers_efficient, no adjacent term'),
-    ('JST-B', r'joint_model_side_tune_block_all_layers_efficient_adjacent_reg_none',
-     'joint side-tuned model, block copies, all_layers_efficient, no adjacent term'),
+    ('JST-B', r'joint_model_side_tune_block_adjacent_reg_none', 'joint side-tuned model, block copies, no adjacent term'),
     (ORACLE, ERM_FINAL.pattern, 'oracle: ERM on the final step with the largest larger n (20000 in the paper)'),
 )
 LABELS = tuple(label for label, _, _ in PAPER_COLUMNS)
@@ -99,6 +102,7 @@ TOLERANCE = 0.02
 _SLACK = 1e-9
 _MODEL_DIR = re.compile(r'(convnet|densenet|resnet)_(\d+)blocks_(.+)')
 _MODEL = re.compile(r'(convnet|densenet|resnet) (\d+) blocks?')
+COLUMNS_DIR = 'columns'  # <root>/columns/<sweep>.json: method folder (relative to the root) → column
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +144,7 @@ class Table:
 def collect(root: str) -> list[dict]:
   """The metrics rows of every finished method folder under `root` (`metrics.jsonl` beside `DONE`), in path order.
 
-  Each row gains 'Folder' (its method folder) and 'Dataset' (config.json's data.name, else the `<model>_<N>blocks_
+  Each row gains 'Folder' (its method folder), 'Column' where a sweep recorded the folder's column, and 'Dataset' (config.json's data.name, else the `<model>_<N>blocks_
   <dataset>` folder of the default layout, else None); 'Shift sequence', 'Seed' and 'Model' come from the folder
   layout `<model>_<N>blocks_<dataset>/<setup>/seed<seed>/<method>/` where a row lacks them. With
   `data.test_all_steps`, only the final step's row of a file is kept. `<root>/summary` is skipped."""
@@ -148,10 +152,40 @@ def collect(root: str) -> list[dict]:
   root = os.path.abspath(root)
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if not d.endswith('.partial') and d != 'checkpoints'
-                         and not (dirpath == root and d == 'summary'))
+                         and not (dirpath == root and d in ('summary', COLUMNS_DIR)))
     if 'metrics.jsonl' in filenames and 'DONE' in filenames:
       rows += _read_folder(dirpath)
+  columns = read_columns(root)
+  for row in rows:
+    column = columns.get(os.path.relpath(row['Folder'], root))
+    if column and row.get('Column') is None:
+      row['Column'] = column
   return rows
+
+
+def write_columns(root: str, name: str, columns: dict[str, str]) -> str:
+  """Writes `<root>/columns/<name>.json` ({method folder relative to root: column}); returns its path."""
+  path = os.path.join(root, COLUMNS_DIR, file_stem(name.replace(':', '_')) + '.json')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  write_atomic(path, json.dumps(dict(sorted(columns.items())), indent=1) + '\n')
+  return path
+
+
+def read_columns(root: str) -> dict[str, str]:
+  """The recorded columns of every sweep under `root` (files in name order; a later file wins for a folder)."""
+  folder = os.path.join(root, COLUMNS_DIR)
+  out = {}
+  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+    path = os.path.join(folder, name)
+    try:
+      with open(path) as f:
+        columns = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UserError(f'{path}: not a JSON column record ({e})') from None
+    if not isinstance(columns, dict):
+      raise UserError(f'{path}: not a JSON object')
+    out.update({os.path.normpath(k): str(v) for k, v in columns.items()})
+  return out
 
 
 def _read_folder(folder: str) -> list[dict]:
@@ -278,13 +312,15 @@ def _table(name, setup, dataset, native, imported, size, metric, compat) -> Tabl
   for row, is_native in [(r, True) for r in native] + [(r, False) for r in imported]:
     method, model = str(row['Method']), str(row['Model'])
     n = _final_size(method)
-    if n is not None:
+    if row.get('Column'):
+      label = str(row['Column'])
+    elif n is not None:
       label = '4k' if n == own else ORACLE if n == oracle_size else None
       if label is None and not is_native:
         continue
     else:
       label = paper_label(method)
-    if label is not None and architecture_label(model).startswith('Conv-'):
+    if not row.get('Column') and label is not None and architecture_label(model).startswith('Conv-'):
       if label in CONVNET_BLOCK_COLUMNS:
         label = CONVNET_BLOCK_COLUMNS[label]
       elif label in CONVNET_BLOCK_COLUMNS.values():
@@ -315,7 +351,7 @@ def _table(name, setup, dataset, native, imported, size, metric, compat) -> Tabl
     if arch.startswith('Conv-'):
       for column in CONVNET_BLOCK_COLUMNS:
         if column in columns:
-          cells[(arch, column)] = NOT_APPLICABLE
+          cells.setdefault((arch, column), NOT_APPLICABLE)
   _mark_rows(cells, architectures, columns, other_columns)
   mean, std_dev = _summary_rows(cells, architectures, columns, other_columns)
   return Table(name, setup, dataset, metric, columns, other_columns, architectures, cells, mean, std_dev, compat)
