@@ -9,7 +9,8 @@ import ml_collections
 
 from s2f_jax.errors import UserError, choices_error
 
-INPUT_SCALINGS = ('standard', 'raw')
+INPUT_SCALINGS = ('standard', 'raw', 'original')
+JOINT_GRIDS = ('full', 'released')
 LR_DECAYS = ('none', 'linear', 'exponential')
 FINE_TUNE_MODES = ('standard', 'side_tune', 'low_rank_adapt', 'standard_using_joint', 'standard_using_joint_with_init',
                    'standard_using_joint_with_prev_reg', 'standard_using_joint_with_init_and_prev_reg')
@@ -34,7 +35,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.data.target_sizes = '4000:6000:4000'  # train+valid per target step, or one size for all
   c.data.test_size = 5000  # final-step test examples
   c.data.test_all_steps = False  # a test set at every target step (sequential_fine_tune reports each)
-  c.data.input_scaling = 'standard'  # 'raw' = 0–255 floats as the original
+  c.data.input_scaling = 'standard'  # standard | raw (0–255 floats) | original (raw; Portraits as the original scaled)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'resnet'  # convnet | resnet | densenet
@@ -79,6 +80,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.joint.ablate = False  # every step runs step 0's model: ERM on all steps with the joint batch plan
   c.joint.sweep_efficient_reg = False  # side_tune/low_rank_adapt: β = 0.1, side/adapter L2 over 1e-5..1, best per value
   c.joint.resume_epochs = 0  # continue the selected model for this many more epochs (patience 10)
+  c.joint.grid = 'full'  # full: grid.* × β | released: lr 1e-3, λ 1e-4, dropout 0.5 × β (the released code, §4.2)
   c.joint.unroll_steps = False  # steps' forwards one after another, not vmapped: faster epochs on CPU, ~2× compile
 
   # Fine-tuning under a distance constraint and label noise (Ju et al. 2022; original.md Hessian §6).
@@ -100,6 +102,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.irm_anneal_steps = 100  # iterations with penalty weight 1 before irm_penalty applies
 
   c.compat = ml_collections.ConfigDict()
+  c.compat.original = False  # the released code's behaviour: every switch below, input_scaling=original, joint.grid=released
   c.compat.early_stopping_previous = False  # patience counted against the previous epoch, not the best
   c.compat.convnet_no_relu = False  # the original ConvNet blocks have no ReLU
   c.compat.subpop_remainder = False  # the original CIFAR-100 sub-population sizing bug
@@ -110,13 +113,30 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.compat.irm_vector_dummy = False  # irm: vector dummy, penalty weight 1, summed over steps (the original)
   c.compat.joint_adjacent_all_params = False  # joint adjacent term over every parameter, BN γ/β included
   c.compat.robust_pretrain_includes_final = False  # irm/dro_fine_tune: stage 1 also trains on the final step
+  c.compat.robust_per_step_forward = False  # irm/dro: one forward pass per step's batch (BN statistics per step)
+  c.compat.reference_name_filter = False  # previous/Fisher/EWC terms: the original's name filter (some BNs included)
+  c.compat.gradual_unfreeze_stages = False  # gradual_unfreeze_*: N+1 stages (no stage just before `all`)
   return c
 
 
+def apply_presets(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Expands `compat.original` in place (every compat switch on, data.input_scaling=original, joint.grid=released)
+  and returns the config; idempotent, and a no-op without the preset. Called before validation, so `config.json`
+  records what ran."""
+  if config.get('compat', {}).get('original', False):
+    for key in config.compat:
+      config.compat[key] = True
+    config.data.input_scaling = 'original'
+    config.joint.grid = 'released'
+  return config
+
+
 def dataset_tag(config: ml_collections.ConfigDict) -> str:
-  """The dataset part of run folder names: data.name (':' → '_'), plus '_label_noise<rate>' with label noise."""
+  """The dataset part of run folder names: data.name (':' → '_'), plus '_label_noise<rate>' with label noise and
+  '_original' under compat.original (so both modes' runs live side by side)."""
   rate = config.label_noise.rate
-  return config.data.name.replace(':', '_') + (f'_label_noise{rate:g}' if rate else '')
+  return (config.data.name.replace(':', '_') + (f'_label_noise{rate:g}' if rate else '')
+          + ('_original' if config.compat.get('original', False) else ''))
 
 
 def methods_of(config: ml_collections.ConfigDict) -> list[str]:
@@ -124,7 +144,9 @@ def methods_of(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises UserError for the first invalid value (sequence strings are checked when parsed)."""
+  """Raises UserError for the first invalid value (sequence strings are checked when parsed); expands the presets
+  first (`apply_presets`)."""
+  apply_presets(config)
   from s2f_jax.methods import METHODS
   from s2f_jax.models.registry import MODELS
   from s2f_jax.data.sources import is_source, source_names
@@ -173,6 +195,8 @@ def _validate_joint(config: ml_collections.ConfigDict) -> None:
   j = config.joint
   if j.mode not in MODES:
     raise choices_error('joint.mode', j.mode, MODES)
+  if j.grid not in JOINT_GRIDS:
+    raise choices_error('joint.grid', j.grid, JOINT_GRIDS)
   if j.adjacent_reg_type not in ADJACENT_GRIDS:
     raise choices_error('joint.adjacent_reg_type', j.adjacent_reg_type, tuple(ADJACENT_GRIDS))
   betas = tuple(j.adjacent) if isinstance(j.adjacent, (tuple, list)) else (j.adjacent,)

@@ -72,8 +72,7 @@ def prepare(config: ml_collections.ConfigDict) -> tuple[Sequence, RunContext]:
   model = make_model(config.model.name, config.model.num_blocks, sequence.num_classes, config.model.width,
                      convnet_relu=not config.compat.convnet_no_relu)
   check_input_size(model, sequence.steps[0].train.images.shape[1])
-  scaling = (InputScaling.raw() if config.data.input_scaling == 'raw'
-             else InputScaling.standardise(sequence.steps[0].train.images))
+  scaling = InputScaling.of(config.data.input_scaling, config.data.name, sequence.steps[0].train.images)
   ctx = RunContext(config, sequence, '', model, scaling)
   check_adapted(ctx)
   if 'joint_model' in config_lib.methods_of(config):

@@ -54,7 +54,8 @@ from s2f_jax.training.progress import progress_bar
 log = logging.getLogger('s2f_jax')
 
 KEY_FIELDS = ('sequence', 'model', 'blocks', 'variant', 'method', 'seed')
-SWEEP_ARGS = ('full', 'quick', 'quick_all')  # get_config(arg) of the configs in configs/sweeps/
+# get_config(arg) of the configs in configs/sweeps/: the size, optionally with the faithful preset (`_original`)
+SWEEP_ARGS = ('full', 'quick', 'quick_all', 'original', 'quick_original', 'quick_all_original')
 ORACLE = 'oracle'
 STATUS_FILE = 'sweep_status.jsonl'
 FAILURES_FILE = 'failures.jsonl'
@@ -469,13 +470,17 @@ def available_sweeps(folder: str | None = None) -> list[str]:
           if f.endswith('.py') and not f.startswith('_')]
 
 
-def check_arg(name: str, arg: str | None) -> str:
-  """The variant a sweep config's `get_config(arg)` builds: 'full' (no arg), 'quick' or 'quick_all'; ValueError
-  (one line with the valid choices) otherwise."""
+def check_arg(name: str, arg: str | None) -> tuple[str, bool]:
+  """(size, original) of a sweep config's `get_config(arg)`: size 'full' (no arg), 'quick' or 'quick_all', and
+  whether the arg asks for the released code's behaviour (`original`, `quick_original`, …: compat.original);
+  ValueError (one line with the valid choices) otherwise."""
   arg = arg or 'full'
   if arg not in SWEEP_ARGS:
     raise ValueError(f"unknown variant {arg!r} of sweep {name!r}; valid choices: {', '.join(SWEEP_ARGS)}")
-  return arg
+  if arg == 'original':
+    return 'full', True
+  size, original = arg.removesuffix('_original'), arg.endswith('_original')
+  return size, original
 
 
 def sequence(name: str, shift_sequence: str = '', source_size: int = 6000, target_sizes: str = '4000:6000:4000',
@@ -510,12 +515,14 @@ def paper_sweep(name: str, arg: str | None, sequences: list[dict], quick_sequenc
     the 8-point grid), plus the 20000-example oracle per (sequence, model) if `oracle`;
   'quick': QUICK_VARIANTS on `quick_sequences` (the embedded digits, sizes / QUICK_SCALE) with one width-8 1-block
     ConvNet, 2 epochs and one grid point, plus the oracle at 20000 / QUICK_SCALE;
-  'quick_all': the same with every PAPER_VARIANTS entry.
+  'quick_all': the same with every PAPER_VARIANTS entry;
+  with '_original' ('original', 'quick_original', 'quick_all_original'): the same under compat.original (every
+    behaviour of the released code; its runs go to `<model>_<N>blocks_<dataset>_original/` folders).
   """
-  arg = check_arg(name, arg)
+  size, original = check_arg(name, arg)
   c = ml_collections.ConfigDict()
-  c.name = name if arg == 'full' else f'{name}:{arg}'
-  if arg == 'full':
+  c.name = name if arg in (None, 'full') else f'{name}:{arg}'
+  if size == 'full':
     c.base = config_lib.base_config()
     c.base.data.name = dataset
     c.sequences = tuple(sequences)
@@ -526,8 +533,9 @@ def paper_sweep(name: str, arg: str | None, sequences: list[dict], quick_sequenc
     c.base = quick_base()
     c.sequences = tuple(quick_sequences)
     c.models, c.num_blocks = ('convnet',), (1,)
-    c.variants = PAPER_VARIANTS if arg == 'quick_all' else tuple(v for v in PAPER_VARIANTS if v[0] in QUICK_VARIANTS)
+    c.variants = PAPER_VARIANTS if size == 'quick_all' else tuple(v for v in PAPER_VARIANTS if v[0] in QUICK_VARIANTS)
     c.oracle_final_size = PAPER_ORACLE_SIZE // QUICK_SCALE if oracle else 0
+  c.base.compat.original = original
   c.seeds = PAPER_SEEDS
   c.methods = ()
   return c

@@ -223,6 +223,32 @@ def test_subpop_sizes(compat, expected):
   assert len(seq.steps[0].train) == (12000 if compat else 4800)
 
 
+def test_cifar100_step_without_test_set_matches_a_transcription_of_the_original():
+  """The source step (no test set) of a sub-population sequence: the original shuffles every sub-class's train and
+  test indices (empty sub-classes and the unused test pools included), then the train and valid aggregates."""
+  base, fine_id = _fine_base()
+  spec = SequenceSpec.parse('subpop', 400, '200', 100)
+  source = build_sequence(spec, base).steps[0]
+  np.random.seed(spec.seeds[0])
+  chosen = {'train': [], 'valid': []}
+  for k, members in enumerate(SUBPOPULATIONS):
+    for member, n in zip(members, (10, 10, 0, 0, 0)):  # 400 / 20 classes, proportions (1/2, 1/2, 0, 0, 0)
+      pools = []
+      for labels in (base.train_fine_labels, base.test_fine_labels):
+        idx = np.flatnonzero(labels == fine_id[member])
+        order = np.arange(len(idx))
+        np.random.shuffle(order)
+        pools.append(idx[order])
+      chosen['train'].append(pools[0][:int(.8 * n)])
+      chosen['valid'].append(pools[0][int(.8 * n):n])
+  for split, name in ((source.train, 'train'), (source.valid, 'valid')):
+    idx = np.concatenate(chosen[name])
+    order = np.arange(len(idx))
+    np.random.shuffle(order)
+    np.testing.assert_array_equal(split.images, base.train_images[idx[order]])
+    np.testing.assert_array_equal(split.labels, base.train_labels[idx[order]])
+
+
 def test_split_real_sequence():
   sizes = [50, 41, 60, 33, 20, 47, 38, 101]
   decades = tuple(f'{1930 + 10 * t}s' for t in range(8))

@@ -8,6 +8,8 @@ the oracle; seed 1007.
 
   python experiments/sweep.py --config=configs/sweeps/rcl_cpu.py --root=runs/rcl_cpu \
       --config.base.data.root=../shared/data
+
+`:original` runs the same under compat.original (the released code's behaviour, its own run folders).
 """
 from s2f_jax import sweep
 
@@ -15,9 +17,11 @@ SCALE = 5
 VARIANTS = ('4k', 'ERM', 'FT', 'LP-FT', 'SFT', 'JM')
 
 
-def get_config():
-  c = sweep.paper_sweep('rcl', None, [sweep.sequence('RCL', 'rotation:corruption:label_flip', scale=SCALE)], [])
-  c.name = 'rcl_cpu'
+def get_config(arg=None):
+  if arg not in (None, 'original'):
+    raise ValueError(f"unknown variant {arg!r} of sweep 'rcl_cpu'; valid choices: original")
+  c = sweep.paper_sweep('rcl', arg, [sweep.sequence('RCL', 'rotation:corruption:label_flip', scale=SCALE)], [])
+  c.name = 'rcl_cpu' + (':original' if arg else '')
   c.base.num_epochs = 30
   c.base.model.width = 32
   c.base.grid.learning_rate, c.base.grid.weight_decay, c.base.grid.dropout = (1e-3, 1e-4), (1e-4,), (0.0,)

@@ -38,7 +38,7 @@ def _sequences(scale):
 
 def get_config(arg=None):
   c = sweep.paper_sweep('rotation_length', arg, _sequences(1), _sequences(sweep.QUICK_SCALE))
-  if arg == 'quick':
+  if sweep.check_arg('rotation_length', arg)[0] == 'quick':
     c.variants = tuple(v for v in sweep.PAPER_VARIANTS if v[0] in QUICK_VARIANTS)
     c.sequences = tuple(s for s in c.sequences if s['name'] in QUICK_LENGTHS)
   return c

@@ -170,6 +170,7 @@ class _Group:
   name: str  # for error messages
   train_pool: np.ndarray  # int [n] indices into the base train split
   test_pool: np.ndarray  # int [m] indices into the base test split
+  subpopulation: bool = False  # a fine sub-population: its test pool is shuffled even in steps without a test set
 
 
 def _allocate(total: int, probs: np.ndarray, compat_remainder: bool = False) -> list[int]:
@@ -200,7 +201,7 @@ def _groups(base: BaseDataset) -> list[list[_Group]]:
       raise UserError(f'{base.name!r} has no fine classes named {", ".join(missing)}')
     groups.append([_Group(k, f'class {base.class_names[k]!r}, sub-population {m!r}',
                           np.flatnonzero(base.train_fine_labels == fine_ids[m]),
-                          np.flatnonzero(base.test_fine_labels == fine_ids[m])) for m in members])
+                          np.flatnonzero(base.test_fine_labels == fine_ids[m]), True) for m in members])
   return groups
 
 
@@ -226,13 +227,17 @@ def _plan(groups: list[list[_Group]], state: ShiftState, size: int, test_size: i
 
 def _sample_step(base: BaseDataset, plan: list[tuple[_Group, int, int]], state: ShiftState, seed: int,
                  has_test: bool, name: str) -> Step:
-  """Draws one step's fresh sample in the original's RNG order and applies `state` (original.md S2F §1.2)."""
+  """Draws one step's fresh sample in the original's RNG order and applies `state` (original.md S2F §1.2): per group
+  a train-pool shuffle, then a test-pool shuffle where the step has a test set — for CIFAR-100's sub-populations in
+  every step, as the original shuffles them unconditionally (it consumes the RNG)."""
   rng = np.random.RandomState(seed)
   parts = {'train': [], 'valid': [], 'test': []}  # (label, base indices) per group
   for group, n, m in plan:
     pool = rng.permutation(group.train_pool)
-    if has_test:
-      parts['test'].append((group.label, rng.permutation(group.test_pool)[:m]))
+    if has_test or group.subpopulation:
+      test = rng.permutation(group.test_pool)[:m]
+      if has_test:
+        parts['test'].append((group.label, test))
     cut = int(TRAIN_FRACTION * n)
     parts['train'].append((group.label, pool[:cut]))
     parts['valid'].append((group.label, pool[cut:n]))

@@ -116,7 +116,8 @@ def adapted_stage(ctx: RunContext, history: dict, step: int, name: str, num_side
   else:
     reparam, variables, reference = low_rank_setup(ctx, history, salt)
     frozen, learner_kwargs = ('base',), {'reparam': reparam}
-  penalties = (l2_penalty(),) + ((reference_penalty(coef_key='adjacent'),) if reference else ())
+  leaves = 'all' if c.compat.joint_adjacent_all_params else 'weights'  # the original: every named parameter
+  penalties = (l2_penalty(),) + ((reference_penalty(coef_key='adjacent', leaves=leaves),) if reference else ())
   learner = ctx.learner(tuple(frozen), penalties, **learner_kwargs)
   grid = adapted_grid(ctx, reference is not None)
   num_runs = len(grid['learning_rate'])

@@ -116,7 +116,8 @@ def regularizer(ctx: RunContext, references: list, fishers: list | None) -> tupl
   aux = {'reference': jax.tree_util.tree_map(lambda *xs: np.stack(xs, 1), *references)}
   if kind in ('fisher', 'fisher_all'):
     aux['fisher'] = jax.tree_util.tree_map(lambda *xs: np.stack(xs, 1), *fishers)
-  return (reference_penalty(l1=kind == 'previous_l1'),), aux
+  leaves = 'name_filter' if ctx.config.compat.reference_name_filter else 'weights'
+  return (reference_penalty(l1=kind == 'previous_l1', leaves=leaves),), aux
 
 
 def fisher_of(ctx: RunContext, variables, examples: Examples):
@@ -194,7 +195,7 @@ def fine_tune_after(ctx: RunContext, prev: Selection, kind: str) -> list[dict]:
     from s2f_jax.methods.joint import frozen_joint_fine_tune
     return frozen_joint_fine_tune(ctx, prev)
   history, final = range(ctx.num_steps - 1), [ctx.num_steps - 1]
-  plan = layers_spec.layer_plan(c.fine_tune_layers, c.model.num_blocks)
+  plan = layers_spec.layer_plan(c.fine_tune_layers, c.model.num_blocks, c.compat.gradual_unfreeze_stages)
   reference = prev.winner()
   fishers = [grid_lib.stack(fisher_of(ctx, reference, ctx.examples(history)), 1)] if 'fisher' in \
       c.regularization else None
@@ -271,7 +272,8 @@ def sequential_fine_tune(ctx: RunContext) -> list[dict]:
                             ctx.examples([0], 'valid'), shared=True)
     return sequential_adapted(ctx, time0)
   name = sequential_name(c)
-  plans = layers_spec.step_plans(c.fine_tune_layers, ctx.num_steps, c.model.num_blocks)
+  plans = layers_spec.step_plans(c.fine_tune_layers, ctx.num_steps, c.model.num_blocks,
+                                 c.compat.gradual_unfreeze_stages)
   grid, groups = schedule_grid(ctx, decay, 0)
   sel = ctx.train_stage(f'sequential_time0_{decay}', ctx.init_variables(), grid, ctx.examples([0]),
                         ctx.examples([0], 'valid'), groups=groups, shared=True)

@@ -225,11 +225,17 @@ def adjacent_values(config) -> tuple[float, ...]:
   return tuple(float(b) for b in j.adjacent) or ADJACENT_GRIDS[j.adjacent_reg_type]
 
 
+# joint.grid=released: the one lr / λ / dropout point of the released code (original.md S2F §4.2), crossed with β.
+RELEASED_GRID = {'learning_rate': (1e-3,), 'weight_decay': (1e-4,), 'dropout': (0.5,)}
+
+
 def joint_grid(config, betas, efficient=None) -> dict[str, np.ndarray]:
-  """lr × λ × β × dropout × final weight (× efficient-L2 values)."""
-  g, j = config.grid, config.joint
-  axes = {'learning_rate': tuple(g.learning_rate), 'weight_decay': tuple(g.weight_decay), 'adjacent': tuple(betas),
-          'dropout': tuple(g.dropout),
+  """lr × λ × β × dropout × final weight (× efficient-L2 values); lr, λ and dropout from `config.grid`
+  (joint.grid=full) or `RELEASED_GRID` (joint.grid=released)."""
+  j = config.joint
+  g = RELEASED_GRID if j.grid == 'released' else config.grid
+  axes = {'learning_rate': tuple(g['learning_rate']), 'weight_decay': tuple(g['weight_decay']),
+          'adjacent': tuple(betas), 'dropout': tuple(g['dropout']),
           'final_weight': (1.0,) if j.loss_weight_increasing else (float(j.last_step_loss_weight),)}
   if efficient is not None:
     axes['efficient_decay'] = tuple(efficient)

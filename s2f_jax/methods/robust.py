@@ -16,7 +16,7 @@ KINDS = ('dro', 'irm')
 def robust_learner(ctx: RunContext, kind: str):
   c = ctx.config
   objective = GroupDRO(hard_max=c.compat.dro_hard_max) if kind == 'dro' else IRM(compat=c.compat.irm_vector_dummy)
-  return ctx.learner(objective=objective)
+  return ctx.learner(objective=objective, group_forward=c.compat.robust_per_step_forward)
 
 
 def robust_grid(ctx: RunContext, kind: str):

@@ -225,7 +225,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   p = config.patching
   model = make_model(config.model.name, config.model.num_blocks, data.num_classes, config.model.width,
                      convnet_relu=not config.compat.convnet_no_relu)
-  scaling = InputScaling.raw() if config.data.input_scaling == 'raw' else InputScaling.standardise(data.train.images)
+  scaling = InputScaling.of(config.data.input_scaling, config.data.name, data.train.images)
   partial = final + '.partial'
   os.makedirs(partial, exist_ok=True)
   write_config(os.path.join(partial, 'config.json'), config.to_dict())

@@ -144,8 +144,9 @@ class Table:
 def collect(root: str) -> list[dict]:
   """The metrics rows of every finished method folder under `root` (`metrics.jsonl` beside `DONE`), in path order.
 
-  Each row gains 'Folder' (its method folder), 'Column' where a sweep recorded the folder's column, and 'Dataset' (config.json's data.name, else the `<model>_<N>blocks_
-  <dataset>` folder of the default layout, else None); 'Shift sequence', 'Seed' and 'Model' come from the folder
+  Each row gains 'Folder' (its method folder), 'Column' where a sweep recorded the folder's column, and 'Dataset'
+  (the dataset tag of the default layout's `<model>_<N>blocks_<dataset>` folder, which tells label-noise and
+  compat.original runs apart, else config.json's data.name, else None); 'Shift sequence', 'Seed' and 'Model' come from the folder
   layout `<model>_<N>blocks_<dataset>/<setup>/seed<seed>/<method>/` where a row lacks them. With
   `data.test_all_steps`, only the final step's row of a file is kept. `<root>/summary` is skipped."""
   rows = []
@@ -223,12 +224,13 @@ def _layout(folder: str) -> dict:
   model_dir = os.path.basename(os.path.dirname(setup_dir))
   seed = re.fullmatch(r'seed(\d+)', os.path.basename(seed_dir))
   model = _MODEL_DIR.fullmatch(model_dir)
-  dataset = model.group(3) if model else None
-  try:
-    with open(os.path.join(folder, 'config.json')) as f:
-      dataset = json.load(f)['config']['data']['name']
-  except (OSError, ValueError, KeyError, TypeError):
-    pass
+  dataset = model.group(3) if model and seed else None  # the run folder's dataset tag (e.g. cifar10_original)
+  if dataset is None:
+    try:
+      with open(os.path.join(folder, 'config.json')) as f:
+        dataset = json.load(f)['config']['data']['name']
+    except (OSError, ValueError, KeyError, TypeError):
+      pass
   return {'Dataset': dataset,
           'Shift sequence': os.path.basename(setup_dir) if seed else None,
           'Seed': int(seed.group(1)) if seed else None,

@@ -87,6 +87,9 @@ class Learner:
     training batch inside the compiled epoch (e.g. `data.augment.FlipCrop`); evaluation never augments.
   solver: 'adam' (β 0.9/0.999, ε 1e-8) or 'sgd_nesterov' (momentum 0.9); clip_norm > 0 clips the global gradient
     norm first.
+  group_forward: a grouped objective's batch [G, B] goes through the model one group after another (BN statistics
+    per group, running statistics updated group by group in order, as the original's IRM/DRO) instead of one
+    forward pass over the pooled [G·B] batch.
   Penalties see only the non-frozen top-level entries of the trained tree.
   """
   model: nn.Module
@@ -101,6 +104,7 @@ class Learner:
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   solver: str = 'adam'
   clip_norm: float = 0.0
+  group_forward: bool = False
 
   def model_params(self, params: PyTree) -> PyTree:
     return params if self.reparam is None else self.reparam(params)
@@ -123,6 +127,26 @@ class Learner:
         variables, x, train=True, dropout_rate=hparams['dropout'], frozen=eval_layers, mask=mask,
         rngs={'dropout': rng}, mutable=['batch_stats'])
     return logits, updates['batch_stats']
+
+  def forward(self, variables: PyTree, images: jax.Array, *, hparams: dict, rng: jax.Array, mask: jax.Array,
+              scale: jax.Array | None = None):
+    """Training forward of a batch laid out [G, B, (V,) H, W, 3] with `mask` [G, B] → (logits [G, B, (V,) C], new
+    batch stats): one pass over all G·B(·V) images, or with `group_forward` one pass per group in order (each with
+    its own dropout key fold_in(rng, g) and the running statistics left by the group before)."""
+    lead = images.shape[:-3]  # (G, B) or (G, B, V): all views go through one forward pass
+    view_mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (len(lead) - 2)), lead)
+    flat = lambda x: x.reshape((-1,) + images.shape[-3:])  # noqa: E731 — [..., H, W, 3] → [N, H, W, 3]
+    if self.group_forward:
+      def group(stats, g):
+        logits, stats = self.apply({'params': variables['params'], 'batch_stats': stats}, flat(images[g]),
+                                   train=True, hparams=hparams, rng=jax.random.fold_in(rng, g),
+                                   mask=view_mask[g].ravel(), scale=scale)
+        return stats, logits
+      new_stats, logits = jax.lax.scan(group, variables['batch_stats'], jnp.arange(lead[0]))
+    else:
+      logits, new_stats = self.apply(variables, flat(images), train=True, hparams=hparams, rng=rng,
+                                     mask=view_mask.ravel(), scale=scale)
+    return logits.reshape(lead + (-1,)), new_stats
 
   def penalty(self, params: PyTree, hparams: dict, aux: Any, tracked: PyTree = ()) -> jax.Array:
     """Σ coefficient · penalty of the trainable entries; `tracked`: the tracker's state."""
@@ -375,12 +399,9 @@ def _compiled(learner: Learner, batch_size: int):
 
   def loss_fn(params, batch_stats, obj_state, tracked, images, labels, weights, mask, hparams, rng, aux, iteration,
               scale):
-    lead = images.shape[:-3]  # (G, B) or (G, B, V): all views go through one forward pass
-    view_mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (len(lead) - 2)), lead)
-    logits, new_stats = learner.apply({'params': params, 'batch_stats': batch_stats},
-                                      images.reshape((-1,) + images.shape[-3:]), train=True, hparams=hparams,
-                                      rng=rng, mask=view_mask.ravel(), scale=scale)
-    logits = logits.reshape(lead + (-1,))
+    lead = images.shape[:-3]
+    logits, new_stats = learner.forward({'params': params, 'batch_stats': batch_stats}, images, hparams=hparams,
+                                        rng=rng, mask=mask, scale=scale)
     data_term, obj_state = learner.objective(logits, labels, weights, mask, obj_state, hparams, iteration)
     total = data_term + learner.penalty(params, hparams, aux, tracked)
     originals = logits if len(lead) == 2 else logits[:, :, 0]

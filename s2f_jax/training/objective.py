@@ -13,6 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from s2f_jax.models import weight_decay_mask
 
@@ -83,37 +84,55 @@ def restrict(tree: dict, like: dict) -> dict:
   return {k: restrict(v, like[k]) if isinstance(v, dict) else v for k, v in tree.items() if k in like}
 
 
-def _distance_to_references(params: PyTree, aux: dict, l1: bool) -> jax.Array:
-  """Σ_s Σ F_s ⊙ (θ − θ_s)² (or Σ_s Σ |θ − θ_s|) over the `weight_decay_mask` leaves of `params`.
+REFERENCE_LEAVES = ('weights', 'name_filter', 'all')
+
+
+def reference_mask(params: PyTree, leaves: str = 'weights') -> PyTree:
+  """Bool pytree like `params`: the leaves a penalty toward earlier weights covers.
+
+  'weights': the L2 weight-decay leaves (conv/dense kernels, the fc bias, adapter factors; never BN);
+  'name_filter': the original's name filter (original.md S2F §2.6): those plus the BN scale/bias of every module
+    named `bn` (the stem BN, the ConvNet block BNs and the DenseNet head BN; ResNet block, downsample and DenseNet
+    layer BNs stay out);
+  'all': every parameter (the original's adjacent terms over all `named_parameters`)."""
+  if leaves == 'all':
+    return jax.tree_util.tree_map(lambda _: True, params)
+  mask = weight_decay_mask(params)
+  if leaves == 'name_filter':
+    flat, flat_mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(mask)
+    mask = traverse_util.unflatten_dict({path: flat_mask[path] or (len(path) > 1 and path[-2] == 'bn')
+                                         for path in flat})
+  return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReferenceDistance:
+  """Σ_s Σ F_s ⊙ (θ − θ_s)² (or Σ_s Σ |θ − θ_s|) over the `reference_mask(params, leaves)` leaves of `params`.
 
   aux['reference']: reference params with a leading axis S; only the entries present in both count (`restrict`);
   aux['fisher'] (optional, same shapes): per-parameter weights F_s (1 without it).
   """
-  params = restrict(params, aux['reference'])
-  mask = weight_decay_mask(params)
-  ref = restrict(aux['reference'], params)
-  fisher = restrict(aux['fisher'], params) if 'fisher' in aux else jax.tree_util.tree_map(lambda _: 1.0, ref)
+  l1: bool = False
+  leaves: str = 'weights'
 
-  def term(p, r, f, m):
-    d = jnp.abs(p - r) if l1 else jnp.square(p - r)
-    return jnp.sum(f * d) if m else jnp.zeros((), jnp.float32)
-  return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(term, params, ref, fisher, mask)),
-             jnp.zeros((), jnp.float32))
+  def __call__(self, params: PyTree, aux: dict) -> jax.Array:
+    params = restrict(params, aux['reference'])
+    mask = reference_mask(params, self.leaves)
+    ref = restrict(aux['reference'], params)
+    fisher = restrict(aux['fisher'], params) if 'fisher' in aux else jax.tree_util.tree_map(lambda _: 1.0, ref)
 
-
-def _l2_to_references(params: PyTree, aux: dict) -> jax.Array:
-  return _distance_to_references(params, aux, l1=False)
-
-
-def _l1_to_references(params: PyTree, aux: dict) -> jax.Array:
-  return _distance_to_references(params, aux, l1=True)
+    def term(p, r, f, m):
+      d = jnp.abs(p - r) if self.l1 else jnp.square(p - r)
+      return jnp.sum(f * d) if m else jnp.zeros((), jnp.float32)
+    return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(term, params, ref, fisher, mask)),
+               jnp.zeros((), jnp.float32))
 
 
-def reference_penalty(l1: bool = False, coef_key: str = 'weight_decay') -> Penalty:
+def reference_penalty(l1: bool = False, coef_key: str = 'weight_decay', leaves: str = 'weights') -> Penalty:
   """Regularisation toward earlier weights (original.md S2F §3.4 `--regularization`): Σ_s Σ F_s ⊙ (θ − θ_s)², or the L1
-  version, over the same leaves as the L2 weight decay (conv/dense kernels and the fc bias; never BN). The reference
-  weights (and Fisher) come from the fit's per-run `aux` as documented in `_distance_to_references`."""
-  return Penalty(coef_key, _l1_to_references if l1 else _l2_to_references)
+  version, over the `reference_mask` leaves (by default those of the L2 weight decay: conv/dense kernels and the fc
+  bias; never BN). The reference weights (and Fisher) come from the fit's per-run `aux` (`_ReferenceDistance`)."""
+  return Penalty(coef_key, _ReferenceDistance(l1, leaves))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +157,9 @@ class EpochFisher:
     return {'fisher': jax.lax.stop_gradient(state['fisher'])}
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's Normalize constants
+
+
 @dataclasses.dataclass(frozen=True)
 class InputScaling:
   """Maps uint8 images (0–255) to network inputs: (x − mean) / std per channel.
@@ -153,6 +175,25 @@ class InputScaling:
   @classmethod
   def raw(cls) -> 'InputScaling':
     return cls()
+
+  @classmethod
+  def original(cls, dataset: str) -> 'InputScaling':
+    """The inputs of the original code (original.md S2F §1.1, §1.8): raw 0–255 floats, except Portraits, which
+    applied `Normalize(255·mean, 255·std)` (ImageNet mean/std) to 0–1 pixels: (x/255 − 255·m) / (255·s), i.e.
+    (x − 255²·m) / (255²·s) on the 0–255 scale, every pixel near −2.11."""
+    if dataset != 'portraits':
+      return cls.raw()
+    return cls(tuple(255.0 ** 2 * m for m in IMAGENET_MEAN), tuple(255.0 ** 2 * v for v in IMAGENET_STD))
+
+  @classmethod
+  def of(cls, kind: str, dataset: str, images) -> 'InputScaling':
+    """The `data.input_scaling` choice: 'standard' (standardise over `images`, uint8 [N, H, W, 3]), 'raw' or
+    'original' (for `dataset`)."""
+    if kind == 'raw':
+      return cls.raw()
+    if kind == 'original':
+      return cls.original(dataset)
+    return cls.standardise(images)
 
   @classmethod
   def standardise(cls, images) -> 'InputScaling':
