@@ -38,9 +38,12 @@ def test_preset_turns_on_every_released_behaviour():
 
 
 def _params(name):
-  model = make_model(name, 2, 10, 8)
-  x = jnp.zeros((1, 32, 32, 3))
-  return jax.tree.map(np.asarray, model.init({'params': jax.random.PRNGKey(0)}, x, train=False)['params'])
+  """Random params of a 2-block width-4 model, shapes from an abstract init (nothing compiled)."""
+  model = make_model(name, 2, 10, 4)
+  shapes = jax.eval_shape(lambda x: model.init({'params': jax.random.PRNGKey(0)}, x, train=False)['params'],
+                          jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
 
 
 @pytest.mark.parametrize('name,bn_modules', [
