@@ -15,6 +15,7 @@ from s2f_jax import config as config_lib, experiment, sweep
 from s2f_jax.methods import layers_spec
 from s2f_jax.methods.joint import joint_grid
 from s2f_jax.models import make_model
+from s2f_jax.results import summary
 from s2f_jax.training.loop import Learner
 from s2f_jax.training.objective import InputScaling, reference_mask, reference_penalty
 
@@ -137,6 +138,11 @@ def test_sweeps_original_variants():
   assert len(sweep.jobs(load('original'))) == 240
   cpu = sweep.load_config(os.path.join(ROOT, 'configs', 'sweeps', 'rcl_cpu.py:original'))
   assert cpu.name == 'rcl_cpu:original' and cpu.base.compat.original
+  table = {arg: sweep.jobs(sweep.load_config(os.path.join(ROOT, 'configs', 'sweeps', f'rcl_table.py{arg}')))
+           for arg in ('', ':original')}
+  assert [j.key['variant'] for j in table[''][:-1]] == [v[0] for v in sweep.PAPER_VARIANTS]
+  assert {j.column for j in table['']} == set(summary.LABELS)  # every column of the paper's table
+  assert not {j.folder for j in table['']} & {j.folder for j in table[':original']}  # both modes share a root
   with pytest.raises(Exception, match='valid choices: full, quick'):
     sweep.check_arg('rcl', 'orignal')
 
