@@ -4,15 +4,18 @@ History model: ERM on the source and rotation steps; final step: 600 examples wh
 probability 0.3; fine-tuning under a Frobenius constraint with radii 0.1 … 10 (one vmapped run each, best epoch per
 radius on the clean valid set), then HDM, traces and noise stability per radius.
 
-  python experiments/hessian.py --config=configs/hessian.py --workdir=runs/hessian
+  python experiments/main.py --config=configs/hessian.py --workdir=runs/hessian
 
 Expected runtime: a few minutes on 2 CPU cores.
 """
 from s2f_jax.config import base_config
+from s2f_jax.generalization import hessian_config
 
 
 def get_config():
   c = base_config()
+  c.experiment = 'hessian'
+  c.hessian = hessian_config()
   c.method = 'erm_fine_tune'
   c.num_epochs = 15
   c.data.name, c.data.image_size = 'digits', 16

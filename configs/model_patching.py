@@ -6,7 +6,7 @@ test digit clean and tinted. Stage 1: one CycleGAN per class between its clean a
 ConvNet-2 trained for 20 epochs with SGD-Nesterov, model selection on validation worst-group accuracy
 (`s2f_jax/patching/experiment.py`).
 
-  python experiments/model_patching.py --config=configs/model_patching.py --workdir=runs/model_patching
+  python experiments/main.py --config=configs/model_patching.py --workdir=runs/model_patching
 
 Runtime: about 8 min on 2 CPU cores (docs/results.md; CAMEL with its two CycleGANs about 6 min of it).
 """
@@ -16,6 +16,7 @@ from s2f_jax.patching.experiment import patching_config
 
 def get_config(methods: str = 'erm,gdro,camel'):
   c = base_config()
+  c.experiment = 'model_patching'
   c.data.name, c.data.image_size = 'digits', 32
   c.model.name, c.model.num_blocks, c.model.width = 'convnet', 2, 16
   c.patching = patching_config()

@@ -4,7 +4,7 @@ r"""Model patching on real CIFAR-10 at a CPU scale: vehicle vs animal with a spu
 split from the 10 000 test images (each clean and tinted); ConvNet-2 width 32; 15 stage-2 epochs; stage-1 CycleGANs of
 100 epochs per class. Needs the CIFAR-10 files under data.root:
 
-  python experiments/model_patching.py --config=configs/model_patching_cifar10.py \
+  python experiments/main.py --config=configs/model_patching_cifar10.py \
       --workdir=runs/model_patching_cifar10 --config.data.root=../shared/data
 
 Runtime: 30 min on 2 CPU cores (docs/results.md; stage 1's two CycleGANs and CAMEL take most of it).

@@ -6,7 +6,7 @@ on 100 images, task-loss matching for 10 epochs, energy detectors per end layer 
 CKA / PWCCA / Procrustes on pooled activations, and the sensitivity and specificity tests
 (`s2f_jax/stitching/layer_pairs.py`).
 
-  python experiments/stitching.py --config=configs/stitching.py --workdir=runs/stitching
+  python experiments/main.py --config=configs/stitching.py --workdir=runs/stitching
 
 Runtime: about 8 min on 2 CPU cores (7 min 43 s measured, docs/results.md).
 """
@@ -16,6 +16,7 @@ from s2f_jax.stitching.layer_pairs import stitching_config
 
 def get_config():
   c = base_config()
+  c.experiment = 'stitching'
   c.num_epochs = 15
   c.data.name, c.data.image_size = 'digits', 32
   c.data.source_size, c.data.test_size = 1000, 200

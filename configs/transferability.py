@@ -6,7 +6,7 @@ test) of the benchmark's shift blocks (see `s2f_jax/transfer/pairs.py`). Per tar
 learned_a, fixed_all): the bound and its terms beside the actual transferability (target test loss of a fine-tuned
 Lipschitz head).
 
-  python experiments/transferability.py --config=configs/transferability.py --workdir=runs/transferability
+  python experiments/main.py --config=configs/transferability.py --workdir=runs/transferability
 
 Expected runtime: about 4 minutes on 2 CPU cores.
 """
@@ -16,6 +16,7 @@ from s2f_jax.transfer.pairs import transfer_config
 
 def get_config():
   c = base_config()
+  c.experiment = 'transferability'
   c.num_epochs = 30
   c.data.name, c.data.image_size = 'digits', 16
   c.data.source_size, c.data.test_size = 500, 200

@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the scripts in experiments/: flag parsing and exit codes.
+"""Command-line plumbing shared by the scripts in experiments/: flag parsing, exit codes and the studies' `main`.
 
 User errors (bad flags, config values, missing data) print one line on stderr and exit with code 2; a diverged
 loss prints one line and exits with code 1. Never a traceback for user error.
@@ -119,6 +119,39 @@ def config_value(holder: flags.FlagHolder):
   cache = value.get('compilation_cache_dir', value.get('base', {}).get('compilation_cache_dir', compile_cache.AUTO))
   compile_cache.enable(cache)
   return value
+
+
+def study_main(default: str, study: str | None = None,
+               aliases: tuple[tuple[str, str, type, str], ...] = ()) -> Callable[[list[str]], None]:
+  """Defines `--config` (default `default`), `--workdir` and the `aliases` and returns the `main` of a study script:
+  the config (with `study` as its `experiment` when given: the per-study scripts), each alias given on the command
+  line written into its config key, then `studies.run`, whose text it prints. aliases: (flag, dotted config key,
+  int | str, help), plain flags kept for existing command lines."""
+  from s2f_jax import studies
+  holder = define_config(default)
+  workdir = flags.DEFINE_string('workdir', None, "Output folder (default: the study's own, e.g. runs/<model>/<setup>/"
+                                'seed<seed> for the benchmark).')
+  define = {int: flags.DEFINE_integer, str: flags.DEFINE_string}
+  alias_flags = [(define[kind](name, None, f'{help_text} (the same as --config.{key})'), key)
+                 for name, key, kind, help_text in aliases]
+
+  def main(argv):
+    if len(argv) > 1:
+      raise UserError(f'unexpected arguments {argv[1:]}; use --config.KEY=VALUE')
+    config = config_value(holder)
+    if study:
+      config.experiment = study
+    for flag, key in alias_flags:
+      if flag.value is not None:
+        *path, last = key.split('.')
+        node = config
+        for part in path:
+          if part not in node:
+            raise UserError(f'--{flag.name} sets config key {key}, which this config lacks')
+          node = node[part]
+        node[last] = flag.value
+    print(studies.run(config, workdir.value))
+  return main
 
 
 def run_app(main: Callable[[list[str]], None]) -> None:

@@ -20,6 +20,7 @@ ADAPTER_MODES = ('add', 'multiply')
 def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   """Paper settings (original.md S2F §1.6, §3) for `method`: CIFAR-10 RCL, ResNet-4, 100 epochs, the 8-point grid."""
   c = ml_collections.ConfigDict()
+  c.experiment = 'benchmark'  # the study: benchmark | hessian | stitching | transferability | model_patching
   c.method = method  # one method or a comma list; see s2f_jax.methods.METHODS
   c.seed = 1007
   c.num_epochs = 100

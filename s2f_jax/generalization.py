@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -32,6 +33,42 @@ COLUMNS = ('radius', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy
            'trace_distance', 'trace', 'top_eigenvalue', 'noise_stability', 'noise_predicted')
 DENSITY = 'eigenvalue_density'  # the row key of an `hessian.eigenvalue_density` result (figure only, not in JSON)
 TRACE_ESTIMATORS = ('hutchinson', 'slq_psd', 'gauss_newton')
+
+
+def hessian_config() -> ml_collections.ConfigDict:
+  """The `hessian` section of the study (`experiment=hessian`): the options of `measure`."""
+  c = ml_collections.ConfigDict()
+  c.num_probes = 50  # Rademacher probes of the traces (per layer for slq_psd)
+  c.trace_estimator = 'hutchinson'  # hutchinson (Tr H, shared probes) | slq_psd (Tr H^+ by SLQ) | gauss_newton (exact)
+  c.max_examples = 500  # training examples whose mean loss the Hessians are of
+  c.num_eigenvalues = 1  # top Hessian eigenvalues per radius (power iteration)
+  c.density_steps = 50  # Lanczos steps of the eigenvalue density plot (0 = none)
+  return c
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
+  """The Hessian study: trains the config's constrained `erm_fine_tune` (finished runs are reused), measures every
+  radius with the options of `config.hessian` and writes generalization.{json,md,pdf} to the method's folder.
+  Returns the Markdown table and the written paths. UserErrors before anything is written."""
+  h = config.get('hessian', hessian_config())
+  if config.method != 'erm_fine_tune' or config.constraint.norm == 'none':
+    raise UserError(f'the hessian study needs method=erm_fine_tune with a constraint.norm (frob or inf_op); '
+                    f'got method={config.method}, constraint.norm={config.constraint.norm}')
+  for key in ('num_probes', 'max_examples', 'num_eigenvalues'):
+    if h[key] < 1:
+      raise UserError(f'hessian.{key}={h[key]} must be at least 1')
+  if h.density_steps < 0:
+    raise UserError(f'hessian.density_steps={h.density_steps} must be ≥ 0')
+  if h.trace_estimator not in TRACE_ESTIMATORS:
+    raise choices_error('trace_estimator', h.trace_estimator, TRACE_ESTIMATORS)
+  sequence, _ = experiment.prepare(config)
+  workdir = workdir or experiment.default_workdir(config, sequence)
+  experiment.run(config, workdir)
+  rows = measure(workdir, config, num_probes=h.num_probes, max_examples=h.max_examples,
+                 num_eigenvalues=h.num_eigenvalues, density_steps=h.density_steps, trace_estimator=h.trace_estimator)
+  paths = write(rows, os.path.join(workdir, fine_tune_name(config)),
+                f'{config.model.name}-{config.model.num_blocks}, label noise {config.label_noise.rate}')
+  return markdown(rows) + '\n' + '\n'.join(paths)
 
 
 def measure(workdir: str, config, num_probes: int = 50, lanczos_steps: int = 20, sigma: float = 1e-3,

@@ -1,17 +1,19 @@
-"""A method and a dataset registered from outside the package (this file) and run through the CLI.
+"""A method, a dataset and a study registered from outside the package (this file) and run through the CLI.
 
 The config file the test writes imports this module and calls `register`, which adds `source_only` (ERM on the source step,
-tested on the final step) and the dataset `digits_upside_down`; `experiments/main.py` then validates and runs them
-like built-in ones.
+tested on the final step), the dataset `digits_upside_down` and the study `class_counts`; `experiments/main.py` then
+validates and runs them like built-in ones.
 """
 import json
 import os
+import runpy
 import subprocess
 import sys
 
 import numpy as np
 
 from conftest import ROOT, assert_user_error
+from s2f_jax import experiment, studies
 from s2f_jax.data import datasets, sources
 from s2f_jax.methods import Method, register_method
 from s2f_jax.methods.base import RunContext, result_row
@@ -31,10 +33,17 @@ def upside_down_digits(root, image_size):
                               d.test_labels, d.class_names)
 
 
+def class_counts(config, workdir) -> str:
+  """A study: the class counts of every step's train split, one line per step (nothing trained or written)."""
+  sequence = experiment.load_sequence(config)
+  return '\n'.join(f'{step.name}: {np.bincount(step.train.labels, minlength=10).tolist()}' for step in sequence.steps)
+
+
 def register():
   """What a user's config file calls before the run (here in the experiment's own process only)."""
   register_method('source_only', Method(source_only, 'ERM on the source step only'))
   sources.register_source('digits_upside_down', upside_down_digits)
+  studies.register_study('class_counts', studies.Study(class_counts, 'class counts per step'))
 
 CONFIG = f'''
 import runpy, sys
@@ -85,3 +94,19 @@ def test_registered_method_and_dataset_run_through_the_cli(tmp_path):
   bad = _main(config, tmp_path / 'bad', '--config.method=source_onyl')  # the registry drives the choices
   assert_user_error(bad.returncode, bad.stderr, ['source_onyl', 'source_only', 'erm_final'])
   assert not (tmp_path / 'bad').exists()
+
+
+def test_registered_study_and_study_errors_through_the_cli(tmp_path):
+  config = tmp_path / 'toy.py'
+  config.write_text(CONFIG)
+  proc = _main(config, tmp_path / 'w', '--config.experiment=class_counts')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sequence = experiment.load_sequence(runpy.run_path(str(config))['get_config']())  # the same steps, here
+  assert proc.stdout.splitlines() == [f'{s.name}: {np.bincount(s.train.labels, minlength=10).tolist()}'
+                                      for s in sequence.steps]
+  bad = _main(config, tmp_path / 'bad', '--config.experiment=class_count')
+  assert_user_error(bad.returncode, bad.stderr, ['class_count', 'benchmark', 'hessian', 'stitching', 'class_counts'])
+  bad = _main(config, tmp_path / 'bad', '--config.experiment=stitching')  # a study whose section is missing
+  assert_user_error(bad.returncode, bad.stderr, ['no stitching section', 'stitching_config()'])
+  assert not (tmp_path / 'bad').exists()
+

@@ -274,6 +274,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return rows
 
 
+def study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
+  """The model-patching study (`experiment=model_patching`): `run` in `workdir` (default runs/model_patching);
+  returns the table and the output folder."""
+  workdir = workdir or 'runs/model_patching'
+  return '\n'.join([markdown(run(config, workdir)), os.path.join(workdir, 'model_patching')])
+
+
 def markdown(rows: list[dict]) -> str:
   """The results table: one row per method."""
   fmt = lambda v: v if isinstance(v, str) else f'{v:.3f}'

@@ -250,6 +250,16 @@ def _sensitivity(config, layers, variables, acts, source, test, num_classes: int
   return rows
 
 
+def study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
+  """The stitching study (`experiment=stitching`): `run` in `workdir` (default runs/stitching); returns the pair
+  table, the specificity hit rates and the output folder."""
+  workdir = workdir or 'runs/stitching'
+  out = run(config, workdir)
+  layers = tuple(dict.fromkeys(r['front_layer'] for r in out['pairs']))
+  hits = {k: v['hit_rate'] for k, v in specificity(out['pairs'], layers).items()}
+  return '\n'.join([markdown(out['pairs']), json.dumps(hits), os.path.join(workdir, 'stitching')])
+
+
 def specificity(rows: list[dict], layers: tuple[str, ...]) -> dict:
   """Per score of `SIMILARITY_SCORES`: for each front layer, the end layer the score rates most similar, and the
   fraction of front layers whose best match is the corresponding layer."""

@@ -189,6 +189,14 @@ def _safe(target: str) -> str:
   return re.sub(r'[^A-Za-z0-9_]+', '+', target)
 
 
+def study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
+  """The transferability study (`experiment=transferability`): `run` in `workdir` (default runs/transferability);
+  returns the table, the summary and the output folder."""
+  workdir = workdir or 'runs/transferability'
+  rows = run(config, workdir)
+  return '\n'.join([markdown(rows), json.dumps(summary(rows), indent=1), os.path.join(workdir, 'transferability')])
+
+
 def summary(rows: list[dict]) -> dict:
   """Per setting and bound ('bound' with τ̂, 'bound_nominal_tau' with τ): on how many targets the bound is valid
   (≥ the actual target loss), the mean gap bound − actual, and the Spearman rank correlation of bound and actual

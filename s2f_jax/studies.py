@@ -1,0 +1,59 @@
+"""Every study behind the one entry point `python experiments/main.py --config=configs/<study>.py`.
+
+`config.experiment` names the study (default 'benchmark'); `STUDIES` maps the name to a `Study`, whose `run(config,
+workdir)` trains or reads back what it needs and returns the text the command prints. A study added from outside
+the package registers itself with `register_study` (docs/extending.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import ml_collections
+
+from s2f_jax import experiment, generalization
+from s2f_jax.errors import UserError, choices_error
+from s2f_jax.patching import experiment as patching
+from s2f_jax.results import format_table
+from s2f_jax.stitching import layer_pairs
+from s2f_jax.transfer import pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """run(config, workdir or None → its default) → the text to print; `section`: the config section it needs,
+  `make_section`: the function that builds it (named in the error when it is missing)."""
+  run: Callable[[ml_collections.ConfigDict, str | None], str]
+  description: str
+  section: str | None = None
+  make_section: str = ''
+
+
+STUDIES: dict[str, Study] = {
+    'benchmark': Study(lambda config, workdir: format_table(experiment.run(config, workdir)),
+                       "the Seq-to-Final methods of `method` on the configured sequence"),
+    'hessian': Study(generalization.run_study, 'constrained fine-tuning, then Hessian measures per radius'),
+    'stitching': Study(layer_pairs.study, 'model stitching between two donors at every layer pair', 'stitching',
+                       's2f_jax.stitching.layer_pairs.stitching_config()'),
+    'transferability': Study(pairs.study, 'the task transferability bound per source → target pair', 'transfer',
+                             's2f_jax.transfer.pairs.transfer_config()'),
+    'model_patching': Study(patching.study, 'ERM vs Group DRO vs CAMEL on group data', 'patching',
+                            's2f_jax.patching.experiment.patching_config()'),
+}
+
+
+def register_study(name: str, study: Study) -> None:
+  """Makes `experiment=<name>` run `study` (a config file can register one before the run)."""
+  STUDIES[name] = study
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
+  """Runs the study `config.experiment` names; UserError for an unknown study or a missing config section."""
+  name = config.get('experiment', 'benchmark')
+  if name not in STUDIES:
+    raise choices_error('experiment', name, tuple(STUDIES))
+  study = STUDIES[name]
+  if study.section and study.section not in config:
+    raise UserError(f'the config has no {study.section} section; use configs/{name}.py or add '
+                    f'{study.make_section} as config.{study.section}')
+  return study.run(config, workdir)
