@@ -1,8 +1,8 @@
-"""A method, a dataset and a study registered from outside the package (this file) and run through the CLI.
+"""A method, a dataset, a shift and a study registered from outside the package (this file), run through the CLI.
 
 The config file the test writes imports this module and calls `register`, which adds `source_only` (ERM on the source step,
-tested on the final step), the dataset `digits_upside_down` and the study `class_counts`; `experiments/main.py` then
-validates and runs them like built-in ones.
+tested on the final step), the dataset `digits_upside_down`, the shift block `invert` and the study `class_counts`;
+`experiments/main.py` then validates and runs them like built-in ones.
 """
 import json
 import os
@@ -14,7 +14,7 @@ import numpy as np
 
 from conftest import ROOT, assert_user_error
 from s2f_jax import experiment, studies
-from s2f_jax.data import datasets, sources
+from s2f_jax.data import SequenceSpec, ShiftKind, build_sequence, datasets, register_shift, shifts, sources
 from s2f_jax.methods import Method, register_method
 from s2f_jax.methods.base import RunContext, result_row
 
@@ -33,6 +33,14 @@ def upside_down_digits(root, image_size):
                               d.test_labels, d.class_names)
 
 
+def invert(splits, count, rng, num_classes):
+  """A shift kind's apply: every invert block so far flips the pixel values (255 − x)."""
+  return [(255 - x if count % 2 else x, y) for x, y in splits]
+
+
+INVERT = ShiftKind(('invert',), lambda num_classes: 0, lambda count, blocks, where: count + ('invert' in blocks), invert)
+
+
 def class_counts(config, workdir) -> str:
   """A study: the class counts of every step's train split, one line per step (nothing trained or written)."""
   sequence = experiment.load_sequence(config)
@@ -44,6 +52,7 @@ def register():
   register_method('source_only', Method(source_only, 'ERM on the source step only'))
   sources.register_source('digits_upside_down', upside_down_digits)
   studies.register_study('class_counts', studies.Study(class_counts, 'class counts per step'))
+  register_shift('invert', INVERT)
 
 CONFIG = f'''
 import runpy, sys
@@ -56,6 +65,7 @@ def get_config():
   c = runpy.run_path({os.path.join(ROOT, 'configs', 'default.py')!r})['get_config']()
   c.method = 'source_only'
   c.data.name = 'digits_upside_down'
+  c.data.shift_sequence = 'rotation:invert,corruption'
   c.num_epochs, c.model.width = 2, 8
   c.data.source_size, c.data.target_sizes, c.data.test_size = 200, '100', 100
   c.grid.learning_rate, c.grid.weight_decay = (1e-3, 1e-2), (1e-4,)
@@ -110,3 +120,17 @@ def test_registered_study_and_study_errors_through_the_cli(tmp_path):
   assert_user_error(bad.returncode, bad.stderr, ['no stitching section', 'stitching_config()'])
   assert not (tmp_path / 'bad').exists()
 
+
+
+def test_registered_shift_inverts_the_images_of_its_steps(monkeypatch):
+  register()
+  base = datasets.load_digits(16)
+  spec = SequenceSpec.parse('rotation:invert,corruption', 100, '60', 40)
+  inverted = build_sequence(spec, base)
+  monkeypatch.setitem(shifts.SHIFT_KINDS, 'invert', ShiftKind(('invert',), INVERT.start, INVERT.advance))  # no-op
+  plain = build_sequence(spec, base)
+  assert [a.name for a in inverted.steps] == ['source', 'rotation', 'invert,corruption']
+  for a, b in zip(inverted.steps, plain.steps):
+    flipped = a.name == 'invert,corruption'
+    np.testing.assert_array_equal(a.train.images, 255 - b.train.images if flipped else b.train.images)
+    np.testing.assert_array_equal(a.train.labels, b.train.labels)

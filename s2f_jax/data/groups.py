@@ -16,12 +16,11 @@ import os
 import numpy as np
 
 from s2f_jax.data.portraits import decode_image
-from s2f_jax.data.shifts import ShiftState
+from s2f_jax.data.shifts import ShiftState, shift_blocks
 from s2f_jax.data.datasets import BaseDataset
 from s2f_jax.errors import UserError, choices_error
 
 CLASS_TASKS = ('parity', 'halves', 'vehicle_animal')
-IMAGE_BLOCKS = ('corruption', 'rotation', 'rotation_cond', 'recolor', 'recolor_cond')
 CIFAR10_VEHICLES = ('airplane', 'automobile', 'ship', 'truck')
 SPLIT_NAMES = {'0': 'train', '1': 'valid', '2': 'test', 'train': 'train', 'valid': 'valid', 'val': 'valid',
                'test': 'test'}
@@ -104,8 +103,8 @@ def subgroup_state(shift: str, num_classes: int) -> ShiftState:
   for t, piece in enumerate(shift.split(':')):
     blocks = tuple(b.strip() for b in piece.split(','))
     for b in blocks:
-      if b not in IMAGE_BLOCKS:
-        raise choices_error('subgroup shift block', b, IMAGE_BLOCKS)
+      if b not in shift_blocks(('images',)):
+        raise choices_error('subgroup shift block', b, shift_blocks(('images',)))
     state = state.advance(blocks, f'subgroup shift step {t + 1}')
   return state
 

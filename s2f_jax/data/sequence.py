@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from s2f_jax.data.shifts import SHIFT_BLOCKS, ShiftState
+from s2f_jax.data.shifts import ShiftState, shift_blocks
 from s2f_jax.data.datasets import BaseDataset, RealSequence
 from s2f_jax.errors import UserError, choices_error
 
@@ -103,8 +103,8 @@ class SequenceSpec:
       if not blocks or '' in blocks:
         raise UserError(f'step {t} of the shift sequence is empty or has an empty block: {",".join(blocks)!r}')
       for block in blocks:
-        if block not in SHIFT_BLOCKS:
-          raise choices_error('shift block', block, SHIFT_BLOCKS)
+        if block not in shift_blocks():
+          raise choices_error('shift block', block, shift_blocks())
       if len(set(blocks)) < len(blocks):
         raise UserError(f'step {t} of the shift sequence repeats a block: {",".join(blocks)!r}')
     _check_size('source size', self.source_size, 1)

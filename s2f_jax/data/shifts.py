@@ -2,19 +2,22 @@
 
 Images are uint8 [N, H, W, 3] on the 0–255 scale, labels int32 [N]. Every block is vectorised over the array; all
 randomness comes from a caller-supplied `np.random.RandomState`, drawn in the original's order.
+
+Shift kinds are a registry (`SHIFT_KINDS`, `register_shift`): each kind owns one part of the state (its value at the
+source, how a step's blocks advance it, how it applies to a step's splits), and a step applies the kinds in
+registration order — the built-ins noise → rotation → recolour → label flips, as the original.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections.abc import Collection
+from typing import Any, Callable
 
 import numpy as np
 
 from s2f_jax.errors import UserError
 
-SHIFT_BLOCKS = ('corruption', 'rotation', 'rotation_cond', 'recolor', 'recolor_cond', 'label_flip', 'label_shift',
-                'subpop')
 ROTATION_DEGREES = 30.0  # per rotation block; rotation_cond: +30 even classes, -30 odd classes
 TINT = 30  # 0–255 units added per recolor block
 LABEL_SHIFT_MASS = 0.3  # per label_shift: even classes lose, odd classes gain LABEL_SHIFT_MASS / C each
@@ -142,34 +145,129 @@ def flip_labels(labels: np.ndarray, flips: tuple[int, ...], num_classes: int) ->
   return labels.astype(np.int32)
 
 
+Splits = list  # [(images uint8 [N, H, W, 3], original labels int32 [N])] of one step: train, valid (, test)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftKind:
+  """One kind of shift and the blocks that move it.
+
+  start(num_classes) → its state at the source; advance(value, blocks, where) → its state after a step with these
+  blocks (the step's whole block list; UserError naming `where` when it cannot advance); apply(splits, value, rng,
+  num_classes) → the shifted splits, or None for kinds that only change which examples are drawn. `changes`:
+  'images' (applied first, in registration order, seeing the original labels), 'labels' (applied last) or
+  'sampling'.
+  """
+  blocks: tuple[str, ...]
+  start: Callable[[int], Any]
+  advance: Callable[[Any, Collection[str], str], Any]
+  apply: Callable[[Splits, Any, np.random.RandomState, int], Splits] | None = None
+  changes: str = 'images'
+
+
+def _even(value: np.ndarray) -> np.ndarray:
+  return np.arange(len(value)) % 2 == 0
+
+
+def _advance_rotation(angles, blocks, where):
+  if 'rotation_cond' in blocks:  # with `rotation` in the same step only the conditional one counts
+    return angles + np.where(_even(angles), ROTATION_DEGREES, -ROTATION_DEGREES)
+  return angles + ROTATION_DEGREES if 'rotation' in blocks else angles
+
+
+def _advance_recolor(tints, blocks, where):
+  tints = tints.copy()
+  c = len(tints)
+  if 'recolor_cond' in blocks:  # likewise only the conditional recolour
+    tints[np.arange(c), np.arange(c) % 3] += TINT
+  elif 'recolor' in blocks:
+    tints[:, 0] += TINT
+  return tints
+
+
+def _advance_label_shift(probs, blocks, where):
+  if 'label_shift' not in blocks:
+    return probs
+  probs = probs + np.where(_even(probs), -LABEL_SHIFT_MASS / len(probs), LABEL_SHIFT_MASS / len(probs))
+  if (probs < 0).any():
+    raise UserError(f'{where}: label_shift makes class proportions negative (at most 3 label_shift steps)')
+  return probs
+
+
+def _advance_subpop(stage, blocks, where):
+  if 'subpop' not in blocks:
+    return stage
+  if stage == len(SUBPOP_PROPORTIONS) - 1:
+    raise UserError(f'{where}: no sub-population shift left (at most 3 subpop steps)')
+  return stage + 1
+
+
+def _apply_noise(splits, count, rng, num_classes):
+  images = [x for x, _ in splits]
+  for _ in range(count):  # each application draws for every split in order (train, valid, test)
+    images = [add_noise(x, rng) for x in images]
+  return [(x, y) for x, (_, y) in zip(images, splits)]
+
+
+def _per_class(transform):
+  """apply() of a per-class image shift: transform(images, value[labels]) where the value is not all zero."""
+  return lambda splits, value, rng, num_classes: [(transform(x, value[y]) if value.any() else x, y) for x, y in splits]
+
+
+SHIFT_KINDS: dict[str, ShiftKind] = {
+    'corruption': ShiftKind(('corruption',), lambda c: 0, lambda n, blocks, where: n + ('corruption' in blocks),
+                            _apply_noise),
+    'rotation': ShiftKind(('rotation', 'rotation_cond'), lambda c: np.zeros(c), _advance_rotation, _per_class(rotate)),
+    'recolor': ShiftKind(('recolor', 'recolor_cond'), lambda c: np.zeros((c, 3), np.int32), _advance_recolor,
+                         _per_class(recolor)),
+    'label_flip': ShiftKind(
+        ('label_flip',), lambda c: (),
+        lambda flips, blocks, where: flips + ((2 if flips and flips[-1] == 1 else 1,) if 'label_flip' in blocks
+                                              else ()),
+        lambda splits, flips, rng, num_classes: [(x, flip_labels(y, flips, num_classes)) for x, y in splits],
+        'labels'),
+    'label_shift': ShiftKind(('label_shift',), lambda c: np.ones(c) / c, _advance_label_shift, changes='sampling'),
+    'subpop': ShiftKind(('subpop',), lambda c: 0, _advance_subpop, changes='sampling'),
+}
+SHIFT_BLOCKS = tuple(b for kind in SHIFT_KINDS.values() for b in kind.blocks)  # the built-in blocks
+
+
+def register_shift(name: str, kind: ShiftKind) -> None:
+  """Adds a shift kind (its blocks become valid in `data.shift_sequence`); applied after the kinds before it."""
+  taken = set(shift_blocks()) & set(kind.blocks)
+  if taken and name not in SHIFT_KINDS:
+    raise UserError(f'shift blocks {", ".join(sorted(taken))} are already registered')
+  SHIFT_KINDS[name] = kind
+
+
+def shift_blocks(changes: Collection[str] = ('images', 'labels', 'sampling')) -> tuple[str, ...]:
+  """Every registered block name (of the kinds whose `changes` is in `changes`)."""
+  return tuple(b for kind in SHIFT_KINDS.values() if kind.changes in changes for b in kind.blocks)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShiftState:
   """The cumulative shifts of one time step; every step applies its full state to a fresh sample.
 
-  Attributes:
-    corruptions: number of noise applications.
-    angles: float64 [C] rotation per original class, degrees counter-clockwise.
-    flips: label flip ops in order (see `flip_labels`).
-    class_probs: float64 [C] class proportions of every split.
-    tints: int32 [C, 3] RGB tint per original class, 0–255 units.
-    subpop_stage: number of subpop blocks so far; indexes `SUBPOP_PROPORTIONS`.
+  `values`: kind name → that kind's state (`SHIFT_KINDS`). The built-ins' are also attributes: corruptions (number of
+  noise applications), angles (float64 [C], degrees counter-clockwise per original class), tints (int32 [C, 3],
+  0–255 units per original class), flips (label flip ops in order, `flip_labels`), class_probs (float64 [C]) and
+  subpop_stage (number of subpop blocks so far; indexes `SUBPOP_PROPORTIONS`).
   """
-  corruptions: int
-  angles: np.ndarray
-  flips: tuple[int, ...]
-  class_probs: np.ndarray
-  tints: np.ndarray
-  subpop_stage: int
+  num_classes: int
+  values: dict
 
   @classmethod
   def source(cls, num_classes: int) -> ShiftState:
     """The clean source state: no shifts, uniform classes, sub-populations [1/2, 1/2, 0, 0, 0]."""
-    return cls(0, np.zeros(num_classes), (), np.ones(num_classes) / num_classes,
-               np.zeros((num_classes, 3), np.int32), 0)
+    return cls(num_classes, {name: kind.start(num_classes) for name, kind in SHIFT_KINDS.items()})
 
-  @property
-  def num_classes(self) -> int:
-    return len(self.angles)
+  corruptions = property(lambda self: self.values['corruption'])
+  angles = property(lambda self: self.values['rotation'])
+  tints = property(lambda self: self.values['recolor'])
+  flips = property(lambda self: self.values['label_flip'])
+  class_probs = property(lambda self: self.values['label_shift'])
+  subpop_stage = property(lambda self: self.values['subpop'])
 
   @property
   def subpops(self) -> np.ndarray:
@@ -177,49 +275,18 @@ class ShiftState:
     return np.array(SUBPOP_PROPORTIONS[self.subpop_stage])
 
   def advance(self, blocks: Collection[str], where: str) -> ShiftState:
-    """The state after adding one step's shift `blocks` (names from SHIFT_BLOCKS); `where` names the step in errors.
+    """The state after adding one step's shift `blocks` (registered names); `where` names the step in errors."""
+    values = {name: kind.advance(self.values.get(name, kind.start(self.num_classes)), blocks, where)
+              for name, kind in SHIFT_KINDS.items()}
+    return ShiftState(self.num_classes, values)
 
-    `rotation` with `rotation_cond` in one step adds only the conditional rotation; likewise for `recolor`.
-    """
-    c = self.num_classes
-    even = np.arange(c) % 2 == 0
-    angles, tints, probs = self.angles.copy(), self.tints.copy(), self.class_probs.copy()
-    flips, stage = self.flips, self.subpop_stage
-    if 'rotation_cond' in blocks:
-      angles += np.where(even, ROTATION_DEGREES, -ROTATION_DEGREES)
-    elif 'rotation' in blocks:
-      angles += ROTATION_DEGREES
-    if 'recolor_cond' in blocks:
-      tints[np.arange(c), np.arange(c) % 3] += TINT
-    elif 'recolor' in blocks:
-      tints[:, 0] += TINT
-    if 'label_flip' in blocks:
-      flips += (2 if flips and flips[-1] == 1 else 1,)
-    if 'label_shift' in blocks:
-      probs += np.where(even, -LABEL_SHIFT_MASS / c, LABEL_SHIFT_MASS / c)
-      if (probs < 0).any():
-        raise UserError(f'{where}: label_shift makes class proportions negative (at most 3 label_shift steps)')
-    if 'subpop' in blocks:
-      if stage == len(SUBPOP_PROPORTIONS) - 1:
-        raise UserError(f'{where}: no sub-population shift left (at most 3 subpop steps)')
-      stage += 1
-    return ShiftState(self.corruptions + ('corruption' in blocks), angles, flips, probs, tints, stage)
-
-  def apply(self, splits: list[tuple[np.ndarray, np.ndarray]],
-            rng: np.random.RandomState) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Shifts (images uint8 [N, H, W, 3], original labels int32 [N]) splits: noise -> rotation -> recolor -> flips.
-
-    Noise is drawn per application for each split in order (train, valid, test as the original); rotation and
-    recolouring use the original labels. Without image shifts the given image arrays come back (not copies).
-    """
-    images = [x for x, _ in splits]
-    for _ in range(self.corruptions):
-      images = [add_noise(x, rng) for x in images]
-    out = []
-    for x, (_, y) in zip(images, splits):
-      if self.angles.any():
-        x = rotate(x, self.angles[y])
-      if self.tints.any():
-        x = recolor(x, self.tints[y])
-      out.append((x, flip_labels(y, self.flips, self.num_classes)))
-    return out
+  def apply(self, splits: Splits, rng: np.random.RandomState) -> Splits:
+    """Shifts (images uint8 [N, H, W, 3], original labels int32 [N]) splits: the image kinds in registration order
+    (noise -> rotation -> recolor, then registered ones), on the original labels, then the label kinds (flips).
+    Noise is drawn per application for each split in order (train, valid, test as the original). Without image
+    shifts the given image arrays come back (not copies)."""
+    kinds = sorted(SHIFT_KINDS.items(), key=lambda item: item[1].changes == 'labels')  # stable: order kept
+    for name, kind in kinds:
+      if kind.apply is not None and name in self.values:
+        splits = kind.apply(splits, self.values[name], rng, self.num_classes)
+    return splits
