@@ -15,7 +15,8 @@ train seconds: ours from the run's metrics.jsonl, where train seconds are the ep
 evaluations; torch's also hold the original's per-epoch evaluation of the full train set), and the process's
 peak RSS (`os.wait4` ru_maxrss). Prints two Markdown tables with the ratios ours/torch; --out appends JSON lines,
 one per cell. Unless --tiny or --no-wait, waits (at most 10 min) for the 1-minute load average to drop below 1.2
-first: on a busy machine torch's OpenMP threads stall (a tiny twin fit once ran 70x slower).
+first: on a busy machine torch's OpenMP threads stall (a tiny twin fit once ran 70x slower). The table's load
+average is read as each cell starts, so it still holds the previous cell's own work.
 
   python benchmarks/original_cost.py [--cells=convnet-2,resnet-1] [--train=4000 --test=1000 --epochs=5]
       [--data-root=../shared/data] [--out=original_cost.jsonl]

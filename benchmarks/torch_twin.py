@@ -205,7 +205,7 @@ def fit_single_model(model: BlockModel, lr: float, weight_decay: float, train, v
   """One grid point: {'state': best state_dict, 'valid_accuracy', 'epochs' run, 'seconds' (epochs 1..), 'pass_seconds'
   (their optimisation passes alone)}."""
   optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-  evaluate(model, train, device)
+  evaluate(model, train, device)  # the original evaluates (and logs) the train set every epoch, epoch 0 included
   best_acc = previous = evaluate(model, valid, device)[1]
   best_state, counter, seconds, pass_seconds, epoch = copy.deepcopy(model.state_dict()), 0, 0.0, 0.0, 0
   while epoch < epochs and counter <= PATIENCE:
@@ -213,7 +213,7 @@ def fit_single_model(model: BlockModel, lr: float, weight_decay: float, train, v
     tic = synchronized(device)
     train_pass(model, train, optimizer, weight_decay, device)
     pass_seconds += synchronized(device) - tic
-    evaluate(model, train, device)
+    evaluate(model, train, device)  # as at epoch 0: only its cost matters here
     acc = evaluate(model, valid, device)[1]
     if acc > best_acc:
       best_acc, best_state = acc, copy.deepcopy(model.state_dict())

@@ -117,6 +117,12 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.compat.robust_per_step_forward = False  # irm/dro: one forward pass per step's batch (BN statistics per step)
   c.compat.reference_name_filter = False  # previous/Fisher/EWC terms: the original's name filter (some BNs included)
   c.compat.gradual_unfreeze_stages = False  # gradual_unfreeze_*: N+1 stages (no stage just before `all`)
+  # The companion systems' originals (their studies read these; the benchmark ignores them):
+  c.compat.rc2c_pre_eye_is_rand = False  # stitching: tlm_init 'eye' for rc2c_pre starts from 'rand'
+  c.compat.detector_lr_drop_per_iteration = False  # stitching detectors: the LR drop after fe//2 *iterations*
+  c.compat.patching_undetached = False  # model patching: gradients through the group weights, adjustment in the loss
+  c.compat.transfer_cost_mismatch = False  # transferability: Euclidean coupling, squared-cost gradients
+  c.compat.transfer_prior_init = False  # transferability: d_logits = P_S (D ≈ uniform) instead of log P_S
   return c
 
 

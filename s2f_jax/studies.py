@@ -11,7 +11,7 @@ from typing import Callable
 
 import ml_collections
 
-from s2f_jax import experiment, generalization
+from s2f_jax import config as config_lib, experiment, generalization
 from s2f_jax.errors import UserError, choices_error
 from s2f_jax.patching import experiment as patching
 from s2f_jax.results import format_table
@@ -49,6 +49,7 @@ def register_study(name: str, study: Study) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
   """Runs the study `config.experiment` names; UserError for an unknown study or a missing config section."""
+  config_lib.apply_presets(config)  # before any study reads a compat switch
   name = config.get('experiment', 'benchmark')
   if name not in STUDIES:
     raise choices_error('experiment', name, tuple(STUDIES))

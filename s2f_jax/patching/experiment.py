@@ -65,7 +65,6 @@ def patching_config() -> ml_collections.ConfigDict:
   p.dro_eta = 0.01  # Group DRO step size η
   p.dro_adjustment = 1.0  # C of the size adjustment C / √n_g
   p.consistency = 'camel'  # camel | triplet_js | kl | reverse_kl
-  p.compat_undetached = False  # the TF code: gradients through the group weights, adjustment in the objective
   for method, lr, wd in (('erm', (1e-2,), (5e-4,)), ('gdro', (1e-2,), (5e-4,)), ('camel', (1e-2,), (5e-4,))):
     p[method] = ml_collections.ConfigDict({'learning_rate': lr, 'weight_decay': wd})
   p.camel.consistency_weight = (5.0,)  # λ
@@ -187,7 +186,8 @@ def _learner(ctx: RunContext, method: str, data: GroupData, p):
     objective = ERM()
   else:
     supers = tuple(g // len(data.subgroup_names) for g in range(data.num_groups)) if method == 'camel' else ()
-    objective = GroupDRO(group_sizes=sizes, superclasses=supers, compat_undetached=p.compat_undetached)
+    objective = GroupDRO(group_sizes=sizes, superclasses=supers,
+                         compat_undetached=ctx.config.compat.patching_undetached)
     if method == 'camel':
       objective = Consistent(objective, p.consistency)
   return ctx.learner(penalties=(l2_all_penalty(),), objective=objective, solver='sgd_nesterov',

@@ -59,7 +59,6 @@ def stitching_config() -> ml_collections.ConfigDict:
   s.cutoff = 'torch'  # DM singular-value cutoff: 'torch' (torch.linalg.pinv's default) or a relative tolerance
   s.ridge = 0.0
   s.tlm_init = 'rand'  # rand | eye | pinv (start TLM from the DM solution)
-  s.compat_rc2c_pre_eye_is_rand = False  # the original ignores 'eye' for rc2c_pre and starts from 'rand'
   s.tlm_epochs = 10
   s.tlm_learning_rate = 1e-3  # Adam step size of TLM (the original's)
   s.tlm_weight_decay = 1e-5  # coupled L2 on the stitch (the original's)
@@ -71,8 +70,7 @@ def stitching_config() -> ml_collections.ConfigDict:
   s.ood = True  # energy detectors per end layer
   s.outlier_shift = 'rotation'  # shift step whose images give the detectors' outliers and the far-OOD check
   s.detector = ml_collections.ConfigDict(dict(model='convnet', num_blocks=1, width=16, pretrain_epochs=20,
-                                              finetune_epochs=10, batch_size=128, learning_rate=1e-3,
-                                              compat_lr_drop_per_iteration=False))
+                                              finetune_epochs=10, batch_size=128, learning_rate=1e-3))
   return s
 
 
@@ -97,7 +95,7 @@ def detector_options(config) -> DetectorOptions:
   return DetectorOptions(model=d.model, num_blocks=d.num_blocks, width=d.width, input_size=(
       config.data.image_size, config.data.image_size), learning_rate=d.learning_rate, batch_size=d.batch_size,
       pretrain_epochs=d.pretrain_epochs, finetune_epochs=d.finetune_epochs, seed=config.seed,
-      compat_lr_drop_per_iteration=d.compat_lr_drop_per_iteration)
+      compat_lr_drop_per_iteration=config.compat.detector_lr_drop_per_iteration)
 
 
 def _prepare(config):
@@ -194,7 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list]:
                                    front_layer, end_layer, s.kind, ctx.scaling, _cutoff(s.cutoff), s.ridge)
       dm_vars = stitched_variables(front_vars, end_vars, dm)
       init = dm if s.tlm_init == 'pinv' else s.tlm_init
-      if init == 'eye' and s.kind == 'rc2c_pre' and s.compat_rc2c_pre_eye_is_rand:
+      if init == 'eye' and s.kind == 'rc2c_pre' and config.compat.rc2c_pre_eye_is_rand:
         init = 'rand'
       tlm_vars, _ = train_task_loss(ctx, f'tlm_{front_layer}_{end_layer}', stitched, front_vars, end_vars, init,
                                     tlm_train, tlm_valid, tlm_grid, num_epochs=s.tlm_epochs, augment=augment)

@@ -65,17 +65,17 @@ def transfer_config() -> ml_collections.ConfigDict:
   t.cost_power = 2  # 1 Euclidean | 2 squared, in the coupling and the loss alike
   t.learning_rate, t.prior_learning_rate = 1e-2, 1e-4
   t.seed = 2023
-  t.compat_cost_mismatch = False  # couple with Euclidean, differentiate squared costs (the original)
-  t.compat_prior_init = False  # d_logits = P_S (D ≈ uniform) instead of log P_S (D = P_S)
   return t
 
 
-def transfer_options(t: ml_collections.ConfigDict, setting: str) -> bound_lib.TransferOptions:
+def transfer_options(t: ml_collections.ConfigDict, setting: str,
+                     compat: ml_collections.ConfigDict) -> bound_lib.TransferOptions:
+  """The options of one setting from the `transfer` section and the run's `compat` switches."""
   return bound_lib.TransferOptions(
       setting=setting, num_steps=t.num_steps, batch_size=t.batch_size, lambda_wd=t.lambda_wd, lambda_pm=t.lambda_pm,
       lambda_ic=t.lambda_ic, label_weight=t.label_weight, solver=t.solver, epsilon=t.epsilon or None,
-      cost_power=t.cost_power, compat_cost_mismatch=t.compat_cost_mismatch, learning_rate=t.learning_rate,
-      prior_learning_rate=t.prior_learning_rate, compat_prior_init=t.compat_prior_init, seed=t.seed)
+      cost_power=t.cost_power, compat_cost_mismatch=compat.transfer_cost_mismatch, learning_rate=t.learning_rate,
+      prior_learning_rate=t.prior_learning_rate, compat_prior_init=compat.transfer_prior_init, seed=t.seed)
 
 
 def head_options(t: ml_collections.ConfigDict) -> HeadOptions:
@@ -101,7 +101,7 @@ def _prepare(config: ml_collections.ConfigDict):
   if len(set(targets)) != len(targets):
     raise UserError(f'transfer.targets={targets} repeats a target')
   for setting in settings:
-    transfer_options(t, setting).validate()
+    transfer_options(t, setting, config.compat).validate()
   head_options(t).validate()
   if t.layer:
     check_frozen((t.layer,), layer_names(config.model.num_blocks)[:-1], 'transfer.layer')
@@ -162,7 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     for setting in settings:
       start = time.time()
       params, fixed, history = bound_lib.learn_transforms(source_head, source_train, target_train,
-                                                          transfer_options(t, setting))
+                                                          transfer_options(t, setting, config.compat))
       record = bound_lib.evaluate_bound(source_head, params, fixed, source_test, target_test, t.tau)
       target_rows.append({'target': target, 'setting': setting, **record,
                           'target_head_loss': truth['loss'], 'target_head_accuracy': truth['accuracy'],
