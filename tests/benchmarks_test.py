@@ -4,14 +4,12 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 from s2f_jax.models import MODEL_NAMES, count_params, layer_names, make_model, weight_decay_mask
 
 torch = pytest.importorskip('torch')
@@ -45,9 +43,7 @@ def test_twin_has_our_layer_shapes_and_parameter_counts(width):
 def _run(script: str, *args: str) -> str:
   """stdout of a benchmark script run from the repo root (exit 0 asserted)."""
   # One torch thread: beside the other test worker, torch's OpenMP threads stall (a tiny fit ran 70x slower).
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu', OMP_NUM_THREADS='1')
-  done = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  done = run_script(script, *args, env={'OMP_NUM_THREADS': '1'}, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout
 

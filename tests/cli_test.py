@@ -1,22 +1,17 @@
 """The command line: bad input → one line + exit 2 + nothing written; a real run's files; skip and resume."""
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, assert_user_error, forked_runs
+from conftest import assert_user_error, forked_runs, run_script
 
 TINY = ['--config=configs/default.py', '--config.model.width=8', '--config.num_epochs=2',
         '--config.data.source_size=200', '--config.data.target_sizes=100', '--config.data.test_size=100']
 
 
 def run_main(args, workdir, script='experiments/main.py'):
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, script, f'--workdir={workdir}', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return run_script(script, f'--workdir={workdir}', *args)
 
 
 BAD_INPUTS = {
@@ -186,8 +181,6 @@ def test_fine_tuning_variant_from_the_cli(tmp_path):
 
 def test_show_sequence_writes_png(tmp_path):
   out = tmp_path / 'seq.png'
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, 'experiments/show_sequence.py', *TINY, f'--out={out}'], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = run_script('experiments/show_sequence.py', *TINY, f'--out={out}', timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny run configuration, command lines run in forked children, the check of a one-line
 user error, and a fixture recording every stage of real training."""
+import atexit
 import json
 import os
 import subprocess
@@ -33,17 +34,45 @@ def _fresh_compilation_caches():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_SERVER: subprocess.Popen | None = None
+
+
+def _fork_server() -> subprocess.Popen:
+  """This worker's fork server (tests/forked_script.py), started on first use."""
+  global _SERVER
+  if _SERVER is None or _SERVER.poll() is not None:
+    _SERVER = subprocess.Popen([sys.executable, 'tests/forked_script.py'], cwd=ROOT, text=True,
+                               env=dict(os.environ, CI='1', JAX_PLATFORMS='cpu'),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    atexit.register(_SERVER.stdin.close)
+  return _SERVER
+
+
+def run_script(script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600,
+               cwd: str = ROOT) -> subprocess.CompletedProcess:
+  """`python script args` (script: a path from the repo root) as a fresh process would run it, with CI=1,
+  JAX_PLATFORMS=cpu and `env` added to this environment, in a child forked from a warm interpreter that has
+  imported s2f_jax (tests/forked_script.py): about 4 s less per command. TimeoutExpired past `timeout` s."""
+  server = _fork_server()
+  request = {'script': script, 'args': list(map(str, args)), 'cwd': str(cwd), 'timeout': timeout,
+             'env': dict(os.environ, CI='1', JAX_PLATFORMS='cpu', **(env or {}))}
+  server.stdin.write(json.dumps(request) + '\n')
+  server.stdin.flush()
+  code, stdout, stderr = json.loads(server.stdout.readline())
+  if code is None:
+    raise subprocess.TimeoutExpired([script, *args], timeout, stdout, stderr)
+  return subprocess.CompletedProcess([script, *args], code, stdout, stderr)
+
+
 def forked_runs(script: str, cases: dict[str, list[str]], root, out_flag: str) -> dict[str, tuple[int, str, bool]]:
-  """Every case's command line through `script` (a path from the repo root), with `{out_flag}=root/<i>` as its own
-  output folder, each in a child forked from one warm interpreter (tests/forked_script.py, one jax import for all):
-  case → (exit code, stderr, whether its output folder exists)."""
-  folders = {case: os.path.join(root, str(i)) for i, case in enumerate(cases)}
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, 'tests/forked_script.py', script], cwd=ROOT, env=env, capture_output=True,
-                        input=json.dumps({c: [*args, f'{out_flag}={folders[c]}'] for c, args in cases.items()}),
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return {case: (code, err, os.path.exists(folders[case])) for case, (code, _, err) in json.loads(proc.stdout).items()}
+  """Every case's command line through `script` (`run_script`), with `{out_flag}=root/<i>` as its own output
+  folder: case → (exit code, stderr, whether its output folder exists)."""
+  out = {}
+  for i, (case, args) in enumerate(cases.items()):
+    folder = os.path.join(root, str(i))
+    done = run_script(script, *args, f'{out_flag}={folder}')
+    out[case] = (done.returncode, done.stderr, os.path.exists(folder))
+  return out
 
 
 def assert_user_error(code: int, stderr: str, must_mention) -> None:

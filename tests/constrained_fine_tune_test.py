@@ -2,8 +2,6 @@
 (`constraint.*`, `label_noise.*`): the selected model stays in its balls, the noise hits only the final step's train
 labels, the corrected objective is the library's loss, and bad settings are one-line errors."""
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,9 +12,7 @@ from s2f_jax.errors import UserError
 from s2f_jax.results import stored
 from s2f_jax.training import label_noise
 
-from conftest import SMALL, run_small, tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_script, run_small, SMALL, tiny_config
 
 
 def _leaf(tree, path):
@@ -111,8 +107,7 @@ def test_bad_settings_are_user_errors(overrides, message):
 
 
 def test_cli_rejects_a_bad_norm(tmp_path):
-  done = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'main.py'), '--config=configs/default.py',
-                         '--config.method=erm_fine_tune', '--config.constraint.norm=l3',
-                         f'--workdir={tmp_path / "w"}'], capture_output=True, text=True, cwd=ROOT)
+  done = run_script('experiments/main.py', '--config=configs/default.py', '--config.method=erm_fine_tune',
+                    '--config.constraint.norm=l3', f'--workdir={tmp_path / "w"}')
   assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
   assert 'l3' in done.stderr and 'frob' in done.stderr and not (tmp_path / 'w').exists()

@@ -7,12 +7,10 @@ tested on the final step), the dataset `digits_upside_down`, the shift block `in
 import json
 import os
 import runpy
-import subprocess
-import sys
 
 import numpy as np
 
-from conftest import ROOT, assert_user_error
+from conftest import assert_user_error, ROOT, run_script
 from s2f_jax import experiment, studies
 from s2f_jax.data import SequenceSpec, ShiftKind, build_sequence, datasets, register_shift, shifts, sources
 from s2f_jax.methods import Method, register_method
@@ -75,9 +73,7 @@ def get_config():
 
 
 def _main(config, workdir, *args):
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, 'experiments/main.py', f'--config={config}', f'--workdir={workdir}', *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return run_script('experiments/main.py', f'--config={config}', f'--workdir={workdir}', *args)
 
 
 def test_registered_method_and_dataset_run_through_the_cli(tmp_path):
@@ -119,7 +115,6 @@ def test_registered_study_and_study_errors_through_the_cli(tmp_path):
   bad = _main(config, tmp_path / 'bad', '--config.experiment=stitching')  # a study whose section is missing
   assert_user_error(bad.returncode, bad.stderr, ['no stitching section', 'stitching_config()'])
   assert not (tmp_path / 'bad').exists()
-
 
 
 def test_registered_shift_inverts_the_images_of_its_steps(monkeypatch):

@@ -1,21 +1,28 @@
-"""Runs one experiment script with many command lines, each in a child forked from one warm interpreter.
+"""A fork server for the tests' command lines: each request runs one experiment script in a child forked from this
+warm interpreter, which has imported s2f_jax (about 4 s per fresh process, more beside the other test worker) but
+started no XLA backend, so forking is safe.
 
-  python tests/forked_script.py SCRIPT < {"case": [ARG, ...], ...}  →  {"case": [exit code, stdout, stderr], ...}
+  python tests/forked_script.py   # stdin: one JSON request per line {"script", "args", "env", "cwd", "timeout"}
+                                  # stdout: one JSON line per request [exit code, stdout, stderr] (code None: timeout)
 
-A child runs SCRIPT as `__main__` with `sys.argv = [SCRIPT, *ARGS]` from a copy of this process, which has
-imported s2f_jax (about 3 s per process) but started no XLA backend, so forking is safe. The child's exit code,
-stdout and stderr are what a fresh `python SCRIPT ARGS` process would give: exceptions that escape print their
-traceback and exit 1, `SystemExit` exits with its code. The CLI tests use it for their long tables of bad inputs.
+A child runs SCRIPT as `__main__` with `sys.argv = [SCRIPT, *ARGS]`, the request's environment and folder. Its exit
+code, stdout and stderr are what a fresh `python SCRIPT ARGS` process gives: exceptions that escape print their
+traceback and exit 1, `SystemExit` exits with its code, exit handlers run. Settings JAX reads when it is imported
+(JAX_PLATFORMS, JAX_ENABLE_X64) come from the server's environment; XLA_FLAGS and everything else from the request.
 """
+import atexit
 import importlib
 import json
 import os
 import runpy
 import sys
 import tempfile
+import time
 import traceback
 
-for _module in ('s2f_jax.cli', 's2f_jax.experiment'):  # the slow imports, done once before forking
+# The slow imports, done once before forking (every study's runner and the other scripts' modules).
+for _module in ('s2f_jax.cli', 's2f_jax.experiment', 's2f_jax.studies', 's2f_jax.sweep', 's2f_jax.visualize',
+                'matplotlib.pyplot'):
   importlib.import_module(_module)
 
 
@@ -34,22 +41,53 @@ def _child(script: str, args: list[str]) -> int:
     return 1
 
 
-def run(script: str, argv: list[str]) -> tuple[int, str, str]:
+def run(script: str, args: list[str], env: dict[str, str] | None = None, cwd: str | None = None,
+        timeout: float | None = None) -> tuple[int | None, str, str]:
+  """(exit code, stdout, stderr) of `script args` in a forked child; exit code None when it ran past `timeout` s
+  (the child is killed)."""
   with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
     pid = os.fork()
     if pid == 0:
       os.dup2(out.fileno(), 1)
       os.dup2(err.fileno(), 2)
-      code = _child(script, argv)
-      sys.stdout.flush()
-      sys.stderr.flush()
-      os._exit(code)
-    _, status = os.waitpid(pid, 0)
+      if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+      if cwd:
+        os.chdir(cwd)
+      code = _child(script, args)
+      try:
+        atexit._run_exitfuncs()  # noqa: SLF001 — what interpreter exit does before os._exit skips it
+      finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+      done, status = os.waitpid(pid, os.WNOHANG)
+      if done:
+        code = os.waitstatus_to_exitcode(status)
+        break
+      if deadline is not None and time.monotonic() > deadline:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        code = None
+        break
+      time.sleep(0.01)
     out.seek(0)
     err.seek(0)
-    return os.waitstatus_to_exitcode(status), out.read(), err.read()
+    return code, out.read(), err.read()
+
+
+def serve() -> None:
+  channel = os.fdopen(os.dup(1), 'w')
+  os.dup2(2, 1)  # stray prints of this server go to stderr, never into the replies
+  for line in sys.stdin:
+    request = json.loads(line)
+    channel.write(json.dumps(run(request['script'], request['args'], request.get('env'), request.get('cwd'),
+                                 request.get('timeout'))) + '\n')
+    channel.flush()
 
 
 if __name__ == '__main__':
-  cases = json.load(sys.stdin)
-  json.dump({name: run(sys.argv[1], argv) for name, argv in cases.items()}, sys.stdout)
+  serve()

@@ -2,8 +2,6 @@
 constraint, measures wired to the stored models, and the command line."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +12,8 @@ from s2f_jax.analysis import hessian
 from s2f_jax.errors import UserError
 from s2f_jax.results import stored
 
-from conftest import tiny_config
+from conftest import run_script, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RADII = (0.5, 50.0)
 
 
@@ -96,12 +93,9 @@ def test_outputs_and_cli(measured, tmp_path):
   with open(os.path.join(tmp_path, 'generalization.json')) as f:
     assert [r['top_eigenvalue'] for r in json.load(f)] == [r['top_eigenvalue'] for r in rows]
   assert generalization.markdown(rows).count('\n') == len(rows) + 1
-  done = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'hessian.py'),
-                         '--config.method=erm_all', f'--workdir={tmp_path / "w"}'], capture_output=True, text=True,
-                        cwd=ROOT)
+  done = run_script('experiments/hessian.py', '--config.method=erm_all', f'--workdir={tmp_path / "w"}')
   assert done.returncode == 2 and 'needs method=erm_fine_tune' in done.stderr
   assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / 'w').exists()
-  done = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'hessian.py'), '--trace_estimator=exact',
-                         f'--workdir={tmp_path / "w"}'], capture_output=True, text=True, cwd=ROOT)
+  done = run_script('experiments/hessian.py', '--trace_estimator=exact', f'--workdir={tmp_path / "w"}')
   assert done.returncode == 2 and "unknown trace_estimator 'exact'; valid choices: hutchinson" in done.stderr
   assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / 'w').exists()

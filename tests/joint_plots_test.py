@@ -2,9 +2,6 @@
 `adjacent_reg_results` merges the joint runs per β and reads the ERM baselines;
 experiments/plot_effect_of_adjacent_reg.py draws it or fails with one line."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,8 @@ from s2f_jax.analysis.joint_weights import adjacent_reg_results
 from s2f_jax.errors import UserError
 from s2f_jax.results import write_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_script
+
 # method folder → adjacent_reg.json records (β, best valid accuracy); the change norms are derived from both.
 RUNS = {
     'joint_model_adjacent_reg_l2': [(0.01, 0.50), (0.1, 0.62), (1.0, 0.55)],
@@ -71,15 +69,13 @@ def test_adjacent_reg_results_merge_runs_per_beta(tmp_path):
     adjacent_reg_results(tmp_path / 'erm_final')
 
 
-def run_script(*args):
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, 'experiments/plot_effect_of_adjacent_reg.py', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+def run_plot(*args):
+  return run_script('experiments/plot_effect_of_adjacent_reg.py', *args, timeout=300)
 
 
 def test_script_draws_the_figure_and_prints_the_table(tmp_path):
   make_run_folder(tmp_path)
-  proc = run_script(f'--workdir={tmp_path}')
+  proc = run_plot(f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-2000:]
   figure = tmp_path / 'effect_of_adjacent_reg.pdf'
   assert figure.read_bytes()[:5] == b'%PDF-' and figure.stat().st_size > 1000
@@ -95,7 +91,7 @@ def test_script_bad_input_is_one_line_and_exit_2(tmp_path, case):
   args = {'no results': [f'--workdir={tmp_path / "run" / "erm_final"}'],
           'bad extension': [f'--workdir={tmp_path / "run"}', f'--out={tmp_path / "fig.jpg"}'],
           'extra argument': [f'--workdir={tmp_path / "run"}', 'plot']}[case]
-  proc = run_script(*args)
+  proc = run_plot(*args)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith('error: ')
   assert {'no results': 'no joint_model results', 'bad extension': '.pdf or .png',

@@ -1,17 +1,13 @@
 """The model-patching experiment end to end on tiny digits: stage 1, the three methods, metrics and read-back."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import run_script, tiny_config
 from s2f_jax.errors import UserError
 from s2f_jax.patching import experiment
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
@@ -84,9 +80,8 @@ def test_bad_settings_fail_before_writing(tmp_path, override, message):
 
 
 def test_cli_bad_method_is_one_line_exit_2(tmp_path):
-  proc = subprocess.run([sys.executable, 'experiments/model_patching.py', '--config=configs/model_patching.py',
-                         f'--workdir={tmp_path / "w"}', '--config.patching.methods=erm,jtt'],
-                        cwd=REPO, capture_output=True, text=True, env={**os.environ, 'CI': '1'})
+  proc = run_script('experiments/model_patching.py', '--config=configs/model_patching.py',
+                    f'--workdir={tmp_path / "w"}', '--config.patching.methods=erm,jtt')
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].endswith('valid choices: erm, gdro, camel')
   assert len(proc.stderr.strip().splitlines()) == 1

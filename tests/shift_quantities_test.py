@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import scipy.linalg
 from scipy.stats import ortho_group
 
-from conftest import assert_user_error, forked_runs, tiny_config
+from conftest import assert_user_error, forked_runs, run_script, tiny_config
 from s2f_jax import experiment
 from s2f_jax.analysis.shift_quantities import (TABLES, conditional_w2, conditional_w2_details, pca_projection,
                                                quantify, ratio_tables, w2)
 from s2f_jax.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------------------ W2
@@ -207,15 +203,13 @@ TINY = ['--config=configs/default.py', '--config.data.source_size=200', '--confi
         '--config.data.test_size=100']
 
 
-def run_script(*args):
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, 'experiments/quantify_shifts.py', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+def run_quantify(*args):
+  return run_script('experiments/quantify_shifts.py', *args, timeout=300)
 
 
 def test_cli_writes_the_files(tmp_path):
   out = tmp_path / 'shifts'
-  proc = run_script(*TINY, f'--out={out}')
+  proc = run_quantify(*TINY, f'--out={out}')
   assert proc.returncode == 0, proc.stderr[-2000:]
   stems = [f'{name}_ratios_table' for name in TABLES]
   assert sorted(os.listdir(out)) == sorted(['shift_quantities.json', 'shift_quantities.md']

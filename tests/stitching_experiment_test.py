@@ -3,8 +3,6 @@ specificity arithmetic, the sensitivity test at full rank, read-back, and bad in
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +12,8 @@ from s2f_jax.errors import UserError
 from s2f_jax.results import writer
 from s2f_jax.stitching import layer_pairs
 
-from conftest import tiny_config
+from conftest import run_script, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'data.source_size': 300, 'model.num_blocks': 1, 'model.width': 4, 'stitching.tlm_epochs': 1, 'stitching.ranks': (1, 4),
         'stitching.probe_epochs': 5, 'stitching.similarity_samples': 60, 'stitching.dm_samples': 20,
         'stitching.detector.pretrain_epochs': 2, 'stitching.detector.finetune_epochs': 1,
@@ -109,10 +106,8 @@ def test_bad_config_raises_before_writing(tmp_path, overrides, words):
 
 
 def test_cli_bad_input_exits_2(tmp_path):
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  done = subprocess.run([sys.executable, 'experiments/stitching.py', f'--workdir={tmp_path / "w"}',
-                         '--config.stitching.tlm_init=zeros'], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  done = run_script('experiments/stitching.py', f'--workdir={tmp_path / "w"}', '--config.stitching.tlm_init=zeros',
+                    timeout=300)
   assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
   assert 'zeros' in done.stderr and 'pinv' in done.stderr
   assert not (tmp_path / 'w').exists()

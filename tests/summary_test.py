@@ -1,15 +1,14 @@
 """Summary tables from recorded results (original.md S2F §5.6): a hand-written fixture tree in, known tables out."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from s2f_jax.errors import UserError
 from s2f_jax.results import summary
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_script
+
 A = 'source6000:rotation4000:corruption6000:label_flip4000'
 A20 = 'source6000:rotation4000:corruption6000:label_flip20000'  # the oracle's setup
 B = 'source6000:corruption4000:label_flip6000:rotation4000'
@@ -260,14 +259,12 @@ def test_row_order_convnet_side_tune_sizes_and_datasets():
     summary.summarize(rows, metric='train')
 
 
-def run_script(*args):
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, 'experiments/summarize.py', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
+def run_summarize(*args):
+  return run_script('experiments/summarize.py', *args, timeout=120)
 
 
 def test_cli_writes_tables(results):
-  proc = run_script(f'--root={results}')
+  proc = run_summarize(f'--root={results}')
   assert proc.returncode == 0, proc.stderr
   out = results / 'summary'
   assert sorted(os.listdir(out)) == sorted(f'{s}.{e}' for s in (A, B) for e in ('md', 'csv', 'tex'))
@@ -275,7 +272,7 @@ def test_cli_writes_tables(results):
   assert (out / f'{B}.csv').read_text() == B_CSV
   assert (out / f'{B}.tex').read_text() == B_LATEX
   assert f'## {A} (cifar10)' in proc.stdout and B_MARKDOWN in proc.stdout
-  again = run_script(f'--root={results}', '--compat_select_by_test')  # the summary folder itself is not read
+  again = run_summarize(f'--root={results}', '--compat_select_by_test')  # the summary folder itself is not read
   assert again.returncode == 0, again.stderr
   assert '***.91*** ± .01' in (out / f'{A}.md').read_text()
 
@@ -285,7 +282,7 @@ def test_cli_user_errors(tmp_path, case):
   (tmp_path / 'unfinished').mkdir()
   (tmp_path / 'unfinished' / 'metrics.jsonl').write_text('{}\n')  # no DONE: not a result
   args = {'empty': [f'--root={tmp_path}'], 'missing': [f'--root={tmp_path / "nope"}'], 'no flag': []}[case]
-  proc = run_script(*args)
+  proc = run_summarize(*args)
   assert proc.returncode == 2, (proc.returncode, proc.stderr)
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr

@@ -4,8 +4,6 @@ import collections
 import fcntl
 import json
 import os
-import subprocess
-import sys
 
 import ml_collections
 import pytest
@@ -18,7 +16,7 @@ from s2f_jax.methods import METHODS, Method
 from s2f_jax.results import read_metrics, summary
 from s2f_jax.training import merged
 
-from conftest import SMALL, assert_user_error, forked_runs, tiny_config
+from conftest import assert_user_error, forked_runs, run_script, SMALL, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS = os.path.join(ROOT, 'configs', 'sweeps')
@@ -306,9 +304,7 @@ def test_seeds_together_merge_fits_and_equal_seeds_apart(tmp_path, monkeypatch):
 
 
 def run_cli(*args):
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, 'experiments/sweep.py', *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+  return run_script('experiments/sweep.py', *args, timeout=300)
 
 
 def test_cli_dry_run_lists_jobs_and_writes_nothing(tmp_path):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +17,8 @@ from s2f_jax.results import writer
 from s2f_jax.training import checkpoint
 from s2f_jax.transfer import pairs
 
-from conftest import tiny_config
+from conftest import run_script, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'data.source_size': 200, 'data.test_size': 80, 'transfer.targets': ('rotation', 'label_flip'),
         'transfer.settings': ('learned_all', 'fixed_all'), 'transfer.target_size': 150, 'transfer.num_steps': 21,
         'transfer.batch_size': 60, 'transfer.tau': 1.0, 'transfer.head.num_epochs': 100,
@@ -98,10 +95,8 @@ def test_outputs_written_once_and_read_back(finished):
 
 
 def _cli(workdir, *args):
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, 'experiments/transferability.py', f'--workdir={workdir}',
-                         '--config.data.image_size=16', '--config.model.width=8', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return run_script('experiments/transferability.py', f'--workdir={workdir}', '--config.data.image_size=16',
+                    '--config.model.width=8', *args, timeout=300)
 
 
 def test_bad_input_exits_2_and_writes_nothing(tmp_path):

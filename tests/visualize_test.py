@@ -3,8 +3,6 @@ accuracies), projection and SVCCA coordinates against hand computations, and the
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from s2f_jax.analysis import activations, projection
 from s2f_jax.errors import UserError
 from s2f_jax.results import stored
 
-from conftest import SMALL, tiny_config
+from conftest import run_script, SMALL, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = 'erm_final,erm_fine_tune,sequential_fine_tune,joint_model'
@@ -116,10 +114,9 @@ def test_layer_activations_end_in_the_logits(run):
 @pytest.mark.slow
 def test_cli_writes_figures_and_rejects_bad_input(runs, tmp_path):
   root = runs[0]
-  cmd = [sys.executable, os.path.join(ROOT, 'experiments', 'visualize.py'), f'--root={root}']
+  cmd = ['experiments/visualize.py', f'--root={root}']
   out = tmp_path / 'out'
-  done = subprocess.run(cmd + ['--representation=cca', f'--out={out}'], capture_output=True, text=True,
-                        env={**os.environ, 'CI': '1'})
+  done = run_script(*cmd, '--representation=cca', f'--out={out}')
   assert done.returncode == 0, done.stderr
   name = os.path.relpath(runs[1], root).replace(os.sep, '__').replace(':', '_') + '_cca'
   assert sorted(os.listdir(out)) == sorted([name + '.json', name + '.pdf'])
@@ -129,7 +126,7 @@ def test_cli_writes_figures_and_rejects_bad_input(runs, tmp_path):
       assert all(-1e-9 <= v <= 1 + 1e-9 for point in path for v in point)
   for bad, message in (('--representation=loss', "unknown representation 'loss'"),
                        (f'--root={tmp_path / "none"}', 'does not exist')):
-    done = subprocess.run(cmd + [bad, f'--out={tmp_path / "bad"}'], capture_output=True, text=True)
+    done = run_script(*cmd, bad, f'--out={tmp_path / "bad"}')
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / 'bad').exists()
 
