@@ -33,14 +33,10 @@ def main(argv):
   root = _ROOT.value
   if not os.path.isdir(root):
     raise cli.UserError(f'--root={root!r} is not a folder')
-  rows = summary.collect(root)
-  if not rows:
-    raise cli.UserError(f'no finished results under {root!r} (looked for metrics.jsonl beside a DONE marker)')
-  tables = summary.summarize(rows, _METRIC.value, _COMPAT.value)
+  tables, paths = summary.write_summary(root, _METRIC.value, _COMPAT.value)
   if not tables:
-    raise cli.UserError(f'no table to build from the results under {root!r}')
+    raise cli.UserError(f'no finished results under {root!r} (looked for metrics.jsonl beside a DONE marker)')
   out = os.path.join(root, 'summary')
-  paths = summary.write_tables(tables, out)
   print('\n'.join(summary.to_markdown(t) for t in tables.values()))
   logging.getLogger('s2f_jax').info('wrote %d files to %s', len(paths), out)
 

@@ -12,7 +12,14 @@ runs every n-th job (job k goes to task k mod n; e.g. `--task_index=$SLURM_ARRAY
 keeps the jobs whose key matches (keys: sequence, model, blocks, variant, method, seed; repeat a key for
 alternatives). A failed job is recorded in `DIR/failures.jsonl` and the sweep goes on (exit code 1 at the end);
 every job appends a line to `DIR/sweep_status.jsonl`, and `DIR/columns/<sweep>.json` records the summary table column
-of every job's method folder (read by experiments/summarize.py). `--dry_run` lists the jobs and writes nothing.
+of every job's method folder (read by experiments/summarize.py). `--dry_run` lists the jobs and writes nothing. When the jobs end, the summary tables of everything finished under DIR
+are written to `DIR/summary/` and printed.
+
+Executors (`--executor` or the config key `executor`; s2f_jax/executors.py, docs/cluster.md): `local` runs the units
+in this process; `ray` as Ray tasks (`--config.ray.address=HOST:PORT` joins a cluster, else a local one starts;
+`--config.ray.cpus_per_job`, `--config.ray.gpus_per_job`); `slurm` as one SLURM job array through submitit
+(`--config.slurm.partition`, `time_min`, `cpus_per_task`, `gpus_per_node`, `mem_gb`, `array_parallelism`). Units lost
+with their worker are retried `--config.retries` times (default 2) and resume from their checkpoints.
 """
 import os
 import sys
@@ -21,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
-from s2f_jax import cli, sweep  # noqa: E402
+from s2f_jax import cli, executors, sweep  # noqa: E402
+from s2f_jax.results import summary  # noqa: E402
 
 _CONFIG = cli.define_config(None)
 _ROOT = flags.DEFINE_string('root', 'runs', 'Folder the jobs write their run folders (and the sweep records) under.')
@@ -29,7 +37,10 @@ _TASK_INDEX = flags.DEFINE_integer('task_index', 0, 'This task (0..num_tasks-1):
 _NUM_TASKS = flags.DEFINE_integer('num_tasks', 1, 'Number of tasks the job list is split over.')
 _ONLY = flags.DEFINE_multi_string('only', [], 'KEY=VALUE: keep the jobs whose key matches (repeatable).')
 _SEEDS_TOGETHER = flags.DEFINE_bool('seeds_together', True, "Run a job's seeds side by side, their fits merged.")
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the selected jobs and their workdirs; run and write nothing.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the selected jobs and their workdirs (and, for slurm, the sbatch '
+                             'script it would submit); run and write nothing.')
+_EXECUTOR = flags.DEFINE_enum('executor', None, list(executors.EXECUTORS),
+                              'Where the jobs run (default: the config key `executor`, else local).')
 
 
 def _check_config_flag(argv: list[str]) -> None:
@@ -64,16 +75,27 @@ def main(argv):
   all_jobs = sweep.jobs(config)
   selected = sweep.select(all_jobs, _TASK_INDEX.value, _NUM_TASKS.value, _ONLY.value)
   root = _ROOT.value
+  if _EXECUTOR.value:
+    config.executor = _EXECUTOR.value
+  settings = executors.settings_of(config)
   scope = f'task {_TASK_INDEX.value} of {_NUM_TASKS.value}; {len(all_jobs)} in sweep {config.get("name", "")!r}'
   if _DRY_RUN.value:
     for k, job in enumerate(selected):
       print(f'{k:4d}  {sweep.job_state(job, root):8s}  {job.describe()}  {job.workdir(root)}')
-    print(f'{len(selected)} jobs ({scope})')
+    print(f'{len(selected)} jobs ({scope}; executor {settings.executor})')
+    if settings.executor == 'slurm':
+      units = len(sweep.seed_groups(selected)) if _SEEDS_TOGETHER.value else len(selected)
+      print(executors.sbatch_script(settings, executors.default_folder(settings, root), sweep.slurm_name(root), units))
     return
   sweep.check_data(selected)
   sweep.write_columns(all_jobs, root, config.get('name') or 'sweep')
-  counts = sweep.run_sweep(selected, root, (_TASK_INDEX.value, _NUM_TASKS.value), _SEEDS_TOGETHER.value)
-  print(f'{len(selected)} jobs ({scope}): ' + ', '.join(f'{v} {k}' for k, v in counts.items()))
+  counts = sweep.run_sweep(selected, root, (_TASK_INDEX.value, _NUM_TASKS.value), _SEEDS_TOGETHER.value, settings)
+  print(f'{len(selected)} jobs ({scope}; executor {settings.executor}): ' +
+        ', '.join(f'{v} {k}' for k, v in counts.items()))
+  tables, paths = summary.write_summary(root)
+  if tables:
+    print('\n'.join(summary.to_markdown(t) for t in tables.values()))
+    print(f'summary: {len(paths)} files in {os.path.join(root, "summary")}')
   if counts['failed']:
     print(f'error: {counts["failed"]} of {len(selected)} jobs failed; see {os.path.join(root, sweep.FAILURES_FILE)}',
           file=sys.stderr)

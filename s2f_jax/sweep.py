@@ -16,6 +16,7 @@ A sweep config (`configs/sweeps/*.py`, `get_config(arg)`; `arg` = `quick` for th
                'linear_probe_fine_tune'})); column = the summary table column of its results (default: the label)
   oracle_final_size  > 0: per sequence one more job, erm_final with the final step's size replaced (variant
                'oracle'); skipped for real sequences (Portraits)
+  executor, retries, ray, slurm   where the jobs run (`executors.sweep_settings`; optional, default local)
 
 Each job is `base` + sequence + model + variant overrides + seed. Its workdir is `<root>/<run folder>` with the run
 folder of `experiment.default_workdir` (`<model>_<N>blocks_<dataset>/<setup>/seed<seed>`), so jobs of one
@@ -38,6 +39,7 @@ import importlib.util
 import json
 import logging
 import os
+import socket
 import time
 import traceback
 import zlib
@@ -45,7 +47,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
-from s2f_jax import config as config_lib, experiment
+from s2f_jax import compile_cache, config as config_lib, executors, experiment, io
 from s2f_jax.data.sequence import SequenceSpec
 from s2f_jax.errors import UserError, choices_error
 from s2f_jax.results import summary
@@ -59,6 +61,7 @@ SWEEP_ARGS = ('full', 'quick', 'quick_all', 'original', 'quick_original', 'quick
 ORACLE = 'oracle'
 STATUS_FILE = 'sweep_status.jsonl'
 FAILURES_FILE = 'failures.jsonl'
+RUNNING_DIR = '.running'
 
 # The paper's table columns (original.md S2F §5.6) as run variants (label, overrides[, column]). SFT is run with each
 # learning-rate decay, all three in the SFT column (the summary takes the best per seed by validation accuracy);
@@ -361,84 +364,136 @@ def seed_groups(selected: list[Job]) -> list[list[Job]]:
   return list(groups.values())
 
 
-def run_sweep(selected: list[Job], root: str, task: tuple[int, int] = (0, 1), seeds_together: bool = True
-              ) -> dict[str, int]:
-  """Runs `selected` jobs in their workdirs under `root`: with `seeds_together` the seeds of a job key run side by
-  side (`experiment.run_together`: each stage trains all seeds' grid points in one fit, each seed's data a slot),
-  otherwise one job after another (`experiment.run`).
+def _failure(job: Job, root: str, error: BaseException) -> None:
+  _append(os.path.join(root, FAILURES_FILE), {
+      'time': _now(), 'key': job.key, 'workdir': job.workdir(root), 'error': type(error).__name__,
+      'message': _one_line(error), 'traceback': ''.join(traceback.format_exception(error))})
+  log.warning('sweep: job failed (%s: %s): %s', type(error).__name__, _one_line(error), job.describe())
 
-  A job whose methods are all finished is skipped; an interrupted one resumes (experiment.run). An exception in a job
-  (not KeyboardInterrupt) is appended to `<root>/failures.jsonl` and the sweep goes on. Every job appends a line
-  (key, workdir, status done/skipped/failed, seconds — an equal share of the group's time when seeds ran together)
-  to `<root>/sweep_status.jsonl`. Jobs whose shared stage is being trained by another task are put off to the end
-  of this task's list. Returns the count per status. A dataset without its files configured is a UserError before
-  anything runs.
+
+def _status(job: Job, root: str, task: tuple[int, int], status: str, seconds: float, **extra) -> dict:
+  record = {'time': _now(), 'key': job.key, 'workdir': job.workdir(root), 'status': status,
+            'seconds': round(seconds, 2), 'task': f'{task[0]}/{task[1]}', 'host': socket.gethostname(),
+            'pid': os.getpid(), **extra}
+  _append(os.path.join(root, STATUS_FILE), record)
+  return record
+
+
+def running_file(unit: list[Job], root: str) -> str:
+  """`<root>/.running/<tag>.json`: which process (host, pid) runs `unit` now; removed when the unit ends."""
+  return os.path.join(root, RUNNING_DIR, f'{zlib.crc32(unit[0].folder.encode() + unit[0].key["variant"].encode()):08x}'
+                                         f'-{unit[0].key["variant"]}.json')
+
+
+def slurm_name(root: str) -> str:
+  """The SLURM job name of a sweep writing under `root`."""
+  return f's2f_sweep_{os.path.basename(os.path.abspath(root))}'
+
+
+def run_unit(unit: list[Job], root: str, task: tuple[int, int] = (0, 1), blocking: bool = True
+             ) -> list[dict] | None:
+  """Runs one unit of work: `unit`'s jobs (one key's seeds) side by side (`experiment.run_together`; one job:
+  `experiment.run`). Finished jobs are skipped, interrupted ones resume. Holds the locks of the shared stages its
+  methods start from; when one is held by another process: waits if `blocking`, else returns None at once.
+
+  An exception in a job (not KeyboardInterrupt) goes to `<root>/failures.jsonl`; every job appends its record
+  (key, workdir, status done/skipped/failed, seconds — an equal share when seeds ran together, task) to
+  `<root>/sweep_status.jsonl`, with the host and process that ran it. Returns the records. Every executor calls
+  this, in this process or a worker's (which gets the persistent compilation cache of the jobs' config)."""
+  compile_cache.enable(unit[0].config.get('compilation_cache_dir', compile_cache.AUTO))
+  if all(job_state(job, root) == 'finished' for job in unit):
+    return [_status(job, root, task, 'skipped', 0.0) for job in unit]
+  with _locked(sorted({path for job in unit for path in _lock_paths(job, root)}), blocking) as got:
+    if not got:
+      return None
+    todo = [job for job in unit if job_state(job, root) != 'finished']  # under the locks: another may have finished
+    records = [_status(job, root, task, 'skipped', 0.0) for job in unit if job not in todo]
+    if not todo:
+      return records
+    marker = running_file(todo, root)
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    io.write_atomic(marker, json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'time': _now(),
+                                        'jobs': [job.describe() for job in todo]}))
+    tic = time.time()
+    try:
+      if len(todo) == 1:
+        try:
+          outcomes = [(experiment.run(todo[0].config, todo[0].workdir(root)), None)]
+        except Exception as e:  # noqa: BLE001 — a failed job is recorded and the sweep goes on
+          outcomes = [(None, e)]
+      else:
+        outcomes = experiment.run_together([j.config for j in todo], [j.workdir(root) for j in todo])
+    finally:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(marker)
+    seconds = (time.time() - tic) / len(todo)
+    extra = {'together': len(todo)} if len(todo) > 1 else {}
+    for job, (rows, error) in zip(todo, outcomes):
+      if error is not None:
+        _failure(job, root, error)
+        records.append(_status(job, root, task, 'failed', seconds, error=type(error).__name__, **extra))
+      else:
+        records.append(_status(job, root, task, 'done', seconds, **extra,
+                               results={str(r.get('Method')): r.get('Test accuracy') for r in rows}))
+    return records
+
+
+def run_sweep(selected: list[Job], root: str, task: tuple[int, int] = (0, 1), seeds_together: bool = True,
+              settings: ml_collections.ConfigDict | None = None) -> dict[str, int]:
+  """Runs `selected` jobs in their workdirs under `root` on the executor of `settings` (`executors.settings_of`;
+  default: this process), in units (`run_unit`): with `seeds_together` the seeds of a job key side by side (each
+  stage trains all seeds' grid points in one fit, each seed's data a slot), otherwise one job each.
+
+  Finished jobs are skipped and interrupted ones resume, so the same call continues a sweep. Locally, units whose
+  shared stage another task is training are put off to the end. A unit lost by its executor more than `retries`
+  times counts its jobs as failed (recorded like a failed job). Returns the count per status; a dataset without
+  its files configured is a UserError before anything runs.
   """
   check_data(selected)
   os.makedirs(root, exist_ok=True)
+  settings = settings or executors.sweep_settings()
+  units = seed_groups(selected) if seeds_together else [[job] for job in selected]
   counts = {'done': 0, 'skipped': 0, 'failed': 0}
   ran_seconds: list[float] = []
   total = len(selected)
-  bar = progress_bar(total, 'sweep', unit='job')
+  bar = progress_bar(total, f'sweep ({settings.executor})', unit='job')
 
-  def record(job: Job, status: str, seconds: float, **extra) -> None:
-    counts[status] += 1
-    _append(os.path.join(root, STATUS_FILE), {'time': _now(), 'key': job.key, 'workdir': job.workdir(root),
-                                               'status': status, 'seconds': round(seconds, 2),
-                                               'task': f'{task[0]}/{task[1]}', **extra})
-    finished = sum(counts.values())
-    eta = ''
-    if ran_seconds and finished < total:
-      eta = f', ETA {_duration(sum(ran_seconds) / len(ran_seconds) * (total - finished))}'
-    log.info('sweep [%d/%d] %s in %.1f s: %s%s', finished, total, status, seconds, job.describe(), eta)
-    bar.update(1)
-
-  def attempt(jobs: list[Job]) -> None:
-    tic = time.time()
-    if len(jobs) == 1:
-      try:
-        outcomes = [(experiment.run(jobs[0].config, jobs[0].workdir(root)), None)]
-      except Exception as e:  # noqa: BLE001 — a failed job is recorded and the sweep goes on
-        outcomes = [(None, e)]
-    else:
-      outcomes = experiment.run_together([j.config for j in jobs], [j.workdir(root) for j in jobs])
-    seconds = (time.time() - tic) / len(jobs)
-    extra = {'together': len(jobs)} if len(jobs) > 1 else {}
-    for job, (rows, error) in zip(jobs, outcomes):
-      if error is not None:
-        _append(os.path.join(root, FAILURES_FILE), {
-            'time': _now(), 'key': job.key, 'workdir': job.workdir(root), 'error': type(error).__name__,
-            'message': _one_line(error), 'traceback': ''.join(traceback.format_exception(error))})
-        log.warning('sweep: job failed (%s: %s): %s', type(error).__name__, _one_line(error), job.describe())
-        record(job, 'failed', seconds, error=type(error).__name__, **extra)
-        continue
-      ran_seconds.append(seconds)
-      record(job, 'done', seconds, results={str(r.get('Method')): r.get('Test accuracy') for r in rows}, **extra)
-
-  def locks(jobs: list[Job]) -> list[str]:
-    return sorted({path for job in jobs for path in _lock_paths(job, root)})
-
-  units = seed_groups(selected) if seeds_together else [[job] for job in selected]
-  try:
-    deferred = []
-    for unit in units:
-      todo = []
+  def tally(unit: list[Job], records: list[dict] | None, error: BaseException | None) -> None:
+    if error is not None:
+      records = []
       for job in unit:
-        if job_state(job, root) == 'finished':
-          record(job, 'skipped', 0.0)
+        _failure(job, root, error)
+        records.append(_status(job, root, task, 'failed', 0.0, error=type(error).__name__))
+    for r in records:
+      counts[r['status']] += 1
+      if r['status'] == 'done':
+        ran_seconds.append(r['seconds'])
+      finished = sum(counts.values())
+      eta = ''
+      if ran_seconds and finished < total:
+        eta = f', ETA {_duration(sum(ran_seconds) / len(ran_seconds) * (total - finished))}'
+      log.info('sweep [%d/%d] %s in %.1f s: %s%s', finished, total, r['status'], r['seconds'],
+               ' '.join(f'{k}={v}' for k, v in r['key'].items()), eta)
+      bar.update(1)
+      bar.set_postfix_str(f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']}")
+
+  try:
+    if settings.executor == 'ray':
+      executors.run_ray(units, run_unit, (root, task), settings, tally)
+    elif settings.executor == 'slurm':
+      executors.run_slurm(units, run_unit, (root, task), settings, executors.default_folder(settings, root),
+                          slurm_name(root), tally)
+    else:
+      deferred = []
+      for unit in units:
+        records = run_unit(unit, root, task, blocking=False)
+        if records is None:
+          log.info('sweep: %s waits for a shared stage another task is training', unit[0].describe())
+          deferred.append(unit)
         else:
-          todo.append(job)
-      if not todo:
-        continue
-      with _locked(locks(todo), blocking=False) as got:
-        if got:
-          attempt(todo)
-          continue
-      log.info('sweep: %s waits for a shared stage another task is training', todo[0].describe())
-      deferred.append(todo)
-    for todo in deferred:
-      with _locked(locks(todo), blocking=True):
-        attempt([job for job in todo if job_state(job, root) != 'finished'] or todo)
+          tally(unit, records, None)
+      for unit in deferred:
+        tally(unit, run_unit(unit, root, task, blocking=True), None)
   finally:
     bar.close()
   return counts
@@ -538,4 +593,5 @@ def paper_sweep(name: str, arg: str | None, sequences: list[dict], quick_sequenc
   c.base.compat.original = original
   c.seeds = PAPER_SEEDS
   c.methods = ()
+  c.update(executors.sweep_settings())
   return c

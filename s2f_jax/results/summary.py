@@ -564,3 +564,11 @@ def write_tables(tables: dict[str, Table], directory: str) -> list[str]:
       write_atomic(path, render(table))
       paths.append(path)
   return paths
+
+
+def write_summary(root: str, metric: str = 'test', compat_select_by_test: bool = False
+                  ) -> tuple[dict[str, Table], list[str]]:
+  """Collects every finished result under `root` and writes its tables to `<root>/summary/` (`write_tables`):
+  (tables, paths); ({}, []) when nothing has finished."""
+  tables = summarize(collect(root), metric, compat_select_by_test)
+  return tables, write_tables(tables, os.path.join(root, 'summary')) if tables else []
