@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from s2f_jax import distributed
 from s2f_jax.errors import UserError, choices_error
 
 INPUT_SCALINGS = ('standard', 'raw', 'original')
@@ -24,6 +25,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.method = method  # one method or a comma list; see s2f_jax.methods.METHODS
   c.seed = 1007
   c.num_epochs = 100
+  c.distributed = distributed.distributed_config()  # one run over several processes; s2f_jax.distributed
   c.compilation_cache_dir = 'auto'  # persistent JAX compilation cache: auto | a folder | '' (off); s2f_jax.compile_cache
   c.tensorboard = True  # per-epoch train/valid metrics of every stage also as TensorBoard event files (tensorboard/)
 

@@ -18,7 +18,7 @@ import zlib
 
 import ml_collections
 
-from s2f_jax import config as config_lib
+from s2f_jax import config as config_lib, distributed
 from s2f_jax.data.sequence import Sequence, SequenceSpec, build_sequence, split_real_sequence
 from s2f_jax.data.sources import RealSequence, load_source
 from s2f_jax.methods import METHODS, RunContext, method_name
@@ -87,6 +87,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, batcher: 
   batcher: given when this run is one of several run side by side (`run_together`)."""
   sequence, ctx = prepare(config)
   workdir = workdir or default_workdir(config, sequence)
+  used = distributed.process_workdir(workdir)  # one of several processes: only process 0 writes `workdir`
+  try:
+    return _run_methods(config, used, sequence, ctx, batcher)
+  finally:
+    distributed.release_workdir(workdir, used)
+
+
+def _run_methods(config: ml_collections.ConfigDict, workdir: str, sequence: Sequence, ctx: RunContext,
+                 batcher: FitBatcher | None) -> list[dict]:
   model_name = f'{config.model.name} {config.model.num_blocks} blocks'
   rows, finals = [], []
   shared_dir = os.path.join(workdir, 'shared', shared_fingerprint(config))

@@ -11,7 +11,7 @@ from typing import Callable
 
 import ml_collections
 
-from s2f_jax import config as config_lib, experiment, generalization
+from s2f_jax import config as config_lib, distributed, experiment, generalization
 from s2f_jax.errors import UserError, choices_error
 from s2f_jax.patching import experiment as patching
 from s2f_jax.results import format_table
@@ -54,6 +54,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
   if name not in STUDIES:
     raise choices_error('experiment', name, tuple(STUDIES))
   study = STUDIES[name]
+  if 'distributed' in config and distributed.requested(config.distributed):
+    if name != 'benchmark':
+      raise UserError(f'experiment={name!r} runs in one process; distributed.* applies to the benchmark only')
+    distributed.initialize(config.distributed)  # before anything computes
   if study.section and study.section not in config:
     raise UserError(f'the config has no {study.section} section; use configs/{name}.py or add '
                     f'{study.make_section} as config.{study.section}')

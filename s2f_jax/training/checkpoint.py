@@ -19,20 +19,31 @@ def _abstract(tree: Any) -> Any:
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _checkpointer() -> ocp.Checkpointer:
+  """Orbax's synchronous checkpointer of pytrees. In a run of several processes (s2f_jax.distributed) each process
+  writes its own folder (process 0 the run's, the others a scratch copy) from host arrays, as the only active
+  process (orbax's asynchronous checkpointer waits on signals across processes, which stalled)."""
+  options = ocp.options.MultiprocessingOptions()
+  if jax.process_count() > 1:
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                 barrier_sync_key_prefix=f'process{me}')
+  return ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=options)
+
+
 def save_tree(path: str, tree: Any) -> None:
   """Writes a pytree of arrays to the directory `path` (replaced if present), blocking until done."""
   path = os.path.abspath(path)
-  with _LOCK, ocp.StandardCheckpointer() as ckpt:
+  with _LOCK, _checkpointer() as ckpt:
     if os.path.exists(path):
       shutil.rmtree(path)
-    ckpt.save(path, tree)
-    ckpt.wait_until_finished()
+    ckpt.save(path, args=ocp.args.StandardSave(tree))  # synchronous: complete on disk when it returns
 
 
 def load_tree(path: str, like: Any) -> Any:
   """Reads the pytree saved at `path`; `like` gives structure, shapes, dtypes and shardings."""
-  with _LOCK, ocp.StandardCheckpointer() as ckpt:
-    return ckpt.restore(os.path.abspath(path), _abstract(like))
+  with _LOCK, _checkpointer() as ckpt:
+    return ckpt.restore(os.path.abspath(path), args=ocp.args.StandardRestore(_abstract(like)))
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -547,7 +547,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
                           num_groups=len(sizes)))
     state = lanes.map(initial_state, variables, hp)
     best = variables
-    checkpoint = FitCheckpoint(options.checkpoint_dir) if options.checkpoint_dir else None
+    # several processes (s2f_jax.distributed): no epoch checkpoints, the run resumes at its last finished stage
+    checkpoint = FitCheckpoint(options.checkpoint_dir) if options.checkpoint_dir and jax.process_count() == 1 else None
     restored = checkpoint.restore({'state': lanes.join(state), 'best': lanes.join(best)}) if checkpoint else None
     if restored is None:
       epoch, examples, elapsed = 0, 0, 0.0
@@ -601,6 +602,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
         last_save = time.time()
     bar.close()
     best = lanes.join(best)
+    if jax.process_count() > 1:  # the same weights in every process: plain host arrays for what follows
+      best = jax.device_get(best)
     return FitResult(
         best_variables=jax.tree_util.tree_map(lambda x: x[:num_runs], best),
         best_valid_accuracy=stopping.best_acc[:num_runs], best_epoch=stopping.best_epoch[:num_runs],
