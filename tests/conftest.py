@@ -48,20 +48,30 @@ def _fork_server() -> subprocess.Popen:
   return _SERVER
 
 
-def run_script(script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600,
-               cwd: str = ROOT) -> subprocess.CompletedProcess:
-  """`python script args` (script: a path from the repo root) as a fresh process would run it, with CI=1,
-  JAX_PLATFORMS=cpu and `env` added to this environment, in a child forked from a warm interpreter that has
-  imported s2f_jax (tests/forked_script.py): about 4 s less per command. TimeoutExpired past `timeout` s."""
+def run_scripts(commands: list[list[str]], env: dict[str, str] | None = None, timeout: float = 600,
+                cwd: str = ROOT) -> list[subprocess.CompletedProcess]:
+  """Every command [script, *args] (script: a path from the repo root) as a fresh `python script args` process
+  would run it, all at the same time, with CI=1, JAX_PLATFORMS=cpu and `env` added to this environment, each in a
+  child forked from a warm interpreter that has imported s2f_jax (tests/forked_script.py): about 4 s less per
+  command. TimeoutExpired when one runs past `timeout` s."""
   server = _fork_server()
-  request = {'script': script, 'args': list(map(str, args)), 'cwd': str(cwd), 'timeout': timeout,
+  commands = [list(map(str, command)) for command in commands]
+  request = {'commands': commands, 'cwd': str(cwd), 'timeout': timeout,
              'env': dict(os.environ, CI='1', JAX_PLATFORMS='cpu', **(env or {}))}
   server.stdin.write(json.dumps(request) + '\n')
   server.stdin.flush()
-  code, stdout, stderr = json.loads(server.stdout.readline())
-  if code is None:
-    raise subprocess.TimeoutExpired([script, *args], timeout, stdout, stderr)
-  return subprocess.CompletedProcess([script, *args], code, stdout, stderr)
+  out = []
+  for command, (code, stdout, stderr) in zip(commands, json.loads(server.stdout.readline())):
+    if code is None:
+      raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
+    out.append(subprocess.CompletedProcess(command, code, stdout, stderr))
+  return out
+
+
+def run_script(script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600,
+               cwd: str = ROOT) -> subprocess.CompletedProcess:
+  """`python script args` through `run_scripts`."""
+  return run_scripts([[script, *args]], env, timeout, cwd)[0]
 
 
 def forked_runs(script: str, cases: dict[str, list[str]], root, out_flag: str) -> dict[str, tuple[int, str, bool]]:

@@ -4,14 +4,12 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import run_script, run_scripts
 from s2f_jax import config as config_lib, distributed
 from s2f_jax.errors import UserError
 
@@ -36,24 +34,13 @@ def test_two_processes_train_one_run_like_one_process(tmp_path):
   assert single.returncode == 0, single.stderr[-3000:]
   port, workdir, scratch = _free_port(), tmp_path / 'multi', tempfile.gettempdir()
   before = {d for d in os.listdir(scratch) if d.startswith('s2f_jax_process')}
-  env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-  logs = [open(tmp_path / f'process{i}.log', 'w+') for i in range(2)]  # files: a full pipe would stall the other
-  procs = [subprocess.Popen([sys.executable, 'experiments/main.py', *ARGS, f'--workdir={workdir}',
-                             f'--config.distributed.coordinator_address=localhost:{port}',
-                             '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}'],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-           for i, log in enumerate(logs)]
-  try:
-    for p in procs:
-      p.wait(timeout=300)
-  finally:
-    for p in procs:
-      p.kill()
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    log.seek(0)
-    out = log.read()
-    assert p.returncode == 0, out[-3000:]
-    assert f'process {i} of 2: every fit data-parallel over 2 devices' in out
+  runs = run_scripts([['experiments/main.py', *ARGS, f'--workdir={workdir}',
+                        f'--config.distributed.coordinator_address=localhost:{port}',
+                        '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}']
+                       for i in range(2)], timeout=300)
+  for i, done in enumerate(runs):
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f'process {i} of 2: every fit data-parallel over 2 devices' in done.stderr
   one, two = _history(tmp_path / 'single'), _history(workdir)
   assert [r['epoch'] for r in one] == [r['epoch'] for r in two]
   for a, b in zip(one, two):

@@ -2,8 +2,10 @@
 warm interpreter, which has imported s2f_jax (about 4 s per fresh process, more beside the other test worker) but
 started no XLA backend, so forking is safe.
 
-  python tests/forked_script.py   # stdin: one JSON request per line {"script", "args", "env", "cwd", "timeout"}
-                                  # stdout: one JSON line per request [exit code, stdout, stderr] (code None: timeout)
+  python tests/forked_script.py   # stdin: one JSON request per line {"commands": [[SCRIPT, ARG, ...], ...],
+                                  #   "env", "cwd", "timeout"}; the commands of a request run at the same time
+                                  # stdout: one JSON line per request [[exit code, stdout, stderr], ...] (code None:
+                                  #   timeout)
 
 A child runs SCRIPT as `__main__` with `sys.argv = [SCRIPT, *ARGS]`, the request's environment and folder. Its exit
 code, stdout and stderr are what a fresh `python SCRIPT ARGS` process gives: exceptions that escape print their
@@ -41,11 +43,13 @@ def _child(script: str, args: list[str]) -> int:
     return 1
 
 
-def run(script: str, args: list[str], env: dict[str, str] | None = None, cwd: str | None = None,
-        timeout: float | None = None) -> tuple[int | None, str, str]:
-  """(exit code, stdout, stderr) of `script args` in a forked child; exit code None when it ran past `timeout` s
-  (the child is killed)."""
-  with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+def run(commands: list[list[str]], env: dict[str, str] | None = None, cwd: str | None = None,
+        timeout: float | None = None) -> list[tuple[int | None, str, str]]:
+  """[(exit code, stdout, stderr)] of every command [SCRIPT, *ARGS], each in a forked child, all at once (e.g.
+  the processes of one multi-process run); exit code None for a child that ran past `timeout` s (killed)."""
+  children = []
+  for script, *args in commands:
+    out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
     pid = os.fork()
     if pid == 0:
       os.dup2(out.fileno(), 1)
@@ -62,21 +66,28 @@ def run(script: str, args: list[str], env: dict[str, str] | None = None, cwd: st
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-      done, status = os.waitpid(pid, os.WNOHANG)
-      if done:
-        code = os.waitstatus_to_exitcode(status)
-        break
-      if deadline is not None and time.monotonic() > deadline:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        code = None
-        break
-      time.sleep(0.01)
+    children.append((pid, out, err))
+  deadline = None if timeout is None else time.monotonic() + timeout
+  codes = {}
+  while len(codes) < len(children):
+    for pid, _, _ in children:
+      if pid not in codes:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+          codes[pid] = os.waitstatus_to_exitcode(status)
+        elif deadline is not None and time.monotonic() > deadline:
+          os.kill(pid, 9)
+          os.waitpid(pid, 0)
+          codes[pid] = None
+    time.sleep(0.01)
+  results = []
+  for pid, out, err in children:
     out.seek(0)
     err.seek(0)
-    return code, out.read(), err.read()
+    results.append((codes[pid], out.read(), err.read()))
+    out.close()
+    err.close()
+  return results
 
 
 def serve() -> None:
@@ -84,7 +95,7 @@ def serve() -> None:
   os.dup2(2, 1)  # stray prints of this server go to stderr, never into the replies
   for line in sys.stdin:
     request = json.loads(line)
-    channel.write(json.dumps(run(request['script'], request['args'], request.get('env'), request.get('cwd'),
+    channel.write(json.dumps(run(request['commands'], request.get('env'), request.get('cwd'),
                                  request.get('timeout'))) + '\n')
     channel.flush()
 
