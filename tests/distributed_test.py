@@ -29,6 +29,7 @@ def _history(workdir) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_run_like_one_process(tmp_path):
   single = run_script('experiments/main.py', *ARGS, f'--workdir={tmp_path / "single"}')
   assert single.returncode == 0, single.stderr[-3000:]

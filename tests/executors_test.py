@@ -105,6 +105,7 @@ def test_slurm_array_through_submitit_equals_local(local, tmp_path):
   assert len({r['pid'] for r in _status(root)} - {os.getpid()}) == 2  # each ran in its own job process
 
 
+@pytest.mark.slow
 def test_ray_equals_local_and_retries_a_killed_worker(local, tmp_path):
   pytest.importorskip('ray')
   root = str(tmp_path)

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from conftest import run_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_EPOCHS = 6
 ARGS = ['--config=configs/default.py', '--config.method=erm_final', '--config.model.width=8',
@@ -84,7 +86,8 @@ def test_run_killed_mid_stage_resumes_to_the_same_metrics(tmp_path, start):
   host['seconds'] += MARK
   host_file.write_text(json.dumps(host))
 
-  _finish(start(killed_dir), killed_dir)
+  resume = run_script('experiments/main.py', f'--workdir={killed_dir}', *ARGS)  # forked: no import time
+  assert resume.returncode == 0, resume.stderr[-3000:]
   _finish(reference, reference_dir)
   resumed_dir, reference_dir = killed_dir / 'erm_final', reference_dir / 'erm_final'
   assert (resumed_dir / 'DONE').exists() and not (killed_dir / 'erm_final.partial').exists()
