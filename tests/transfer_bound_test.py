@@ -62,7 +62,29 @@ def test_identity_case_reduces_to_source_loss(source):
   assert record['weighted_source_loss'] == pytest.approx(source_loss, rel=1e-5)
   assert record['bound'] == pytest.approx(source_loss, rel=1e-4)
   assert record['target_loss_g'] == pytest.approx(source_loss, rel=1e-4)
-  assert record['missing_classes'] == []
+  assert record['missing_classes'] == [] and record['bound_defined']
+
+
+def test_collapsed_label_map_flags_the_bound_undefined(source):
+  """B sends source classes 0 and 1 to target class 0: no transformed source point has label 1, W₁ covers target
+  classes 0 and 2 only, so the sum is no bound; the summary leaves it out of validity counts and correlations."""
+  from s2f_jax.transfer import pairs
+  train, test, head = source
+  params = transforms.init_transform(jax.random.PRNGKey(0), DIM, K, train.prior)
+  collapsed = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # B[t, s]
+  record = bound.evaluate_bound(head, params, {'B': collapsed, 'D': jnp.asarray(test.prior, jnp.float32)}, test,
+                                test, tau=1.0)
+  assert record['missing_classes'] == [1] and not record['bound_defined']
+  good = dict(record, bound_defined=True)
+  rows = [dict(good, setting='s', target=f't{i}', bound=b, bound_nominal_tau=b, target_head_loss=a)
+          for i, (b, a) in enumerate([(1.0, 0.5), (2.0, 1.5), (3.0, 3.5)])]
+  rows.append(dict(record, setting='s', target='collapsed', bound=0.1, bound_nominal_tau=0.1, target_head_loss=9.0))
+  stats = pairs.summary(rows)['bound']
+  assert stats['s'] == {'valid': 2, 'targets': 3, 'undefined': 1, 'mean_gap': pytest.approx(1 / 6), 'spearman': 1.0}
+  assert stats['tightest'] == 's'
+  assert pairs.summary(rows[3:])['bound'] == {'s': {'valid': 0, 'targets': 0, 'undefined': 1, 'mean_gap': pytest.approx(
+      float('nan'), nan_ok=True), 'spearman': pytest.approx(float('nan'), nan_ok=True)}, 'tightest': None}
+  assert '| collapsed | s | no |' in pairs.markdown(rows)
 
 
 def _options(**kw):

@@ -167,7 +167,9 @@ def evaluate_bound(head: PyTree, params: PyTree, fixed: dict[str, jax.Array], so
   transformed source test points A z + b with soft labels B[:, s]; weighted_source_loss: Σ_s D_s·CE_S(s) on the
   source test set; w1 / w1_uniform: class-conditional W₁ between the transformed source (labels argmax B[:, s]) and
   the target test set, classes weighted by the target prior / uniformly; missing_classes: classes on one side only
-  (left out of W₁); conditional_entropy; tau_hat (`loss_lipschitz` over both point sets at their labels); bound =
+  (left out of W₁); bound_defined: False when a class is on one side only (the label map collapsed source classes,
+  or the target lacks one) or W₁ is NaN — W₁ then covers part of the target distribution and the sum is no bound;
+  conditional_entropy; tau_hat (`loss_lipschitz` over both point sets at their labels); bound =
   weighted_source_loss + conditional_entropy + tau_hat·w1 and bound_nominal_tau with τ; bound_intermediate =
   source_loss_transformed + tau_hat·w1.
   """
@@ -191,6 +193,7 @@ def evaluate_bound(head: PyTree, params: PyTree, fixed: dict[str, jax.Array], so
       'w1': float(w1['prior_weighted']), 'w1_uniform': float(w1['uniform']),
       'missing_classes': [int(k) for k in w1['missing']],
       'conditional_entropy': float(transforms.conditional_entropy(B, D)), 'tau': float(tau), 'tau_hat': tau_hat}
+  record['bound_defined'] = not record['missing_classes'] and bool(np.isfinite(record['w1']))
   base = record['weighted_source_loss'] + record['conditional_entropy']
   record['bound'] = base + tau_hat * record['w1']
   record['bound_nominal_tau'] = base + tau * record['w1']

@@ -39,7 +39,7 @@ from s2f_jax.transfer import bound as bound_lib
 from s2f_jax.transfer.features import extract_features, standardize
 from s2f_jax.transfer.heads import HeadOptions, head_metrics, spectral_bound, train_head
 
-TABLE_COLUMNS = ('target', 'setting', 'target_head_loss', 'bound', 'bound_nominal_tau', 'bound_intermediate',
+TABLE_COLUMNS = ('target', 'setting', 'bound_defined', 'target_head_loss', 'bound', 'bound_nominal_tau', 'bound_intermediate',
                  'weighted_source_loss', 'conditional_entropy', 'w1', 'tau_hat', 'target_loss_g',
                  'target_accuracy_g')
 
@@ -198,35 +198,43 @@ def study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
 
 
 def summary(rows: list[dict]) -> dict:
-  """Per setting and bound ('bound' with τ̂, 'bound_nominal_tau' with τ): on how many targets the bound is valid
-  (≥ the actual target loss), the mean gap bound − actual, and the Spearman rank correlation of bound and actual
-  across targets; per bound, the setting with the smallest mean gap."""
+  """Per setting and bound ('bound' with τ̂, 'bound_nominal_tau' with τ), over the targets whose bound is defined
+  (`bound_defined`; the others are counted as `undefined` and left out): on how many the bound is valid (≥ the
+  actual target loss), the mean gap bound − actual, and the Spearman rank correlation of bound and actual; per
+  bound, the setting with the smallest mean gap (None when no setting has a defined bound)."""
   out = {}
   settings = list(dict.fromkeys(r['setting'] for r in rows))
   for key in ('bound', 'bound_nominal_tau'):
     out[key] = {}
     for setting in settings:
-      sel = [r for r in rows if r['setting'] == setting]
+      sel = [r for r in rows if r['setting'] == setting and r.get('bound_defined', True)]
       value, actual = np.array([r[key] for r in sel]), np.array([r['target_head_loss'] for r in sel])
       rho = float(stats.spearmanr(value, actual).statistic) if len(sel) > 2 else float('nan')
       out[key][setting] = {'valid': int(np.sum(value >= actual)), 'targets': len(sel),
-                           'mean_gap': float(np.mean(value - actual)), 'spearman': rho}
-    out[key]['tightest'] = min(settings, key=lambda s: out[key][s]['mean_gap'])
+                           'undefined': sum(r['setting'] == setting for r in rows) - len(sel),
+                           'mean_gap': float(np.mean(value - actual)) if sel else float('nan'), 'spearman': rho}
+    defined = [s for s in settings if out[key][s]['targets']]
+    out[key]['tightest'] = min(defined, key=lambda s: out[key][s]['mean_gap']) if defined else None
   return out
 
 
 def markdown(rows: list[dict]) -> str:
-  fmt = lambda v: v if isinstance(v, str) else f'{v:.4g}'
+  fmt = lambda v: v if isinstance(v, str) else ('yes' if v else 'no') if isinstance(v, bool) else f'{v:.4g}'
   return markdown_table(TABLE_COLUMNS, [[fmt(r[c]) for c in TABLE_COLUMNS] for r in rows])
 
 
 def figure(rows: list[dict], title: str = '') -> Figure:
-  """Bound against the actual target loss, one marker per setting, with the line bound = actual."""
+  """Bound against the actual target loss, one marker per setting, with the line bound = actual; undefined bounds
+  (`bound_defined` False) as grey crosses."""
   fig = Figure(figsize=(4.6, 4.0))
   ax = fig.subplots()
   for setting, marker in zip(dict.fromkeys(r['setting'] for r in rows), 'osd^v'):
-    sel = [r for r in rows if r['setting'] == setting]
+    sel = [r for r in rows if r['setting'] == setting and r.get('bound_defined', True)]
     ax.scatter([r['target_head_loss'] for r in sel], [r['bound'] for r in sel], marker=marker, label=setting)
+  undefined = [r for r in rows if not r.get('bound_defined', True)]
+  if undefined:
+    ax.scatter([r['target_head_loss'] for r in undefined], [r['bound'] for r in undefined], marker='x', color='grey',
+               label='undefined (a class on one side only)')
   values = [r['target_head_loss'] for r in rows] + [r['bound'] for r in rows]
   lo, hi = min(values), max(values)
   ax.plot([lo, hi], [lo, hi], color='grey', lw=0.8, ls='--', label='bound = actual')
