@@ -33,18 +33,6 @@ def _fresh_compilation_caches():
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def pytest_collection_modifyitems(items):
-  """Files with more `slow` tests first (their order otherwise kept): with `-n 2 --dist loadfile` the long files
-  start early and the run does not end with one worker busy on a long file while the other idles."""
-  slow, first = {}, {}
-  for i, item in enumerate(items):
-    slow[item.fspath] = slow.get(item.fspath, 0) + (item.get_closest_marker('slow') is not None)
-    first.setdefault(item.fspath, i)
-  order = {id(item): i for i, item in enumerate(items)}
-  items.sort(key=lambda item: (-slow[item.fspath], first[item.fspath], order[id(item)]))
-
-
 _SERVER: subprocess.Popen | None = None
 
 
