@@ -1,8 +1,9 @@
 r"""Constrained fine-tuning with label noise on the embedded digits, measured per radius (Ju et al. 2022).
 
 History model: ERM on the source and rotation steps; final step: 600 examples whose train labels flip with
-probability 0.3; fine-tuning under a Frobenius constraint with radii 0.1 … 10 (one vmapped run each, best epoch per
-radius on the clean valid set), then HDM, traces and noise stability per radius.
+probability 0.2 (`label_noise.rate`); fine-tuning under a Frobenius constraint with radii 0.3, 1, 3, 10, 30
+(`constraint.radius`; one vmapped run each, best epoch per radius on the clean valid set), then HDM, traces and noise
+stability per radius.
 
   python experiments/main.py --config=configs/hessian.py --workdir=runs/hessian
 
