@@ -88,6 +88,7 @@ def main(argv):
       print(executors.sbatch_script(settings, executors.default_folder(settings, root), sweep.slurm_name(root), units))
     return
   sweep.check_data(selected)
+  executors.require(settings)
   sweep.write_columns(all_jobs, root, config.get('name') or 'sweep')
   counts = sweep.run_sweep(selected, root, (_TASK_INDEX.value, _NUM_TASKS.value), _SEEDS_TOGETHER.value, settings)
   print(f'{len(selected)} jobs ({scope}; executor {settings.executor}): ' +

@@ -61,6 +61,12 @@ def settings_of(sweep_config: ml_collections.ConfigDict) -> ml_collections.Confi
   return s
 
 
+def require(settings: ml_collections.ConfigDict) -> None:
+  """UserError (before anything is written) when the executor's engine is not installed."""
+  if settings.executor != 'local':
+    _need({'ray': 'ray', 'slurm': 'submitit'}[settings.executor], settings.executor)
+
+
 def _need(module: str, executor: str):
   try:
     return __import__(module)

@@ -449,9 +449,10 @@ def run_sweep(selected: list[Job], root: str, task: tuple[int, int] = (0, 1), se
   times counts its jobs as failed (recorded like a failed job). Returns the count per status; a dataset without
   its files configured is a UserError before anything runs.
   """
-  check_data(selected)
-  os.makedirs(root, exist_ok=True)
   settings = settings or executors.sweep_settings()
+  check_data(selected)
+  executors.require(settings)
+  os.makedirs(root, exist_ok=True)
   units = seed_groups(selected) if seeds_together else [[job] for job in selected]
   counts = {'done': 0, 'skipped': 0, 'failed': 0}
   ran_seconds: list[float] = []

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -68,6 +69,13 @@ def test_settings_defaults_and_bad_values():
     _settings(executor='dask')
   with pytest.raises(UserError, match="unknown slurm.cluster 'pbs'"):
     _settings(**{'slurm.cluster': 'pbs'})
+
+
+def test_missing_engine_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'ray', None)
+  with pytest.raises(UserError, match=r"executor 'ray' needs the package 'ray': pip install .*\.\[ray\]"):
+    sweep.run_sweep(_jobs(), str(tmp_path / 'root'), settings=_settings(executor='ray'))
+  assert not (tmp_path / 'root').exists()
 
 
 def test_sbatch_script_carries_the_configured_resources(tmp_path):
