@@ -1,9 +1,10 @@
 """One run over several processes (multi-host JAX): `jax.distributed.initialize` and which process writes.
 
 A benchmark run started in N processes (N hosts of a SLURM job step, or N processes given a coordinator with
-`--config.distributed.*`) trains every fit data-parallel over the devices of all processes: each training batch
-is split over every device (`training.sharding.run_mesh`), the gradients are reduced across processes, and every
-process ends with the same weights. Process 0 writes the run folder; the others write into a scratch copy of it
+`--config.distributed.*`) splits every fit over the devices of all processes as it would over one host's
+(`training.sharding.run_mesh`): the runs (grid points × seeds) over the devices, and each training batch over what
+the runs leave (data parallel, gradients and batch statistics reduced across processes); every process ends with
+every run's weights. Process 0 writes the run folder; the others write into a scratch copy of it
 that they delete at the end (they read what process 0 had finished when they started, so a rerun skips the same
 stages everywhere). Epoch checkpoints are off in a multi-process fit: an interrupted run resumes at its last
 finished stage.
@@ -59,7 +60,7 @@ def process_workdir(workdir: str) -> str:
   All processes pass a barrier here, so every copy is taken before process 0 writes anything new."""
   if jax.process_count() == 1:
     return workdir
-  logging.getLogger('s2f_jax').info('process %d of %d: every fit data-parallel over %d devices; %s', jax.process_index(),
+  logging.getLogger('s2f_jax').info('process %d of %d: every fit split over %d devices; %s', jax.process_index(),
                                     jax.process_count(), jax.device_count(),
                                     'writing the run folder' if is_primary() else 'writing a scratch copy')
   out = workdir

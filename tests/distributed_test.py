@@ -1,5 +1,5 @@
-"""One run over two processes (jax.distributed on localhost, one CPU device each): every fit data-parallel across
-them, the same results as one process within 1e-5, and only process 0 writes the run folder."""
+"""One run over two processes (jax.distributed on localhost, one CPU device each): every fit's runs or batches split
+across them, the same results as one process within 1e-5, and only process 0 writes the run folder."""
 import json
 import os
 import re
@@ -15,7 +15,11 @@ from s2f_jax.errors import UserError
 
 ARGS = ['--config=configs/default.py', '--config.method=erm_final', '--config.model.width=8', '--config.num_epochs=2',
         '--config.data.source_size=200', '--config.data.target_sizes=100', '--config.data.test_size=100',
-        '--config.grid.learning_rate=(0.001,)', '--config.grid.dropout=(0.0, 0.5)']
+        '--config.grid.learning_rate=(0.001,)']
+# The mesh over the two processes' devices (training.sharding.run_mesh): 4 runs → the runs split (2 per process);
+# 1 run → every batch split (data parallel).
+GRIDS = {'runs split': ['--config.grid.dropout=(0.0, 0.5)'],
+         'batches split': ['--config.grid.dropout=(0.0,)', '--config.grid.weight_decay=(0.0001,)']}
 
 
 def _free_port() -> int:
@@ -31,27 +35,32 @@ def _history(workdir) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_processes_train_one_run_like_one_process(tmp_path):
-  single = run_script('experiments/main.py', *ARGS, f'--workdir={tmp_path / "single"}')
-  assert single.returncode == 0, single.stderr[-3000:]
-  port, workdir, scratch = _free_port(), tmp_path / 'multi', tempfile.gettempdir()
-  before = {d for d in os.listdir(scratch) if d.startswith('s2f_jax_process')}
-  runs = run_scripts([['experiments/main.py', *ARGS, f'--workdir={workdir}',
-                        f'--config.distributed.coordinator_address=localhost:{port}',
-                        '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}']
-                       for i in range(2)], timeout=300)
-  for i, done in enumerate(runs):
+  singles = run_scripts([['experiments/main.py', *ARGS, *grid, f'--workdir={tmp_path / name / "single"}']
+                         for name, grid in GRIDS.items()])
+  for done in singles:
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f'process {i} of 2: every fit data-parallel over 2 devices' in done.stderr
-  one, two = _history(tmp_path / 'single'), _history(workdir)
-  assert [r['epoch'] for r in one] == [r['epoch'] for r in two]
-  for a, b in zip(one, two):
-    for key in ('train_loss', 'valid_loss', 'valid_accuracy'):
-      np.testing.assert_allclose(a[key], b[key], atol=1e-5)
-  # process 0 wrote the run folder as one process does; process 1 wrote only a scratch copy, deleted at its end
-  # (orbax's own files differ between the modes; event files are named by their start time)
-  listing = lambda d: sorted(re.sub(r'tfevents\.\d+', 'tfevents', os.path.relpath(os.path.join(p, f), d))
-                             for p, _, fs in os.walk(d) for f in fs if '/variables/' not in p + '/')
-  assert listing(workdir) == listing(tmp_path / 'single')
+  scratch = tempfile.gettempdir()
+  before = {d for d in os.listdir(scratch) if d.startswith('s2f_jax_process')}
+  ports = {name: _free_port() for name in GRIDS}
+  runs = run_scripts([['experiments/main.py', *ARGS, *grid, f'--workdir={tmp_path / name / "multi"}',
+                       f'--config.distributed.coordinator_address=localhost:{ports[name]}',
+                       '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}']
+                      for name, grid in GRIDS.items() for i in range(2)], timeout=300)
+  for k, done in enumerate(runs):
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f'process {k % 2} of 2: every fit split over 2 devices' in done.stderr
+  for name in GRIDS:
+    one, two = _history(tmp_path / name / 'single'), _history(tmp_path / name / 'multi')
+    assert [r['epoch'] for r in one] == [r['epoch'] for r in two]
+    assert len({r['run'] for r in one}) == (4 if name == 'runs split' else 1)
+    for a, b in zip(one, two):
+      for key in ('train_loss', 'valid_loss', 'valid_accuracy'):
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=name)
+    # process 0 wrote the run folder as one process does; process 1 only a scratch copy, deleted at its end
+    # (orbax's own files differ between the modes; event files are named by their start time)
+    listing = lambda d: sorted(re.sub(r'tfevents\.\d+', 'tfevents', os.path.relpath(os.path.join(p, f), d))
+                               for p, _, fs in os.walk(d) for f in fs if '/variables/' not in p + '/')
+    assert listing(tmp_path / name / 'multi') == listing(tmp_path / name / 'single')
   assert {d for d in os.listdir(scratch) if d.startswith('s2f_jax_process')} == before
 
 

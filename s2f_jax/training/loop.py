@@ -522,7 +522,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     def evaluate(variables, data, is_valid=True):
       """(mean CE, accuracy, selection metric) [R] numpy on the train or valid slots; variables of all lanes."""
       num_groups = num_valid_groups if is_valid else 1
-      loss, acc, correct = map(np.asarray, evaluator(variables, all_slots, data, num_groups=num_groups))
+      loss, acc, correct = map(sharding.to_host, evaluator(variables, all_slots, data, num_groups=num_groups))
       if options.select == 'accuracy' or not is_valid:
         return loss, acc, acc
       return loss, acc, np.nanmin(_accuracy_by_group(correct, valid_sizes), axis=1)
@@ -577,7 +577,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       outs = lanes.map(lambda st, h, k, a, x, r: train_epoch(st, h, k, sharding.shard_runs(a, mesh), x, r, data, epoch),
                        state, hp, keys, lanes.split(active), aux, run_slots)
       state = [o[0] for o in outs]
-      tr_loss, tr_acc, finite = (np.concatenate([np.asarray(o[1][i]) for o in outs]) for i in range(3))
+      tr_loss, tr_acc, finite = (np.concatenate([sharding.to_host(o[1][i]) for o in outs]) for i in range(3))
       variables = [{'params': st[0], 'batch_stats': st[1]} for st in state]
       va_loss, va_acc, va_metric = evaluate(lanes.join(variables), valid_data)
       # runs that had stopped were not trained: their train metrics stay those of their last epoch
@@ -602,8 +602,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
         last_save = time.time()
     bar.close()
     best = lanes.join(best)
-    if jax.process_count() > 1:  # the same weights in every process: plain host arrays for what follows
-      best = jax.device_get(best)
+    if jax.process_count() > 1:  # every run's weights in every process, as plain host arrays for what follows
+      best = jax.tree_util.tree_map(sharding.to_host, best)
     return FitResult(
         best_variables=jax.tree_util.tree_map(lambda x: x[:num_runs], best),
         best_valid_accuracy=stopping.best_acc[:num_runs], best_epoch=stopping.best_epoch[:num_runs],

@@ -11,29 +11,30 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from s2f_jax.errors import UserError
 
 
 def run_mesh(num_runs: int, batch_size: int) -> Mesh | None:
-  """A 2-D mesh ('runs', 'batch') over the local devices, or None on a single device. In a run of several
-  processes (s2f_jax.distributed): one row over the devices of every process, each batch split over all of them.
+  """A 2-D mesh ('runs', 'batch') over the local devices (in a run of several processes, s2f_jax.distributed: over
+  the devices of every process), or None on a single device.
 
   The runs axis takes gcd(devices, num_runs) devices, so the runs need no padding; the other factor splits every
   training batch (data parallel: e.g. one run on 8 GPUs uses all 8) when it divides `batch_size`. Otherwise the
   runs axis takes every device and the runs are padded to a multiple of it."""
-  if jax.process_count() > 1:  # one run over several processes: every batch split over all their devices
-    devices = jax.devices()
-    if batch_size % len(devices):
-      raise UserError(f'train.batch_size={batch_size} must be a multiple of the {len(devices)} devices of the '
-                      f'{jax.process_count()} processes of this run')
-    return Mesh(np.array(devices).reshape(1, -1), ('runs', 'batch'))
-  devices = jax.local_devices()
+  devices = jax.devices() if jax.process_count() > 1 else jax.local_devices()
   if len(devices) == 1:
     return None
   runs = math.gcd(len(devices), num_runs)
   if batch_size % (len(devices) // runs):
     runs = len(devices)
   return Mesh(np.array(devices).reshape(runs, -1), ('runs', 'batch'))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A device array as numpy; one split over the devices of several processes is gathered from all of them."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def run_groups(mesh: Mesh | None) -> int:
