@@ -12,8 +12,8 @@ runs every n-th job (job k goes to task k mod n; e.g. `--task_index=$SLURM_ARRAY
 keeps the jobs whose key matches (keys: sequence, model, blocks, variant, method, seed; repeat a key for
 alternatives). A failed job is recorded in `DIR/failures.jsonl` and the sweep goes on (exit code 1 at the end);
 every job appends a line to `DIR/sweep_status.jsonl`, and `DIR/columns/<sweep>.json` records the summary table column
-of every job's method folder (read by experiments/summarize.py). `--dry_run` lists the jobs and writes nothing. When the jobs end, the summary tables of everything finished under DIR
-are written to `DIR/summary/` and printed.
+of every job's method folder (read by experiments/summarize.py). `--dry_run` lists the jobs and writes nothing.
+When the jobs end, the summary tables of everything finished under DIR are written to `DIR/summary/` and printed.
 
 Executors (`--executor` or the config key `executor`; s2f_jax/executors.py, docs/cluster.md): `local` runs the units
 in this process; `ray` as Ray tasks (`--config.ray.address=HOST:PORT` joins a cluster, else a local one starts;
@@ -84,8 +84,7 @@ def main(argv):
       print(f'{k:4d}  {sweep.job_state(job, root):8s}  {job.describe()}  {job.workdir(root)}')
     print(f'{len(selected)} jobs ({scope}; executor {settings.executor})')
     if settings.executor == 'slurm':
-      units = len(sweep.seed_groups(selected)) if _SEEDS_TOGETHER.value else len(selected)
-      print(executors.sbatch_script(settings, executors.default_folder(settings, root), sweep.slurm_name(root), units))
+      print(executors.sbatch_script(settings, root, len(sweep.work_units(selected, _SEEDS_TOGETHER.value))))
     return
   sweep.check_data(selected)
   executors.require(settings)

@@ -29,6 +29,7 @@ from s2f_jax.errors import UserError, choices_error
 log = logging.getLogger('s2f_jax')
 
 EXECUTORS = ('local', 'ray', 'slurm')
+ENGINES = {'ray': 'ray', 'slurm': 'submitit'}  # executor → the package it runs on
 SLURM_CLUSTERS = ('slurm', 'local')
 
 
@@ -63,15 +64,16 @@ def settings_of(sweep_config: ml_collections.ConfigDict) -> ml_collections.Confi
 
 def require(settings: ml_collections.ConfigDict) -> None:
   """UserError (before anything is written) when the executor's engine is not installed."""
-  if settings.executor != 'local':
-    _need({'ray': 'ray', 'slurm': 'submitit'}[settings.executor], settings.executor)
+  if settings.executor in ENGINES:
+    _engine(settings.executor)
 
 
-def _need(module: str, executor: str):
+def _engine(executor: str):
+  """The package `executor` runs on (imported); UserError naming the extra to install when it is missing."""
   try:
-    return __import__(module)
+    return __import__(ENGINES[executor])
   except ImportError:
-    raise UserError(f"executor {executor!r} needs the package {module!r}: pip install -c constraints.txt "
+    raise UserError(f"executor {executor!r} needs the package {ENGINES[executor]!r}: pip install -c constraints.txt "
                     f"-e '.[{executor}]'") from None
 
 
@@ -84,7 +86,7 @@ def run_ray(units: list[list[Any]], run_unit: Callable, args: tuple, settings: m
   `ray.gpus_per_job` GPUs, on the cluster at `ray.address` or on a local one; a task whose worker dies is retried
   `retries` times by Ray (it resumes from its checkpoints). `on_done(unit, records, error)` is called on this
   driver as each unit ends."""
-  ray = _need('ray', 'ray')
+  ray = _engine('ray')
   r = settings.ray
   started = not ray.is_initialized()
   if started:
@@ -123,36 +125,48 @@ def slurm_parameters(settings: ml_collections.ConfigDict, name: str) -> dict[str
   return params
 
 
-def slurm_executor(settings: ml_collections.ConfigDict, folder: str, name: str):
+def _slurm_folder(settings: ml_collections.ConfigDict, root: str) -> str:
+  """submitit's folder (pickles, logs) of a sweep writing under `root`."""
+  return settings.slurm.folder or os.path.join(root, 'slurm')
+
+
+def _slurm_name(root: str) -> str:
+  """The SLURM job name of a sweep writing under `root`."""
+  return f's2f_sweep_{os.path.basename(os.path.abspath(root))}'
+
+
+def slurm_executor(settings: ml_collections.ConfigDict, root: str):
   """submitit's SLURM executor with `slurm_parameters`, or for `slurm.cluster=local` its local executor (the
   same submission, pickling and result path; jobs run as subprocesses here, with the time limit)."""
-  submitit = _need('submitit', 'slurm')
+  submitit = _engine('slurm')
   if settings.slurm.cluster == 'local':
-    executor = submitit.LocalExecutor(folder)
+    executor = submitit.LocalExecutor(_slurm_folder(settings, root))
     executor.update_parameters(timeout_min=int(settings.slurm.time_min))
     return executor
-  executor = submitit.SlurmExecutor(folder)
-  executor.update_parameters(**slurm_parameters(settings, name))
+  executor = submitit.SlurmExecutor(_slurm_folder(settings, root))
+  executor.update_parameters(**slurm_parameters(settings, _slurm_name(root)))
   return executor
 
 
-def sbatch_script(settings: ml_collections.ConfigDict, folder: str, name: str, num_units: int) -> str:
-  """The sbatch script the `slurm` executor submits for an array of `num_units` tasks (for --dry_run; needs no
-  SLURM on this machine)."""
-  _need('submitit', 'slurm')
+def sbatch_script(settings: ml_collections.ConfigDict, root: str, num_units: int) -> str:
+  """The sbatch script the `slurm` executor submits for an array of `num_units` tasks of a sweep writing under
+  `root` (for --dry_run; needs no SLURM on this machine)."""
+  _engine('slurm')
   from submitit.slurm import slurm as submitit_slurm
+  folder = _slurm_folder(settings, root)
   return submitit_slurm._make_sbatch_string(  # noqa: SLF001 — submitit's own script builder, as it submits
       command=f'{sys.executable} -u -m submitit.core._submit {folder}', folder=folder, map_count=num_units,
-      **slurm_parameters(settings, name))
+      **slurm_parameters(settings, _slurm_name(root)))
 
 
 def run_slurm(units: list[list[Any]], run_unit: Callable, args: tuple, settings: ml_collections.ConfigDict,
-              folder: str, name: str, on_done: Callable[[list[Any], list[dict] | None, BaseException | None], None]) -> None:
-  """Submits the units (`run_unit(unit, *args)` → records) as one job array (`slurm.array_parallelism` at a time), waits for them and resubmits a
-  unit lost with its job (time limit, node failure, cancellation) up to `retries` times; it resumes from its
-  checkpoints. `on_done(unit, records, error)` as each unit ends."""
-  submitit = _need('submitit', 'slurm')
-  executor = slurm_executor(settings, folder, name)
+              root: str, on_done: Callable[[list[Any], list[dict] | None, BaseException | None], None]) -> None:
+  """Submits the units (`run_unit(unit, *args)` → records) of a sweep writing under `root` as one job array
+  (`slurm.array_parallelism` at a time), waits for them and resubmits a unit lost with its job (time limit, node
+  failure, cancellation) up to `retries` times; it resumes from its checkpoints. `on_done(unit, records, error)` as
+  each unit ends."""
+  submitit = _engine('slurm')
+  executor = slurm_executor(settings, root)
   attempts = {id(unit): 0 for unit in units}
   submit = lambda batch: list(zip(executor.map_array(run_unit, batch, *[[a] * len(batch) for a in args]), batch))
   jobs = submit(units)
@@ -179,6 +193,3 @@ def run_slurm(units: list[list[Any]], run_unit: Callable, args: tuple, settings:
       still += submit(retry)
     jobs = still
 
-
-def default_folder(settings: ml_collections.ConfigDict, root: str) -> str:
-  return settings.slurm.folder or os.path.join(root, 'slurm')

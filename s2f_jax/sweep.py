@@ -364,6 +364,11 @@ def seed_groups(selected: list[Job]) -> list[list[Job]]:
   return list(groups.values())
 
 
+def work_units(selected: list[Job], seeds_together: bool = True) -> list[list[Job]]:
+  """The units of work `run_unit` takes: each key's seeds together (`seed_groups`), or one job each."""
+  return seed_groups(selected) if seeds_together else [[job] for job in selected]
+
+
 def _failure(job: Job, root: str, error: BaseException) -> None:
   _append(os.path.join(root, FAILURES_FILE), {
       'time': _now(), 'key': job.key, 'workdir': job.workdir(root), 'error': type(error).__name__,
@@ -383,11 +388,6 @@ def running_file(unit: list[Job], root: str) -> str:
   """`<root>/.running/<tag>.json`: which process (host, pid) runs `unit` now; removed when the unit ends."""
   return os.path.join(root, RUNNING_DIR, f'{zlib.crc32(unit[0].folder.encode() + unit[0].key["variant"].encode()):08x}'
                                          f'-{unit[0].key["variant"]}.json')
-
-
-def slurm_name(root: str) -> str:
-  """The SLURM job name of a sweep writing under `root`."""
-  return f's2f_sweep_{os.path.basename(os.path.abspath(root))}'
 
 
 def run_unit(unit: list[Job], root: str, task: tuple[int, int] = (0, 1), blocking: bool = True
@@ -453,7 +453,7 @@ def run_sweep(selected: list[Job], root: str, task: tuple[int, int] = (0, 1), se
   check_data(selected)
   executors.require(settings)
   os.makedirs(root, exist_ok=True)
-  units = seed_groups(selected) if seeds_together else [[job] for job in selected]
+  units = work_units(selected, seeds_together)
   counts = {'done': 0, 'skipped': 0, 'failed': 0}
   ran_seconds: list[float] = []
   total = len(selected)
@@ -482,8 +482,7 @@ def run_sweep(selected: list[Job], root: str, task: tuple[int, int] = (0, 1), se
     if settings.executor == 'ray':
       executors.run_ray(units, run_unit, (root, task), settings, tally)
     elif settings.executor == 'slurm':
-      executors.run_slurm(units, run_unit, (root, task), settings, executors.default_folder(settings, root),
-                          slurm_name(root), tally)
+      executors.run_slurm(units, run_unit, (root, task), settings, root, tally)
     else:
       deferred = []
       for unit in units:

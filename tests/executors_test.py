@@ -81,12 +81,12 @@ def test_missing_engine_is_one_line_before_anything_is_written(tmp_path, monkeyp
 def test_sbatch_script_carries_the_configured_resources(tmp_path):
   s = _settings(**{'slurm.partition': 'gpu', 'slurm.time_min': 90, 'slurm.cpus_per_task': 8, 'slurm.gpus_per_node': 1,
                    'slurm.mem_gb': 16.0, 'slurm.array_parallelism': 3})
-  script = executors.sbatch_script(s, str(tmp_path), 'name', 5)
+  script = executors.sbatch_script(s, str(tmp_path / 'name'), 5)
   lines = set(script.splitlines())
   assert {'#SBATCH --array=0-4%3', '#SBATCH --partition=gpu', '#SBATCH --time=90', '#SBATCH --cpus-per-task=8',
-          '#SBATCH --gpus-per-node=1', '#SBATCH --mem=16384MB', '#SBATCH --job-name=name'} <= lines
+          '#SBATCH --gpus-per-node=1', '#SBATCH --mem=16384MB', '#SBATCH --job-name=s2f_sweep_name'} <= lines
   assert not any(line.startswith(('#SBATCH --partition', '#SBATCH --gpus', '#SBATCH --mem'))
-                 for line in executors.sbatch_script(_settings(), str(tmp_path), 'name', 2).splitlines())
+                 for line in executors.sbatch_script(_settings(), str(tmp_path / 'name'), 2).splitlines())
   assert not os.listdir(tmp_path)
 
 
@@ -99,7 +99,8 @@ def test_cli_dry_run_prints_the_submission_and_writes_nothing(tmp_path):
   assert '#SBATCH --array=0-1%2' in done.stdout and '#SBATCH --partition=long' in done.stdout
   assert not root.exists()
   bad = run_script('experiments/sweep.py', f'--config={SWEEP}', f'--root={root}', '--config.executor=dask')
-  assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown executor 'dask'; valid choices: local, ray, slurm"
+  assert bad.returncode == 2
+  assert bad.stderr.strip() == "error: unknown executor 'dask'; valid choices: local, ray, slurm"
   assert not root.exists()
 
 
