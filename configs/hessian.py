@@ -1,9 +1,10 @@
 r"""Constrained fine-tuning with label noise on the embedded digits, measured per radius (Ju et al. 2022).
 
 History model: ERM on the source and rotation steps; final step: 600 examples whose train labels flip with
-probability 0.2 (`label_noise.rate`); fine-tuning under a Frobenius constraint with radii 0.3, 1, 3, 10, 30
-(`constraint.radius`; one vmapped run each, best epoch per radius on the clean valid set), then HDM, traces and noise
-stability per radius.
+probability 0.2 (`label_noise.rate`); fine-tuning under a Frobenius constraint with radii 0.05, 0.1, 0.2, 0.5, 1, 2, 5
+(`constraint.radius`: per-layer radii from binding on every constrained layer to free; the stem conv1 is free, as in
+the original; one vmapped run each, best epoch per radius on the clean valid set), then per radius HDM (maxima over
+single training examples), traces, the stem's share and noise stability.
 
   python experiments/main.py --config=configs/hessian.py --workdir=runs/hessian
 
@@ -26,7 +27,7 @@ def get_config():
   c.train.batch_size = 50
   c.grid.learning_rate, c.grid.weight_decay, c.grid.dropout = (1e-3,), (1e-4,), (0.0,)
   c.constraint.norm = 'frob'
-  c.constraint.radius = (0.3, 1.0, 3.0, 10.0, 30.0)
+  c.constraint.radius = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
   c.constraint.head_centre = 'init'
   c.label_noise.rate = 0.2
   return c

@@ -124,6 +124,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.compat.detector_lr_drop_per_iteration = False  # stitching detectors: the LR drop after fe//2 *iterations*
   c.compat.patching_undetached = False  # model patching: gradients through the group weights, adjustment in the loss
   c.compat.transfer_cost_mismatch = False  # transferability: Euclidean coupling, squared-cost gradients
+  c.compat.hessian_batches = False  # hessian study: HDM's maxima over mini-batches of 4 (the original), not examples
   c.compat.transfer_prior_init = False  # transferability: d_logits = P_S (D ≈ uniform) instead of log P_S
   return c
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 import ml_collections
 
-from s2f_jax import config as config_lib, distributed, experiment, generalization
+from s2f_jax import config as config_lib, distributed, experiment, generalization, robust_fine_tune
 from s2f_jax.errors import UserError, choices_error
 from s2f_jax.patching import experiment as patching
 from s2f_jax.results import format_table
@@ -33,6 +33,8 @@ STUDIES: dict[str, Study] = {
     'benchmark': Study(lambda config, workdir: format_table(experiment.run(config, workdir)),
                        "the Seq-to-Final methods of `method` on the configured sequence"),
     'hessian': Study(generalization.run_study, 'constrained fine-tuning, then Hessian measures per radius'),
+    'robust_fine_tune': Study(robust_fine_tune.study, 'constrained + noise-corrected fine-tuning against its parts',
+                              'noise_study', 's2f_jax.robust_fine_tune.noise_study_config()'),
     'stitching': Study(layer_pairs.study, 'model stitching between two donors at every layer pair', 'stitching',
                        's2f_jax.stitching.layer_pairs.stitching_config()'),
     'transferability': Study(pairs.study, 'the task transferability bound per source → target pair', 'transfer',

@@ -3,6 +3,7 @@ constraint, measures wired to the stored models, and the command line."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ from s2f_jax import generalization
 from s2f_jax.analysis import hessian
 from s2f_jax.errors import UserError
 from s2f_jax.results import stored
+from s2f_jax.training.label_noise import symmetric_confusion
 
 from conftest import run_script, tiny_config
 
@@ -26,7 +28,7 @@ def measured(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('hessian'))
   experiment.run(config, workdir)
   rows = generalization.measure(workdir, config, num_probes=8, lanczos_steps=5, num_draws=4, max_examples=64,
-                                num_eigenvalues=2, density_steps=6)
+                                num_eigenvalues=2, density_steps=6, trace_estimator='hutchinson')
   return config, workdir, rows
 
 
@@ -99,3 +101,43 @@ def test_outputs_and_cli(measured, tmp_path):
   done = run_script('experiments/hessian.py', '--trace_estimator=exact', f'--workdir={tmp_path / "w"}')
   assert done.returncode == 2 and "unknown trace_estimator 'exact'; valid choices: hutchinson" in done.stderr
   assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / 'w').exists()
+
+
+def _models(config, workdir):
+  """(ctx, start variables, [variables per radius]) of the measured run."""
+  _, ctx = experiment.prepare(config)
+  row = stored.methods(workdir)['erm_fine_tune_constrained_frob'].rows[0]
+  start = stored.load_variables(workdir, stored.stage_ref(row, 'Start stage'))
+  return ctx, start, [stored.load_variables(workdir, (row['Stage'][0], g)) for g in range(len(RADII))]
+
+
+def test_hdm_is_the_max_over_single_examples_and_the_gaps(measured):
+  config, workdir, rows = measured
+  ctx, start, models = _models(config, workdir)
+  final, learner = ctx.sequence.final, ctx.learner()
+  F = symmetric_confusion(10, 0.2)
+  original = config.copy_and_resolve_references()
+  original.compat.hessian_batches = True
+  for row, variables in zip(rows, models):
+    names = hessian.select_layers(variables['params'])
+    sel = hessian.select_leaves(variables['params'], names)
+    v = hessian.weight_difference(sel, hessian.select_leaves(start['params'], names), 'init')
+    loss = hessian.batch_loss(learner, variables, final.train.images[:64], final.train.labels[:64])
+    forms = {b: hessian.quadratic_form(loss, sel, v, 'block_psd', steps=5, batch_size=b) for b in (None, 4, 1)}
+    expected = hessian.hessian_distance_measure(forms[1], len(final.train))
+    assert row['hdm'] == pytest.approx(expected['hdm'], rel=1e-6) and row['example_batch'] == 1
+    np.testing.assert_allclose(row['hdm_terms'], expected['hdm_terms'], rtol=1e-6)
+    assert row['layers'][0].startswith('conv1/')
+    assert row['stem_share'] == pytest.approx(row['hdm_terms'][0] / sum(row['hdm_terms']), rel=1e-9)
+    # The ReLU net's diagonal blocks are PSD: a mean over examples is at most their max, per layer
+    assert np.all(forms[None]['value'] <= forms[4]['value'] * (1 + 1e-5))
+    assert np.all(forms[4]['value'] <= forms[1]['value'] * (1 + 1e-5))
+    compat = generalization.measure_model(experiment.prepare(original)[1], variables, start, jax.random.PRNGKey(0),
+                                          lanczos_steps=5, max_examples=64, spectrum=False)
+    assert compat['example_batch'] == 4 and compat['hdm'] == pytest.approx(
+        hessian.hessian_distance_measure(forms[4], len(final.train))['hdm'], rel=1e-6)
+    # noisy gap: the expected clean-input CE under the symmetric noise F(0.2), from the model's own logits
+    log_p = np.asarray(jax.nn.log_softmax(learner.apply(variables, final.test.images, train=False)), np.float64)
+    noisy = np.mean([-(F[y] @ lp) for y, lp in zip(final.test.labels, log_p)])
+    assert row['noisy_gap'] == pytest.approx(noisy - row['train_loss'], rel=1e-4, abs=1e-5)
+    assert row['first_order_stderr'] == pytest.approx(1e-3 * row['grad_norm'] / 2, rel=1e-9)

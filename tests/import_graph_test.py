@@ -12,7 +12,7 @@ LAYERS = {
     'data': 1, 'models': 1, 'training': 1, 'analysis': 1, 'results': 1,  # building blocks, pure functions, figures
     'config': 2, 'methods': 2,  # the benchmark's configuration and its registered methods
     'experiment': 3, 'sweep': 3, 'visualize': 3, 'generalization': 3,  # runners of the benchmark
-    'stitching': 4, 'transfer': 4, 'patching': 4, 'studies': 4, 'cli': 4,  # companion studies; all studies; the CLI
+    'stitching': 4, 'transfer': 4, 'patching': 4, 'robust_fine_tune': 4, 'studies': 4, 'cli': 4,  # companion studies; all studies; the CLI
 }
 
 

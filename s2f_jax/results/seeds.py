@@ -1,0 +1,36 @@
+"""Mean ± std over seeds of per-seed result rows (the companion studies' tables)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from s2f_jax.results.writer import markdown_table
+
+
+def aggregate(rows: Sequence[dict], by: Sequence[str], metrics: Sequence[str]) -> list[dict]:
+  """One row per distinct value of the `by` columns (first-seen order), holding those columns, 'n' (rows in the
+  group) and per metric m: m = the mean and m + '_std' = the sample standard deviation (ddof 1, as pandas; 0 for one
+  row) over the group's finite values (NaN when it has none)."""
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    groups.setdefault(tuple(row[k] for k in by), []).append(row)
+  out = []
+  for key, members in groups.items():
+    summary = dict(zip(by, key), n=len(members))
+    for m in metrics:
+      values = np.array([r.get(m, np.nan) for r in members], np.float64)
+      values = values[np.isfinite(values)]
+      summary[m] = float(values.mean()) if len(values) else float('nan')
+      summary[m + '_std'] = float(values.std(ddof=1)) if len(values) > 1 else (0.0 if len(values) else float('nan'))
+    out.append(summary)
+  return out
+
+
+def markdown(summary: Sequence[dict], by: Sequence[str], metrics: Sequence[str], digits: int = 3) -> str:
+  """The `aggregate` rows as a Markdown table: the `by` columns, n, and 'mean ± std' per metric ('—' where a group
+  has no value)."""
+  def cell(s, m):
+    return f'{s[m]:.{digits}f} ± {s[m + "_std"]:.{digits}f}' if np.isfinite(s[m]) else '—'
+  body = [[str(s[k]) for k in by] + [str(s['n'])] + [cell(s, m) for m in metrics] for s in summary]
+  return markdown_table(list(by) + ['n'] + list(metrics), body)
