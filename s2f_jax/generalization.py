@@ -31,8 +31,9 @@ from s2f_jax.analysis import hessian
 from s2f_jax.analysis.figures import save_figure
 from s2f_jax.errors import UserError, choices_error
 from s2f_jax.methods.fine_tune import fine_tune_name
-from s2f_jax.results import stored
-from s2f_jax.results.writer import markdown_table
+from s2f_jax.io import write_atomic
+from s2f_jax.results import seeds, stored
+from s2f_jax.results.writer import markdown_table, write_rows
 from s2f_jax.training.label_noise import symmetric_confusion
 
 COLUMNS = ('radius', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'gap', 'noisy_gap', 'distance',
@@ -41,6 +42,8 @@ COLUMNS = ('radius', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy
 DENSITY = 'eigenvalue_density'  # the row key of an `hessian.eigenvalue_density` result (figure only, not in JSON)
 TRACE_ESTIMATORS = ('hutchinson', 'slq_psd', 'gauss_newton')
 STEM = 'conv1/'  # the stem's parameter paths start so
+SEED_METRICS = ('test_accuracy', 'gap', 'noisy_gap', 'distance', 'hdm', 'stem_share', 'trace_distance',
+                'noise_stability', 'noise_predicted', 'grad_norm')  # mean ± std over hessian.seeds, per radius
 ORIGINAL_BATCH = 4  # compat.hessian_batches: the original's maximum over mini-batches of 4 examples
 
 
@@ -53,6 +56,7 @@ def hessian_config() -> ml_collections.ConfigDict:
   c.parallel_examples = 8  # single examples vmapped at a time in the per-example maxima (memory permitting)
   c.num_eigenvalues = 1  # top Hessian eigenvalues per radius (power iteration)
   c.density_steps = 50  # Lanczos steps of the eigenvalue density plot (0 = none)
+  c.seeds = ()  # several seeds: the study per seed in <workdir>/seed<s>, then mean ± std per radius in <workdir>
   return c
 
 
@@ -72,7 +76,28 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
   if h.trace_estimator not in TRACE_ESTIMATORS:
     raise choices_error('trace_estimator', h.trace_estimator, TRACE_ESTIMATORS)
   sequence, _ = experiment.prepare(config)
-  workdir = workdir or experiment.default_workdir(config, sequence)
+  seed_list = tuple(int(x) for x in h.get('seeds', ()))
+  if not seed_list:
+    return _study_one(config, h, workdir or experiment.default_workdir(config, sequence))
+  if len(set(seed_list)) != len(seed_list):
+    raise UserError(f'hessian.seeds={seed_list} repeats a seed')
+  root = workdir or os.path.dirname(experiment.default_workdir(config, sequence))
+  rows = []
+  for seed in seed_list:
+    one = ml_collections.ConfigDict(config.to_dict())
+    one.seed = seed
+    _study_one(one, h, os.path.join(root, f'seed{seed}'))
+    with open(os.path.join(root, f'seed{seed}', fine_tune_name(config), 'generalization.json')) as f:
+      rows += [dict(r, seed=seed) for r in json.load(f)]
+  summary = seeds.aggregate(rows, ('radius',), SEED_METRICS)
+  write_rows(root, summary, 'generalization_seeds')
+  table = seeds.markdown(summary, ('radius',), SEED_METRICS, digits=4)
+  write_atomic(os.path.join(root, 'generalization_seeds.md'), table + '\n')
+  return table + '\n' + os.path.join(root, 'generalization_seeds.md')
+
+
+def _study_one(config: ml_collections.ConfigDict, h, workdir: str) -> str:
+  """One seed of the study in `workdir`: train (or read back), measure, write; the table and the written paths."""
   experiment.run(config, workdir)
   rows = measure(workdir, config, num_probes=h.num_probes, max_examples=h.max_examples,
                  num_eigenvalues=h.num_eigenvalues, density_steps=h.density_steps, trace_estimator=h.trace_estimator,
