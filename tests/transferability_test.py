@@ -120,3 +120,19 @@ def test_bad_config_raises_before_writing(tmp_path, overrides, words):
     pairs.run(config(**overrides), str(tmp_path / 'w'))
   assert all(w in str(error.value) for w in words), error.value
   assert not (tmp_path / 'w').exists()
+
+
+def test_seeds_mean_and_std_over_seeds(tmp_path):
+  text = pairs.study(config(**{'transfer.seeds': (3, 4), 'transfer.settings': ('fixed_all',)}), str(tmp_path))
+  per_seed = {s: writer.read_rows(str(tmp_path / f'seed{s}' / 'transferability'), 'results') for s in (3, 4)}
+  assert {r['seed'] for r in per_seed[3]} == {3} and {r['seed'] for r in per_seed[4]} == {4}
+  table = writer.read_rows(str(tmp_path), 'transferability_seeds')
+  assert [(r['bound'], r['setting'], r['n']) for r in table] == [('bound', 'fixed_all', 2),
+                                                                  ('bound_nominal_tau', 'fixed_all', 2)]
+  gaps = [np.mean([r['bound'] - r['target_head_loss'] for r in rows]) for rows in per_seed.values()]
+  assert table[0]['mean_gap'] == pytest.approx(np.mean(gaps)) and table[0]['mean_gap_std'] == pytest.approx(
+      np.std(gaps, ddof=1))
+  valid = [np.mean([r['bound'] >= r['target_head_loss'] for r in rows]) for rows in per_seed.values()]
+  assert table[0]['valid_fraction'] == pytest.approx(np.mean(valid)) and table[0]['tightest'] == 1.0
+  assert np.isnan(table[0]['spearman'])  # two targets: no rank correlation
+  assert '| bound | fixed_all | 2 | — |' in text

@@ -34,6 +34,7 @@ from s2f_jax.analysis.figures import save_figure
 from s2f_jax.errors import UserError
 from s2f_jax.io import write_atomic
 from s2f_jax.models.layers import check_frozen, layer_names
+from s2f_jax.results import seeds
 from s2f_jax.results.writer import markdown_table, run_metadata, read_rows, write_config, write_rows
 from s2f_jax.transfer import bound as bound_lib
 from s2f_jax.transfer.features import extract_features, standardize
@@ -48,8 +49,10 @@ def transfer_config() -> ml_collections.ConfigDict:
   """The `transfer` section of a config (original.md Transferability §4, §6 small-scale defaults; sizes for the
   embedded digits)."""
   t = ml_collections.ConfigDict()
-  t.targets = ('rotation', 'recolor', 'corruption', 'label_shift', 'label_flip', 'rotation,recolor',
-               'rotation,label_flip')  # shift steps (comma-joined blocks), one target task each
+  t.targets = ('rotation', 'rotation_cond', 'recolor', 'recolor_cond', 'corruption', 'label_shift', 'label_flip',
+               'rotation,recolor', 'rotation,corruption', 'rotation,label_flip', 'recolor,corruption',
+               'corruption,label_flip', 'label_shift,label_flip', 'recolor_cond,label_shift'
+               )  # shift steps (comma-joined blocks), one target task each: 14 source → target pairs
   t.target_size = 500  # train+valid examples per target (its test set: data.test_size)
   t.layer = ''  # representation: '' = penultimate (the head's input), or a layer name (its output, pooled)
   t.settings = ('learned_all', 'learned_a', 'fixed_all')
@@ -65,6 +68,7 @@ def transfer_config() -> ml_collections.ConfigDict:
   t.cost_power = 2  # 1 Euclidean | 2 squared, in the coupling and the loss alike
   t.learning_rate, t.prior_learning_rate = 1e-2, 1e-4
   t.seed = 2023
+  t.seeds = ()  # several seeds: the study per seed in <workdir>/seed<s>, then mean ± std over seeds in <workdir>
   return t
 
 
@@ -191,10 +195,47 @@ def _safe(target: str) -> str:
 
 def study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
   """The transferability study (`experiment=transferability`): `run` in `workdir` (default runs/transferability);
-  returns the table, the summary and the output folder."""
+  returns the table, the summary and the output folder. With `transfer.seeds`: `run` per seed s in
+  `<workdir>/seed<s>` (config.seed = s draws the data and the encoder, transfer.seed + s the heads and transforms),
+  then `seed_rows` mean ± std in `<workdir>/transferability_seeds.{md,jsonl,csv}`."""
   workdir = workdir or 'runs/transferability'
-  rows = run(config, workdir)
-  return '\n'.join([markdown(rows), json.dumps(summary(rows), indent=1), os.path.join(workdir, 'transferability')])
+  seed_list = tuple(int(s) for s in config.transfer.get('seeds', ()))
+  if not seed_list:
+    rows = run(config, workdir)
+    return '\n'.join([markdown(rows), json.dumps(summary(rows), indent=1), os.path.join(workdir, 'transferability')])
+  if len(set(seed_list)) != len(seed_list):
+    raise UserError(f'transfer.seeds={seed_list} repeats a seed')
+  configs = []
+  for seed in seed_list:
+    one = ml_collections.ConfigDict(config.to_dict())
+    one.seed, one.transfer.seed, one.transfer.seeds = seed, config.transfer.seed + seed, ()
+    _prepare(one)  # every seed's data before anything trains
+    configs.append(one)
+  per_seed = {s: summary(run(c, os.path.join(workdir, f'seed{s}'))) for s, c in zip(seed_list, configs)}
+  table = seeds.aggregate(seed_rows(per_seed), ('bound', 'setting'), SEED_METRICS)
+  write_rows(workdir, table, 'transferability_seeds')
+  text = seeds.markdown(table, ('bound', 'setting'), SEED_METRICS)
+  write_atomic(os.path.join(workdir, 'transferability_seeds.md'), text + '\n')
+  return text + '\n' + os.path.join(workdir, 'transferability_seeds.md')
+
+
+SEED_METRICS = ('spearman', 'valid_fraction', 'mean_gap', 'tightest')
+
+
+def seed_rows(per_seed: dict[int, dict]) -> list[dict]:
+  """One row per seed, bound ('bound' with τ̂, 'bound_nominal_tau') and setting of the `summary` dicts `per_seed`
+  {seed: summary}: its Spearman correlation, the fraction of defined targets where the bound is valid, the mean gap
+  bound − actual, and 'tightest' = 1 where the setting has the smallest mean gap of that seed, else 0."""
+  rows = []
+  for seed, result in per_seed.items():
+    for bound, per_setting in result.items():
+      for setting, s in per_setting.items():
+        if setting == 'tightest':
+          continue
+        rows.append({'bound': bound, 'setting': setting, 'seed': seed, 'spearman': s['spearman'],
+                     'valid_fraction': s['valid'] / s['targets'] if s['targets'] else float('nan'),
+                     'mean_gap': s['mean_gap'], 'tightest': float(per_setting['tightest'] == setting)})
+  return rows
 
 
 def summary(rows: list[dict]) -> dict:
