@@ -76,11 +76,9 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
   if h.trace_estimator not in TRACE_ESTIMATORS:
     raise choices_error('trace_estimator', h.trace_estimator, TRACE_ESTIMATORS)
   sequence, _ = experiment.prepare(config)
-  seed_list = tuple(int(x) for x in h.get('seeds', ()))
+  seed_list = seeds.parse(h.get('seeds', ()), 'hessian.seeds')
   if not seed_list:
     return _study_one(config, h, workdir or experiment.default_workdir(config, sequence))
-  if len(set(seed_list)) != len(seed_list):
-    raise UserError(f'hessian.seeds={seed_list} repeats a seed')
   root = workdir or os.path.dirname(experiment.default_workdir(config, sequence))
   rows = []
   for seed in seed_list:

@@ -82,11 +82,11 @@ def validate(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   names = _variants(n)
   if config.constraint.norm == 'none' and any(VARIANTS[v][0] for v in names):
     raise UserError('the constrained variants need constraint.norm (frob or inf_op); got constraint.norm=none')
-  rates, seed_list = np.atleast_1d(n.rates), np.atleast_1d(n.seeds)
+  rates, seed_list = np.atleast_1d(n.rates), seeds.parse(n.seeds, 'noise_study.seeds')
   if not len(rates) or not all(0 < float(r) < 1 for r in rates):
     raise UserError(f'noise_study.rates={tuple(n.rates)} must hold rates in (0, 1)')
-  if not len(seed_list) or len(set(map(int, seed_list))) != len(seed_list):
-    raise UserError(f'noise_study.seeds={tuple(n.seeds)} must hold distinct seeds')
+  if not seed_list:
+    raise UserError('noise_study.seeds is empty: give at least one seed')
   for key in ('max_examples', 'lanczos_steps'):
     if n[key] < 1:
       raise UserError(f'noise_study.{key}={n[key]} must be at least 1')
@@ -123,7 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   names = validate(config)
   n = config.noise_study
   final = os.path.join(workdir, FOLDER)
-  rates, seed_list = [float(r) for r in np.atleast_1d(n.rates)], [int(s) for s in np.atleast_1d(n.seeds)]
+  rates, seed_list = [float(r) for r in np.atleast_1d(n.rates)], seeds.parse(n.seeds, 'noise_study.seeds')
   if os.path.exists(os.path.join(final, 'runs.jsonl')):
     rows = read_rows(final, 'runs')
     if {(r['rate'], r['variant'], r['seed']) for r in rows} >= {(a, v, s) for a in rates for v in names

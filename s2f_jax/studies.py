@@ -39,7 +39,7 @@ STUDIES: dict[str, Study] = {
                        's2f_jax.stitching.layer_pairs.stitching_config()'),
     'transferability': Study(pairs.study, 'the task transferability bound per source → target pair', 'transfer',
                              's2f_jax.transfer.pairs.transfer_config()'),
-    'model_patching': Study(patching.study, 'ERM vs Group DRO vs CAMEL on group data', 'patching',
+    'model_patching': Study(patching.study, 'ERM vs Group DRO vs IRM vs CAMEL on group data', 'patching',
                             's2f_jax.patching.experiment.patching_config()'),
 }
 

@@ -68,7 +68,7 @@ def test_finished_experiment_is_read_back(finished, monkeypatch):
 
 
 @pytest.mark.parametrize('override, message', [
-    ({'patching.methods': 'erm,jtt'}, "unknown patching method 'jtt'; valid choices: erm, gdro, camel"),
+    ({'patching.methods': 'erm,jtt'}, "unknown patching method 'jtt'; valid choices: erm, gdro, irm, camel"),
     ({'patching.consistency': 'js'}, "unknown patching.consistency 'js'"),
     ({'patching.batch_size': 2}, 'gives no example per group'),
     ({'patching.stage1.batch_size': 500}, 'larger than the smallest CycleGAN domain'),
@@ -83,6 +83,6 @@ def test_cli_bad_method_is_one_line_exit_2(tmp_path):
   proc = run_script('experiments/model_patching.py', '--config=configs/model_patching.py',
                     f'--workdir={tmp_path / "w"}', '--config.patching.methods=erm,jtt')
   assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].endswith('valid choices: erm, gdro, camel')
+  assert proc.stderr.strip().splitlines()[-1].endswith('valid choices: erm, gdro, irm, camel')
   assert len(proc.stderr.strip().splitlines()) == 1
   assert not (tmp_path / 'w').exists()

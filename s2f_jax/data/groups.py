@@ -1,10 +1,13 @@
 """Group-structured data for subgroup robustness (model patching, original.md Patching §5): class y, subgroup z.
 
-A group is g = y · Z + z (Z subgroups per class). Two sources:
+A group is g = y · Z + z (Z subgroups per class). Three sources:
   * `spurious_correlation`: a spurious-correlation set built from a base dataset and the benchmark's own shift blocks
     (the analogue of MNIST-Correlation): binary classes from the base labels, z = 1 means the image carries the
     shift, P(z = y) = `correlation` in train and valid, and a balanced test split holding every test image twice
     (clean, z = 0, and shifted, z = 1).
+  * `mnist_correlation`: the MNIST-Correlation layout scaled to a small base dataset: both classes exactly the same
+    size and every group an exact share of the train split (49.5 / 0.5 / 0.5 / 49.5 % at correlation 0.99), z = 1
+    drawn as a zigzag line (the analogue of MNIST-C zigzag) or any shift blocks.
   * `load_group_folder`: user-supplied Waterbirds/CelebA-style folders with a metadata CSV.
 """
 from __future__ import annotations
@@ -21,6 +24,8 @@ from s2f_jax.data.datasets import BaseDataset
 from s2f_jax.errors import UserError, choices_error
 
 CLASS_TASKS = ('parity', 'halves', 'vehicle_animal')
+ZIGZAG = 'zigzag'  # the subgroup feature that is not a shift block: one bright zigzag line per image
+VALID_SPLITS = ('correlated', 'balanced')
 CIFAR10_VEHICLES = ('airplane', 'automobile', 'ship', 'truck')
 SPLIT_NAMES = {'0': 'train', '1': 'valid', '2': 'test', 'train': 'train', 'valid': 'valid', 'val': 'valid',
                'test': 'test'}
@@ -104,9 +109,40 @@ def subgroup_state(shift: str, num_classes: int) -> ShiftState:
     blocks = tuple(b.strip() for b in piece.split(','))
     for b in blocks:
       if b not in shift_blocks(('images',)):
-        raise choices_error('subgroup shift block', b, shift_blocks(('images',)))
+        raise choices_error('subgroup shift block', b, shift_blocks(('images',)) + (ZIGZAG,))
     state = state.advance(blocks, f'subgroup shift step {t + 1}')
   return state
+
+
+def zigzag(images: np.ndarray, rng: np.random.RandomState, segments: int = 4) -> np.ndarray:
+  """uint8 [N, H, W, 3] → copies each crossed by one white (255) zigzag line, 1 px wide.
+
+  The line joins `segments` + 1 vertices at evenly spaced columns from the left to the right edge, whose rows
+  alternate between the upper and the lower half of the image (uniform within the half; which half comes first is
+  random per image). Pixels off the line are unchanged.
+  """
+  n, h, w = images.shape[:3]
+  k = np.arange(segments + 1)
+  upper = rng.uniform(0, (h - 1) / 2, (n, segments + 1))
+  lower = rng.uniform((h - 1) / 2, h - 1, (n, segments + 1))
+  first = rng.randint(0, 2, (n, 1))
+  rows = np.where((k + first) % 2 == 0, upper, lower)  # [N, S + 1]
+  cols = np.broadcast_to(np.linspace(0, w - 1, segments + 1), rows.shape)
+  t = np.linspace(0.0, 1.0, 2 * max(h, w))[None, None, :]  # points per segment, denser than the pixel grid
+  r = np.rint(rows[:, :-1, None] + t * (rows[:, 1:, None] - rows[:, :-1, None])).astype(np.int64)
+  c = np.rint(cols[:, :-1, None] + t * (cols[:, 1:, None] - cols[:, :-1, None])).astype(np.int64)
+  out = images.copy()
+  out[np.arange(n)[:, None, None], np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)] = 255
+  return out
+
+
+def subgroup_feature(shift: str, num_classes: int):
+  """(images uint8 [N, H, W, 3], base labels [N], rng) → the images carrying the subgroup feature z = 1: `zigzag`
+  for 'zigzag', else the shift blocks of `shift` (`subgroup_state`); raises UserError for unknown blocks."""
+  if shift == ZIGZAG:
+    return lambda images, labels, rng: zigzag(images, rng)
+  state = subgroup_state(shift, num_classes)
+  return lambda images, labels, rng: state.apply([(images, labels)], rng)[0][0]
 
 
 def _assign_subgroups(y: np.ndarray, correlation: float, rng: np.random.RandomState) -> np.ndarray:
@@ -135,7 +171,7 @@ def spurious_correlation(base: BaseDataset, task: str = 'parity', shift: str = '
   if not 0.0 < valid_fraction < 1.0:
     raise UserError(f'valid_fraction={valid_fraction} must be in (0, 1)')
   to_binary, class_names = binary_classes(base, task)
-  state = subgroup_state(shift, base.num_classes)
+  feature = subgroup_feature(shift, base.num_classes)
   rng = np.random.RandomState(seed)
   n = len(base.train_labels)
   if size < 0 or size > n:
@@ -146,7 +182,7 @@ def spurious_correlation(base: BaseDataset, task: str = 'parity', shift: str = '
   def shifted(images, labels, z):
     out = images.copy()
     if z.any():
-      out[z == 1] = state.apply([(images[z == 1], labels[z == 1])], rng)[0][0]
+      out[z == 1] = feature(images[z == 1], labels[z == 1], rng)
     return out
 
   splits = []
@@ -162,6 +198,84 @@ def spurious_correlation(base: BaseDataset, task: str = 'parity', shift: str = '
   test = GroupedSplit(np.concatenate([base.test_images, shifted(base.test_images, base.test_labels, ones)]),
                       np.concatenate([test_y, test_y]), np.concatenate([0 * ones, ones]),
                       np.tile(np.arange(m, dtype=np.int64) + n, 2))
+  data = GroupData(splits[0], splits[1], test, class_names, ('clean', shift))
+  data.check()
+  return data
+
+
+def _both_subgroups(images: np.ndarray, labels: np.ndarray, y: np.ndarray, ids: np.ndarray, feature,
+                    rng: np.random.RandomState) -> GroupedSplit:
+  """Every image twice: clean (z = 0), then with the feature (z = 1); both copies keep the image's id."""
+  m = len(y)
+  return GroupedSplit(np.concatenate([images, feature(images, labels, rng)]), np.concatenate([y, y]).astype(np.int32),
+                      np.repeat(np.arange(2, dtype=np.int32), m), np.tile(ids.astype(np.int64), 2))
+
+
+def correlated_counts(class_sizes: np.ndarray, correlation: float) -> tuple[int, int]:
+  """(majority, minority) examples per class for a split whose classes have `class_sizes` [C] images: the minority
+  count k = ⌊(1 − correlation) · min class size⌋ and the majority round(k · correlation / (1 − correlation)), so
+  that every class has the same k + majority images and the group shares are exact whenever
+  correlation / (1 − correlation) is an integer (0.99 → 99 : 1, i.e. 49.5 / 0.5 / 0.5 / 49.5 % over two classes)."""
+  n = int(np.min(class_sizes))
+  minority = int(np.floor((1.0 - correlation) * n + 1e-9))
+  majority = min(int(round(minority * correlation / (1.0 - correlation))), n - minority)
+  return majority, minority
+
+
+def mnist_correlation(base: BaseDataset, task: str = 'halves', shift: str = ZIGZAG, correlation: float = 0.99,
+                      valid_fraction: float = 0.5, seed: int = 0, valid_split: str = 'correlated') -> GroupData:
+  """An MNIST-Correlation-style set (Goel et al.'s 19 800 / 200 / 200 / 19 800 train groups) scaled to `base`.
+
+  The base train split is shuffled (`seed`) and cut into a train and a valid part (`valid_fraction`). In the train
+  part, and in the valid part when `valid_split` = 'correlated' (the original's layout), each class keeps exactly
+  majority + minority images (`correlated_counts`, the same for both classes): the first `majority` of the class
+  (in shuffled order) in subgroup z = y and the next `minority` in z = 1 − y, so majority and minority images are
+  different digit instances; the class's remaining images are dropped. z = 1 images carry the feature (`shift`:
+  'zigzag' or shift blocks). valid_split = 'balanced' instead holds every valid-part image clean and with the
+  feature. The test split holds every base test image clean (z = 0) and with the feature (z = 1), as the
+  original's. ids: base train indices, then base test indices + N_train (both copies of an image share its id).
+  """
+  if not 0.5 <= correlation < 1.0:
+    raise UserError(f'correlation={correlation} must be in [0.5, 1): every group needs examples')
+  if not 0.0 < valid_fraction < 1.0:
+    raise UserError(f'valid_fraction={valid_fraction} must be in (0, 1)')
+  if valid_split not in VALID_SPLITS:
+    raise choices_error('patching.valid_split', valid_split, VALID_SPLITS)
+  to_binary, class_names = binary_classes(base, task)
+  feature = subgroup_feature(shift, base.num_classes)
+  rng = np.random.RandomState(seed)
+  n = len(base.train_labels)
+  order = rng.permutation(n)
+  cut = int(round(n * (1.0 - valid_fraction)))
+  parts = (order[:cut], order[cut:])
+  sizes = [np.bincount(to_binary[base.train_labels[part]], minlength=2) for part in parts]
+  majority, minority = correlated_counts(np.concatenate(sizes if valid_split == 'correlated' else sizes[:1]),
+                                         correlation)
+  if minority < 1:
+    raise UserError(f'correlation={correlation} leaves no minority example: the smallest class of a split has '
+                    f'{int(np.min(np.concatenate(sizes)))} images; lower the correlation or valid_fraction')
+  splits = []
+  for k, part in enumerate(parts):
+    labels = base.train_labels[part]
+    y = to_binary[labels]
+    if k == 1 and valid_split == 'balanced':
+      index = np.sort(part)
+      labels = base.train_labels[index]
+      splits.append(_both_subgroups(base.train_images[index], labels, to_binary[labels], index, feature, rng))
+      continue
+    chosen, z = [], []
+    for c in (0, 1):
+      members = part[y == c][:majority + minority]
+      chosen.append(members)
+      z.append(np.where(np.arange(len(members)) < majority, c, 1 - c))
+    chosen, z = np.concatenate(chosen), np.concatenate(z).astype(np.int32)
+    keep = np.argsort(chosen, kind='stable')
+    index, z = chosen[keep], z[keep]
+    images = base.train_images[index].copy()
+    images[z == 1] = feature(images[z == 1], base.train_labels[index][z == 1], rng)
+    splits.append(GroupedSplit(images, to_binary[base.train_labels[index]].astype(np.int32), z, index.astype(np.int64)))
+  test = _both_subgroups(base.test_images, base.test_labels, to_binary[base.test_labels],
+                         np.arange(len(base.test_labels)) + n, feature, rng)
   data = GroupData(splits[0], splits[1], test, class_names, ('clean', shift))
   data.check()
   return data

@@ -5,7 +5,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from s2f_jax.errors import UserError
 from s2f_jax.results.writer import markdown_table
+
+
+def parse(value, key: str) -> tuple[int, ...]:
+  """The seeds of a `<section>.seeds` config value `key` names: a tuple or list of integers, one integer, or a comma
+  list ('1,2,3'; '' or () = none). UserError for anything but distinct integers in [0, 2³²)."""
+  items = str(value).split(',') if isinstance(value, str) else np.atleast_1d(value).tolist()
+  try:
+    out = tuple(int(s) for s in items if str(s).strip())
+  except (TypeError, ValueError):
+    raise UserError(f'{key}={value!r} must be a list of integers, e.g. 1,2,3') from None
+  if any(not 0 <= s < 2 ** 32 for s in out) or len(set(out)) != len(out):
+    raise UserError(f'{key}={value!r} must be distinct integers in [0, 2^32)')
+  return out
 
 
 def aggregate(rows: Sequence[dict], by: Sequence[str], metrics: Sequence[str]) -> list[dict]:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from s2f_jax.training.robust import group_means
 
 CONSISTENCY_TYPES = ('camel', 'triplet_js', 'kl', 'reverse_kl')
+# Which views feed the data objective (the original's `augmentation_training`): 0 = x, 1 = F(x), 2 = G(x).
+AUGMENTATION_TRAINING = {'original': (0,), 'augmented': (1, 2), 'both': (0, 1, 2)}
 
 
 def kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -49,20 +51,33 @@ def consistency(log_probs: jax.Array, kind: str = 'camel') -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Consistent:
-  """A data objective on the original view plus λ Σ_g mean_{i ∈ g} consistency(x_i) (λ: hyper-parameter
+  """A data objective on the selected views plus λ Σ_g mean_{i ∈ g} consistency(x_i) (λ: hyper-parameter
   `consistency_weight`; gradients flow into all three predictions).
 
-  Takes logits [G, B, 3, C] (original, F(x), G(x)); `base` (ERM, GroupDRO, …) sees the originals [G, B, C].
+  Takes logits [G, B, 3, C] (original, F(x), G(x)). `views` (see `AUGMENTATION_TRAINING`) picks the views that feed
+  `base` (ERM, GroupDRO, …): with V of them, base sees logits [V·G, B, C] in view-major order (row v·G + g is view
+  views[v] of group g, with group g's labels, weights and mask), i.e. every (group, view) pair is a group of its own,
+  as the original's loss over the separate (A-F) / (A-G) data sets. A GroupDRO base then needs V·G group sizes and
+  superclasses and carries V·G weights (`state_groups`). The consistency term is the same for every choice of views.
   """
   base: Any
   kind: str = 'camel'
+  views: tuple[int, ...] = (0,)
 
   @property
   def grouped(self) -> bool:
     return self.base.grouped
 
+  def state_groups(self, num_groups: int) -> int:
+    """Size of the carried objective state for `num_groups` sampled groups (one weight per (group, view))."""
+    return num_groups * len(self.views)
+
   def __call__(self, logits, labels, weights, mask, state, hparams, iteration):
-    data, state = self.base(logits[:, :, 0], labels, weights, mask, state, hparams, iteration)
+    v = len(self.views)
+    picked = jnp.moveaxis(logits[:, :, jnp.asarray(self.views)], 2, 0)  # [V, G, B, C]
+    tile = lambda a: jnp.tile(a, (v, 1))  # noqa: E731 — [G, B] → [V·G, B], view-major
+    data, state = self.base(picked.reshape((-1,) + picked.shape[2:]), tile(labels), tile(weights), tile(mask), state,
+                            hparams, iteration)
     per_example = consistency(jax.nn.log_softmax(logits.astype(jnp.float32)), self.kind)
     penalty = jnp.sum(group_means(per_example, jnp.ones_like(per_example), mask))
     return data + hparams['consistency_weight'] * penalty, state

@@ -541,10 +541,13 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     train_eval = sharding.replicate((data[0] if train.images.ndim == 4 else data[0][:, :, 0], data[1],
                                      jnp.zeros(data[1].shape, jnp.int32), scales), mesh)
 
+    # an objective may carry more weights than sampled groups (`Consistent.state_groups`: one per group and view)
+    state_groups = getattr(learner.objective, 'state_groups', lambda n: n)
+
     def initial_state(v, h):
       return (v['params'], v['batch_stats'],
               *init_state(v['params'], h['learning_rate'], h.get('radius', jnp.ones_like(h['learning_rate'])),
-                          num_groups=len(sizes)))
+                          num_groups=state_groups(len(sizes))))
     state = lanes.map(initial_state, variables, hp)
     best = variables
     # several processes (s2f_jax.distributed): no epoch checkpoints, the run resumes at its last finished stage

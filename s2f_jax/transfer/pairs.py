@@ -199,12 +199,10 @@ def study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
   `<workdir>/seed<s>` (config.seed = s draws the data and the encoder, transfer.seed + s the heads and transforms),
   then `seed_rows` mean ± std in `<workdir>/transferability_seeds.{md,jsonl,csv}`."""
   workdir = workdir or 'runs/transferability'
-  seed_list = tuple(int(s) for s in config.transfer.get('seeds', ()))
+  seed_list = seeds.parse(config.transfer.get('seeds', ()), 'transfer.seeds')
   if not seed_list:
     rows = run(config, workdir)
     return '\n'.join([markdown(rows), json.dumps(summary(rows), indent=1), os.path.join(workdir, 'transferability')])
-  if len(set(seed_list)) != len(seed_list):
-    raise UserError(f'transfer.seeds={seed_list} repeats a seed')
   configs = []
   for seed in seed_list:
     one = ml_collections.ConfigDict(config.to_dict())
