@@ -13,8 +13,11 @@ from s2f_jax.errors import UserError, choices_error
 INPUT_SCALINGS = ('standard', 'raw', 'original')
 JOINT_GRIDS = ('full', 'released')
 LR_DECAYS = ('none', 'linear', 'exponential')
-FINE_TUNE_MODES = ('standard', 'side_tune', 'low_rank_adapt', 'standard_using_joint', 'standard_using_joint_with_init',
-                   'standard_using_joint_with_prev_reg', 'standard_using_joint_with_init_and_prev_reg')
+FINE_TUNE_MODES = ('standard', 'side_tune', 'low_rank_adapt')
+# debug.joint_mirror: erm_fine_tune through a frozen 2-step joint model (the original's standard_using_joint*
+# fine_tune_modes, original.md S2F §3.4), a check that the joint code reproduces the single-model method it mirrors
+JOINT_MIRRORS = ('none', 'standard_using_joint', 'standard_using_joint_with_init', 'standard_using_joint_with_prev_reg',
+                 'standard_using_joint_with_init_and_prev_reg')
 ADAPTER_MODES = ('add', 'multiply')
 
 
@@ -61,7 +64,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
 
   # Fine-tuning (erm/irm/dro_fine_tune, sequential_fine_tune): see s2f_jax/methods/layers_spec.py for the grammar.
   c.fine_tune_layers = 'all'  # all | comma set | dash stages | shortcut | search | surgical_rgn | surgical_snr
-  c.fine_tune_mode = 'standard'  # standard | side_tune | low_rank_adapt | standard_using_joint* (debug mirrors)
+  c.fine_tune_mode = 'standard'  # standard | side_tune | low_rank_adapt
   c.regularization = 'standard'  # standard | previous | previous_l1 | fisher | fisher_all (EWC, sequential)
   c.ablate_init = False  # start fine-tuning from a fresh initialisation
   c.side_layer_sizes = ''  # side_tune modules: '' = one 3x3 conv + BN, 'block' = a copy of the block, '8,16' = widths
@@ -104,6 +107,8 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.irm_penalty = 10.0  # IRMv1 penalty weight once annealing is over
   c.irm_anneal_steps = 100  # iterations with penalty weight 1 before irm_penalty applies
 
+  c.debug = ml_collections.ConfigDict()
+  c.debug.joint_mirror = 'none'  # none | standard_using_joint[_with_init][_with_prev_reg] (JOINT_MIRRORS)
   c.compat = ml_collections.ConfigDict()
   c.compat.original = False  # the released code's behaviour: every switch below, input_scaling=original, joint.grid=released
   c.compat.early_stopping_previous = False  # patience counted against the previous epoch, not the best
@@ -251,9 +256,15 @@ def _validate_constraint(config: ml_collections.ConfigDict) -> None:
 def _validate_fine_tuning(config: ml_collections.ConfigDict, methods: list[str]) -> None:
   from s2f_jax.methods import layers_spec
   from s2f_jax.methods.adapted import side_layer_sizes
-  from s2f_jax.methods.fine_tune import REGULARIZATIONS
+  from s2f_jax.methods.fine_tune import REGULARIZATIONS, joint_mirror
+  if config.fine_tune_mode in JOINT_MIRRORS[1:]:
+    raise UserError(f'fine_tune_mode={config.fine_tune_mode} is a debug mirror through the joint model: set '
+                    f'debug.joint_mirror={config.fine_tune_mode} instead')
   if config.fine_tune_mode not in FINE_TUNE_MODES:
     raise choices_error('fine_tune_mode', config.fine_tune_mode, FINE_TUNE_MODES)
+  mirror = joint_mirror(config)
+  if mirror not in JOINT_MIRRORS:
+    raise choices_error('debug.joint_mirror', mirror, JOINT_MIRRORS)
   if config.regularization not in REGULARIZATIONS:
     raise choices_error('regularization', config.regularization, REGULARIZATIONS)
   if config.adapter_mode not in ADAPTER_MODES:
@@ -267,19 +278,19 @@ def _validate_fine_tuning(config: ml_collections.ConfigDict, methods: list[str])
                                                     for m in methods):
     raise UserError('regularization=fisher_all (EWC over earlier steps) applies to sequential_fine_tune only; '
                     'erm/irm/dro_fine_tune take standard, previous, previous_l1 or fisher')
-  if config.fine_tune_mode.startswith('standard_using_joint') and any(
-      m.endswith('_fine_tune') and m != 'erm_fine_tune' for m in methods):
-    raise UserError(f'fine_tune_mode={config.fine_tune_mode} (a debug mirror through the frozen joint model) applies '
-                    'to erm_fine_tune only')
-  if config.fine_tune_mode != 'standard':
+  if mirror != 'none' and (config.fine_tune_mode != 'standard' or any(
+      m.endswith('_fine_tune') and m != 'erm_fine_tune' for m in methods)):
+    raise UserError(f'debug.joint_mirror={mirror} (erm_fine_tune through the frozen joint model) applies to '
+                    f'erm_fine_tune with fine_tune_mode=standard only')
+  if config.fine_tune_mode != 'standard' or mirror != 'none':
     changed = [k for k, default in (('fine_tune_layers', 'all'), ('regularization', 'standard'),
                                     ('ablate_init', False)) if config[k] != default]
     if changed:
       raise UserError(f"{', '.join(changed)} apply to fine_tune_mode=standard; side_tune and low_rank_adapt train "
-                      'their own new modules')
+                      'their own new modules, and debug.joint_mirror sets them itself')
   options = [k for k, on in (('constraint.norm', config.constraint.norm != 'none'),
                               ('label_noise.correction', config.label_noise.correction != 'none')) if on]
-  if options and (config.fine_tune_mode != 'standard' or not any(
+  if options and (config.fine_tune_mode != 'standard' or mirror != 'none' or not any(
       m in ('erm_fine_tune', 'irm_fine_tune', 'dro_fine_tune') for m in methods)):
     raise UserError(f"{', '.join(options)} apply to the fine-tuning stage of erm/irm/dro_fine_tune with "
                     f'fine_tune_mode=standard; got method={config.method}, fine_tune_mode={config.fine_tune_mode}')

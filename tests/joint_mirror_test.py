@@ -15,7 +15,7 @@ from conftest import SMALL, run_small as _run, tiny_config
 KEYS = ('Test accuracy', 'Validation accuracy', 'Grid validation accuracies')
 
 
-# fine_tune_mode → the single-model method it mirrors (original.md S2F §3.4 table): fresh or copied start × L2 to zero
+# debug.joint_mirror → the single-model method it mirrors (original.md S2F §3.4 table): fresh or copied start × L2 to zero
 # or toward the history model; grid.weight_decay is the coefficient of either penalty.
 MIRRORS = {
     'standard_using_joint': {'method': 'erm_final'},
@@ -50,7 +50,7 @@ def test_frozen_joint_modes_reproduce_the_methods_they_mirror(mirror_dir, captur
   stage = 'erm_final' if single['method'] == 'erm_final' else 'fine_tune_all'
   (expected,) = _run(mirror_dir, **MIRROR_SETTINGS, **single)
   expected_winner = captured[stage][0].winner()
-  (row,) = _run(mirror_dir, **MIRROR_SETTINGS, method='erm_fine_tune', fine_tune_mode=mode)
+  (row,) = _run(mirror_dir, **MIRROR_SETTINGS, method='erm_fine_tune', **{'debug.joint_mirror': mode})
   assert row['Method'] == FROZEN_JOINT_MODES[mode][0]
   for key in KEYS:
     np.testing.assert_allclose(row[key], expected[key], atol=1e-6, err_msg=key)
@@ -58,7 +58,7 @@ def test_frozen_joint_modes_reproduce_the_methods_they_mirror(mirror_dir, captur
 
   # every run's per-epoch train loss, and the winner's weights and BN statistics
   dirs = [mirror_dir / method_name(c['method'], tiny_config(**{**SMALL, **MIRROR_SETTINGS, **c}))
-          for c in (single, {'method': 'erm_fine_tune', 'fine_tune_mode': mode})]
+          for c in (single, {'method': 'erm_fine_tune', 'debug.joint_mirror': mode})]
   losses, joint_losses = (train_losses(d, stage) for d in dirs)
   assert losses.shape == (2, 4)
   np.testing.assert_allclose(joint_losses, losses, atol=1e-5)

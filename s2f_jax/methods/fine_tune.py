@@ -41,14 +41,19 @@ def variant_suffix(config) -> str:
   return layers + REG_SUFFIX[config.regularization] + ('_ablate_init' if config.ablate_init else '')
 
 
+def joint_mirror(config) -> str:
+  """`debug.joint_mirror` ('none' for configs without a debug section)."""
+  return config.get('debug', {}).get('joint_mirror', 'none')
+
+
 def fine_tune_name(config, kind: str = 'erm') -> str:
   """e.g. erm_fine_tune, erm_linear_probe_then_fine_tune, dro_fine_tune_search_reg_previous_fisher."""
   if config.fine_tune_mode in ('side_tune', 'low_rank_adapt'):
     from s2f_jax.methods.adapted import adapted_name
     return adapted_name(config, kind)
-  if config.fine_tune_mode != 'standard':
+  if joint_mirror(config) != 'none':
     from s2f_jax.methods.joint import FROZEN_JOINT_MODES
-    return FROZEN_JOINT_MODES[config.fine_tune_mode][0]
+    return FROZEN_JOINT_MODES[joint_mirror(config)][0]
   lp = config.fine_tune_layers.strip() == 'linear_probe_fine_tune'
   k, noise = config.constraint, config.label_noise
   extra = ('' if k.norm == 'none' else f'_constrained_{k.norm}') + (
@@ -191,7 +196,7 @@ def fine_tune_after(ctx: RunContext, prev: Selection, kind: str) -> list[dict]:
   if c.fine_tune_mode in ('side_tune', 'low_rank_adapt'):
     from s2f_jax.methods.adapted import adapted_fine_tune
     return adapted_fine_tune(ctx, prev, kind)
-  if c.fine_tune_mode != 'standard':
+  if joint_mirror(c) != 'none':
     from s2f_jax.methods.joint import frozen_joint_fine_tune
     return frozen_joint_fine_tune(ctx, prev)
   history, final = range(ctx.num_steps - 1), [ctx.num_steps - 1]

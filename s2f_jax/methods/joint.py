@@ -353,7 +353,7 @@ def resume_pending(config, rows: list[dict]) -> bool:
 
 # ------------------------------------------------------------------ fine-tuning through a frozen 2-step joint model
 
-# original.md S2F §3.4: fine_tune_mode → (method name, step 1 starts from the history model, adjacent term instead
+# original.md S2F §3.4: debug.joint_mirror → (method name, step 1 starts from the history model, adjacent term instead
 # of L2).
 FROZEN_JOINT_MODES = {
     'standard_using_joint': ('erm_final_using_frozen_joint', False, False),
@@ -388,13 +388,13 @@ class FrozenHistoryTerm:
 
 
 def frozen_joint_fine_tune(ctx: RunContext, prev: Selection) -> list[dict]:
-  """The debug `fine_tune_mode`s: a 2-step joint model (mode separate, every layer new at step 1) whose step 0 is
+  """`debug.joint_mirror` (the original's debug fine_tune_modes): a 2-step joint model (mode separate, every layer new at step 1) whose step 0 is
   the history model `prev`, frozen and without data; step 1 (fresh, or a copy of step 0) trains on the final step
   with L2, or with the adjacent term toward step 0 (coefficients from grid.weight_decay). They mirror erm_final,
   erm_fine_tune, and erm_fine_tune with regularization=previous (± ablate_init): same stage key, initialisation and
   grid, so the same seed gives the same result (with dropout 0, whose masks are drawn per step here)."""
   c = ctx.config
-  name, from_history, adjacent = FROZEN_JOINT_MODES[c.fine_tune_mode]
+  name, from_history, adjacent = FROZEN_JOINT_MODES[c.debug.joint_mirror]
   history = prev.winner()
   blocks = c.model.num_blocks
   layout = JointLayout.separate(module_path(parse_separate_layers('all', 2, blocks), 2, blocks),
