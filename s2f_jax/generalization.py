@@ -37,13 +37,14 @@ from s2f_jax.results.writer import markdown_table, write_rows
 from s2f_jax.training.label_noise import symmetric_confusion
 
 COLUMNS = ('radius', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'gap', 'noisy_gap', 'distance',
-           'hdm', 'stem_share', 'trace_distance', 'trace', 'top_eigenvalue', 'noise_stability', 'noise_predicted',
-           'grad_norm')
+           'hdm', 'stem_share', 'trace_distance', 'trace', 'top_eigenvalue', 'noise_stability', 'noise_antithetic',
+           'noise_predicted', 'grad_norm')
 DENSITY = 'eigenvalue_density'  # the row key of an `hessian.eigenvalue_density` result (figure only, not in JSON)
 TRACE_ESTIMATORS = ('hutchinson', 'slq_psd', 'gauss_newton')
 STEM = 'conv1/'  # the stem's parameter paths start so
+# mean ± std over hessian.seeds, per radius
 SEED_METRICS = ('test_accuracy', 'gap', 'noisy_gap', 'distance', 'hdm', 'stem_share', 'trace_distance',
-                'noise_stability', 'noise_predicted', 'grad_norm')  # mean ± std over hessian.seeds, per radius
+                'noise_stability', 'noise_antithetic', 'noise_predicted', 'grad_norm')
 ORIGINAL_BATCH = 4  # compat.hessian_batches: the original's maximum over mini-batches of 4 examples
 
 
@@ -127,6 +128,8 @@ def measure(workdir: str, config, num_probes: int = 50, lanczos_steps: int = 20,
   draws of σ = `sigma`) is of the mean loss, and so is its prediction (σ²/2)·ΣTr H; 'grad_norm' = ‖∇ℓ‖ over the
   selected layers of that mean loss and 'first_order_stderr' = σ‖∇ℓ‖/√draws, the spread the first-order term adds
   to the mean gap: the prediction should hold where this is small against it (near a minimum, small σ).
+  'noise_antithetic' = the mean of ½[ℓ(θ + σu) + ℓ(θ − σu)] − ℓ(θ) over the same draws, free of the first-order
+  term: it should match the prediction at small σ wherever the loss is smooth.
   'noisy_gap' = the expected test loss under the training labels' noise (Σ_c F[y, c]·CE_c, F the symmetric noise of
   `label_noise.rate`) − train loss: train and test from one distribution, the gap Theorem 2.1 bounds; 'gap' uses the
   clean test labels. 'stem_share' = the stem's term of HDM / HDM.
@@ -195,8 +198,8 @@ def measure_model(ctx, variables, start, key: jax.Array, *, num_probes: int = 50
   row.update(trace_distance=hessian.hessian_distance_measure(quadratic, len(final.train), traces)['trace_distance'],
              trace=float(mean_traces['total']), max_trace=float(traces['total']), top_eigenvalue=float(top[0]),
              top_eigenvalues=[float(t) for t in top], noise_stability=noise['mean'],
-             noise_predicted=noise['predicted'], grad_norm=grad_norm, noise_stderr=noise['stderr'],
-             first_order_stderr=sigma * grad_norm / np.sqrt(num_draws), trace_estimator=trace_estimator)
+             noise_antithetic=noise['antithetic_mean'], noise_predicted=noise['predicted'], grad_norm=grad_norm,
+             noise_stderr=noise['stderr'], first_order_stderr=sigma * grad_norm / np.sqrt(num_draws), trace_estimator=trace_estimator)
   if density_steps:
     row[DENSITY] = hessian.eigenvalue_density(loss_fn, sel, jax.random.fold_in(key, 3), steps=density_steps,
                                               num_points=2000)

@@ -118,7 +118,7 @@ def test_hdm_is_the_max_over_single_examples_and_the_gaps(measured):
   F = symmetric_confusion(10, 0.2)
   original = config.copy_and_resolve_references()
   original.compat.hessian_batches = True
-  for row, variables in zip(rows, models):
+  for g, (row, variables) in enumerate(zip(rows, models)):
     names = hessian.select_layers(variables['params'])
     sel = hessian.select_leaves(variables['params'], names)
     v = hessian.weight_difference(sel, hessian.select_leaves(start['params'], names), 'init')
@@ -141,6 +141,9 @@ def test_hdm_is_the_max_over_single_examples_and_the_gaps(measured):
     noisy = np.mean([-(F[y] @ lp) for y, lp in zip(final.test.labels, log_p)])
     assert row['noisy_gap'] == pytest.approx(noisy - row['train_loss'], rel=1e-4, abs=1e-5)
     assert row['first_order_stderr'] == pytest.approx(1e-3 * row['grad_norm'] / 2, rel=1e-9)
+    noise = hessian.noise_stability(loss, sel, 1e-3, 4, jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0),
+                                                                                             g), 1))
+    assert (row['noise_stability'], row['noise_antithetic']) == (noise['mean'], noise['antithetic_mean'])
 
 
 def test_seeds_mean_and_std_per_radius(tmp_path):

@@ -429,3 +429,18 @@ def test_noise_stability_is_half_sigma_squared_trace(mlp):
   assert 0.8 < out['ratio'] < 1.2
   np.testing.assert_allclose([out['mean'], out['std']], [out['gaps'].mean(), out['gaps'].std(ddof=1)], rtol=1e-12)
   assert out['clean_loss'] == pytest.approx(float(mlp.loss(sel)), rel=1e-14)
+
+
+def test_antithetic_noise_stability_is_exact_on_a_quadratic(x64):
+  """ℓ(θ) = ½θᵀAθ + bᵀθ: the antithetic gap of draw u is (σ²/2)·uᵀAu exactly, whatever the gradient, while the
+  plain gap adds σ·(Aθ + b)ᵀu."""
+  rng = np.random.default_rng(0)
+  m = rng.normal(size=(6, 6))
+  a, b, theta = m @ m.T, rng.normal(size=6), rng.normal(size=6)
+  loss = lambda s: 0.5 * s['w'] @ jnp.asarray(a) @ s['w'] + jnp.asarray(b) @ s['w']  # noqa: E731
+  sigma, draws = 0.1, 7
+  out = hs.noise_stability(loss, {'w': jnp.asarray(theta)}, sigma, draws, jax.random.key(3), traces=np.trace(a))
+  u = np.stack([np.asarray(jax.random.normal(k, (6,), jnp.float64)) for k in jax.random.split(jax.random.key(3), draws)])
+  np.testing.assert_allclose(out['antithetic_gaps'], sigma ** 2 / 2 * np.einsum('ri,ij,rj->r', u, a, u), rtol=1e-9)
+  np.testing.assert_allclose(out['gaps'], out['antithetic_gaps'] + sigma * u @ (a @ theta + b), rtol=1e-9)
+  assert out['antithetic_ratio'] == pytest.approx(out['antithetic_mean'] / (sigma ** 2 / 2 * np.trace(a)))

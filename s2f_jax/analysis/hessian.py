@@ -709,10 +709,11 @@ def save_density(density: Mapping, path: str | os.PathLike, title: str = '') -> 
 def _noise_gaps(loss, sel, sigma, key, *, num_draws, chunk):
   clean = loss(sel)
 
-  def gap(k):
+  def gaps(k):  # ℓ(θ + σu) − ℓ(θ) and ℓ(θ − σu) − ℓ(θ) for one draw u
     noise = _random_like(jax.random.normal, k, sel)
-    return loss(jax.tree.map(lambda x, u: x + sigma * u, sel, noise)) - clean
-  return clean, _vmap_chunks(gap, jax.random.split(key, num_draws), chunk)
+    return jnp.stack([loss(jax.tree.map(lambda x, u: x + sign * sigma * u, sel, noise)) - clean
+                      for sign in (1.0, -1.0)])
+  return clean, _vmap_chunks(gaps, jax.random.split(key, num_draws), chunk)
 
 
 def noise_stability(loss_fn: Callable[[Sel], jax.Array], params_sel: Sel, sigma: float = 1e-3, num_draws: int = 20,
@@ -721,9 +722,14 @@ def noise_stability(loss_fn: Callable[[Sel], jax.Array], params_sel: Sel, sigma:
   perturbations U ~ N(0, σ² I) of the selected leaves (σ a standard deviation), all on the ONE fixed batch of `loss_fn`
   (a `BatchLoss` of the evaluation set). Draws are vmapped, `chunk` at a time (None: all). Small gaps need float64.
 
-  Returns {'mean', 'std' (ddof 1), 'stderr', 'gaps' [R], 'clean_loss', 'sigma'}; with `traces` (a `hutchinson_traces`
-  result, per-layer traces or their total) also 'predicted' = (σ²/2)·ΣTr(H_ii), the second-order expectation, and
-  'ratio' = mean / predicted (≈ 1 at small σ, original.md Hessian §8 acceptance test 2).
+  Each draw u is also taken with the opposite sign: the antithetic gap ½[ℓ(θ + σu) + ℓ(θ − σu)] − ℓ(θ) =
+  (σ²/2)·uᵀHu + O(σ⁴) has no first-order term σ⟨∇ℓ, u⟩, whose spread dominates the plain mean away from a minimum.
+
+  Returns {'mean', 'std' (ddof 1), 'stderr', 'gaps' [R] (the plain gaps, +σu), 'antithetic_mean',
+  'antithetic_stderr', 'antithetic_gaps' [R], 'clean_loss', 'sigma'}; with `traces` (a `hutchinson_traces` result,
+  per-layer traces or their total) also 'predicted' = (σ²/2)·ΣTr(H_ii), the second-order expectation, 'ratio' =
+  mean / predicted (≈ 1 at small σ near a minimum, original.md Hessian §8 acceptance test 2) and 'antithetic_ratio'
+  (≈ 1 at small σ anywhere the loss is smooth).
   """
   _check_int('noise_stability', 'num_draws', num_draws, 2)
   if chunk is not None:
@@ -733,12 +739,16 @@ def noise_stability(loss_fn: Callable[[Sel], jax.Array], params_sel: Sel, sigma:
   key = jax.random.key(0) if key is None else key
   clean, gaps = jax.device_get(_noise_gaps(_jit_arg(loss_fn), params_sel, sigma, key,
                                            num_draws=num_draws, chunk=chunk))
-  gaps = np.asarray(gaps, np.float64)
+  both = np.asarray(gaps, np.float64)
+  gaps, antithetic = both[:, 0], both.mean(axis=1)
   std = float(gaps.std(ddof=1))
   out = {'mean': float(gaps.mean()), 'std': std, 'stderr': std / np.sqrt(num_draws), 'gaps': gaps,
+         'antithetic_mean': float(antithetic.mean()),
+         'antithetic_stderr': float(antithetic.std(ddof=1) / np.sqrt(num_draws)), 'antithetic_gaps': antithetic,
          'clean_loss': float(clean), 'sigma': float(sigma)}
   if traces is not None:
     total = np.sum(traces['trace'] if isinstance(traces, Mapping) else traces)
     out['predicted'] = float(sigma ** 2 / 2 * total)
     out['ratio'] = out['mean'] / out['predicted']
+    out['antithetic_ratio'] = out['antithetic_mean'] / out['predicted']
   return out
