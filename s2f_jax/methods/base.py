@@ -210,8 +210,9 @@ class RunContext:
 
 @functools.lru_cache(maxsize=None)
 def _jitted_init(model: nn.Module):
-  """One compiled initialiser per model (eager init is ~3x slower for DenseNet-4)."""
-  return jax.jit(lambda key, x: model.init(key, x, train=False))
+  """One compiled initialiser per model (eager init is ~3x slower for DenseNet-4); {'params', 'batch_stats'}, the
+  latter empty for a model without BatchNorm."""
+  return jax.jit(lambda key, x: {'batch_stats': {}, **model.init(key, x, train=False)})
 
 
 def stage_of(selection: Selection, group: int = 0) -> list:

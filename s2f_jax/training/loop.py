@@ -126,7 +126,7 @@ class Learner:
     logits, updates = self.model.apply(
         variables, x, train=True, dropout_rate=hparams['dropout'], frozen=eval_layers, mask=mask,
         rngs={'dropout': rng}, mutable=['batch_stats'])
-    return logits, updates['batch_stats']
+    return logits, updates.get('batch_stats', {})  # empty for a model without BatchNorm
 
   def forward(self, variables: PyTree, images: jax.Array, *, hparams: dict, rng: jax.Array, mask: jax.Array,
               scale: jax.Array | None = None):
