@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from s2f_jax.errors import UserError
-from s2f_jax.stitching.direct_match import direct_match, match_stitching_layer, normalised_residual
+from s2f_jax.stitching.direct_match import (direct_match, held_out_residual, match_stitching_layer,
+                                           normalised_residual)
 from s2f_jax.stitching.layers import (StitchingLayer, conv_rows, from_rows, install, resize_bilinear, stitch_init,
                                       token_rows)
 from s2f_jax.stitching.low_rank import fit_basis, project, project_per_batch
@@ -188,6 +189,31 @@ def test_match_rc2c_pre_reproduces_end_activation(src, dst):
   variables, m = match_stitching_layer('rc2c_pre', a_front, a_end)
   assert m.residual_in_sample < 1e-10
   np.testing.assert_allclose(_apply('rc2c_pre', variables, a_front, dst), a_end, atol=1e-4)
+
+
+def test_held_out_residual_equals_numpy_lstsq_on_other_images():
+  # rc2c_pre from 3×3×5 to 4×4×4 with a non-linear target: a real, inexact fit. The map is fitted on 6 images by
+  # numpy lstsq on [resize(a_f) rows, 1] and scored on 5 others; `cutoff=0` is the exact pseudo-inverse.
+  rng = np.random.default_rng(11)
+  a_front = rng.normal(size=(11, 3, 3, 5)).astype(np.float32)
+  a_end = np.tanh(_resize_reference(a_front, (4, 4)) @ rng.normal(size=(5, 4)) + 0.3).astype(np.float32)
+  variables, m = match_stitching_layer('rc2c_pre', a_front[:6], a_end[:6], cutoff=0.0)
+  rows = lambda a: a.reshape(-1, a.shape[-1]).astype(np.float64)
+  x_fit, x_out = rows(_resize_reference(a_front[:6], (4, 4))), rows(_resize_reference(a_front[6:], (4, 4)))
+  a = np.linalg.lstsq(np.c_[x_fit, np.ones(len(x_fit))], rows(a_end[:6]), rcond=None)[0]
+  y_out = rows(a_end[6:])
+  expected = ((np.c_[x_out, np.ones(len(x_out))] @ a - y_out) ** 2).sum() / (y_out ** 2).sum()
+  kernel, bias = variables['params']['kernel'], variables['params']['bias']
+  got = held_out_residual('rc2c_pre', a_front[6:], a_end[6:], kernel, bias)
+  assert got == pytest.approx(expected, rel=1e-4)  # float32-stored map
+  assert got > m.residual_in_sample > 1e-3  # out of sample is worse than in sample
+  # With a fixed basis, X is projected first (the map is then used on projected activations).
+  basis = fit_basis(a_front[:6], 2)
+  low, _ = match_stitching_layer('rc2c_pre', a_front[:6], a_end[:6], basis=basis)  # torch cutoff: X is rank 2
+  x_low = np.asarray(project(basis, _resize_reference(a_front[6:], (4, 4)).astype(np.float32)))
+  expected = normalised_residual(rows(x_low), y_out, low['params']['kernel'], low['params']['bias'])
+  assert held_out_residual('rc2c_pre', a_front[6:], a_end[6:], low['params']['kernel'], low['params']['bias'],
+                           basis) == pytest.approx(expected, rel=1e-5)
 
 
 def test_match_t2t_low_rank_and_errors():

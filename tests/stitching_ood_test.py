@@ -70,6 +70,20 @@ def test_fpr95_small_example_and_tie_rule():
   assert perfect == pytest.approx({'auroc': 1.0, 'aupr': 1.0, 'fpr95': 0.0})
 
 
+def test_reversed_scores_and_direction_by_hand():
+  # Every "OOD" score above every ID score: AUROC 0, i.e. the other set looks *more* in distribution. Thresholds
+  # 0.6, 0.5 add no ID; 0.4, 0.3, 0.2, 0.1 each add one with precision 1/3, 2/4, 3/5, 4/6 → AUPR ¼·(sum); the
+  # threshold accepting all 4 ID scores (⌈0.95·4⌉ = 4) is 0.1, which accepts both OOD scores → FPR95 1.
+  m = ood.ood_metrics([0.1, 0.2, 0.3, 0.4], [0.5, 0.6])
+  assert m == pytest.approx({'auroc': 0.0, 'aupr': (1 / 3 + 2 / 4 + 3 / 5 + 4 / 6) / 4, 'fpr95': 1.0}, abs=1e-12)
+  assert ood.ood_direction(m['auroc']) == -1
+  # 20 ID scores 1..20 vs 0.5, 1.5, 2.5, 30: pairs won 20 + 19 + 18 + 0 = 57 of 80; threshold 2 → FPR95 2/4.
+  m = ood.ood_metrics(np.arange(1.0, 21.0), [0.5, 1.5, 2.5, 30.0])
+  assert m['auroc'] == pytest.approx(57 / 80) and m['fpr95'] == pytest.approx(0.5)
+  assert ood.ood_direction(m['auroc']) == 1
+  assert ood.ood_direction(0.5) == 0 and ood.ood_direction(float('nan')) == 0
+
+
 def test_energy_by_hand():
   np.testing.assert_allclose(ood.energy(np.array([[0.0, 0.0], [1000.0, 1000.0], [0.0, math.log(3.0)]])),
                              [-math.log(2), -(1000 + math.log(2)), -math.log(4)], rtol=1e-6)

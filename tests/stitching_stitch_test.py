@@ -16,7 +16,7 @@ from s2f_jax.models.layers import layer_names
 from s2f_jax.stitching.layers import interp_matrix, stitch_init
 from s2f_jax.stitching.low_rank import fit_basis
 from s2f_jax.stitching.stitch import (Stitched, evaluate_stitch, fit_direct_match, layer_output, layer_shape,
-                                      stitched_variables, train_task_loss)
+                                      projection_variables, stitched_variables, train_task_loss)
 from conftest import SMALL, tiny_config
 
 K = 100  # DM fitting images
@@ -145,6 +145,33 @@ def test_structural_score_and_accuracy_by_hand(donor):
   projected = rows.mean(0) + (a_f[:8] - rows.mean(0)) @ vt[:3].T @ vt[:3]
   np.testing.assert_allclose(got, _stitched_by_hand(projected, got.shape[1:3], stitch['params']['kernel'],
                                                     stitch['params']['bias']), rtol=1e-3, atol=1e-3)
+
+
+def test_projection_as_data_equals_the_constant_basis_and_stays_frozen(donor):
+  ctx, model, v = donor
+  x = ctx.scaling(_test(ctx).images[:16])
+  a = layer_output(model, v, _fit_images(ctx), 'layer1', ctx.scaling)
+  width = a.shape[-1]
+  stitch = stitch_init('c2c', 'rand', jax.random.key(1), width, width)
+  as_data = Stitched(model, model, 'layer1', 'layer1', 'c2c', projection=True)
+  stitched = jax.jit(functools.partial(as_data.apply, output='stitched'))
+  plain = jax.jit(functools.partial(Stitched(model, model, 'layer1', 'layer1', 'c2c').apply, output='stitched'))(
+      stitched_variables(v, v, stitch), x)
+  # The default projection (mean 0, V = I) is the identity: the unprojected stitch.
+  np.testing.assert_array_equal(stitched(stitched_variables(v, v, stitch, projection_variables(None, width)), x),
+                                plain)
+  # A rank-3 basis zero-padded to the width gives the constant-basis stitch, in the same compiled program.
+  basis = fit_basis(a, 3)
+  constant = Stitched(model, model, 'layer1', 'layer1', 'c2c', basis=basis).apply(
+      stitched_variables(v, v, stitch), x, output='stitched')
+  np.testing.assert_allclose(stitched(stitched_variables(v, v, stitch, projection_variables(basis, width)), x),
+                             constant, rtol=1e-5, atol=1e-5)
+  # TLM trains the stitch only: the projection comes back unchanged.
+  projection = projection_variables(basis, width)
+  out, _ = train_task_loss(ctx, 'tlm_projected', as_data, v, v, stitch, ctx.examples([0]),
+                           ctx.examples([0], 'valid'), num_epochs=1, projection=projection)
+  chex.assert_trees_all_equal(out['params']['projection'], projection)
+  assert not np.array_equal(out['params']['stitch']['kernel'], stitch['params']['kernel'])
 
 
 def test_bad_names_raise_user_errors(donor):

@@ -95,40 +95,60 @@ def normalised_residual(X, Y, kernel, bias) -> float:
   return float(np.sum(r * r)) / denom
 
 
-def match_stitching_layer(kind: str, a_front, a_end, cutoff: str | float = 'torch', ridge: float = 0.0,
-                          rank: int | None = None, basis: PCABasis | None = None) -> tuple[dict, Match]:
-  """DM fit of a `StitchingLayer(kind, C_t, out_size=(H_t, W_t))` on the K fitting images.
+def match_rows(kind: str, a_front, a_end) -> tuple[np.ndarray, np.ndarray]:
+  """The rows direct matching fits for a `StitchingLayer(kind, ...)`: (numpy X [n, C_s], the stitching layer's
+  linear input, Y [n, C_t], the end activation), one row per pixel (conv kinds, n = K·H_t·W_t) or token
+  ('t2t', n = K·N) of the K images.
 
   a_front: front activation [K, H_s, W_s, C_s] (conv kinds) or [K, N, D_s] ('t2t'); a_end: the end model's own
-  activation [K, H_t, W_t, C_t] or [K, N, D_t] for the same images. X = rows of the stitching layer's linear input:
-  for 'rc2c_pre' the front activation after bilinear resizing to (H_t, W_t) (original.md Stitching §3 step 2); 'c2c'
-  needs equal spatial sizes; 'rc2c_post' too (its 1x1 conv runs before the resize, so matching at the end layer's
-  resolution is ill-posed otherwise; with equal sizes it is c2c). Optional rank-r truncation of X: `basis` (a fixed PCA
-  basis on C_s features) or `rank` (basis refitted on these X rows, the original `--front-pinv-rank`); it affects the
-  fit only. Returns (variables for `StitchingLayer.apply`, the `Match` with residual on the (truncated) X rows).
+  activation [K, H_t, W_t, C_t] or [K, N, D_t] for the same images. For 'rc2c_pre' X is the front activation after
+  bilinear resizing to (H_t, W_t) (original.md Stitching §3 step 2); 'c2c' needs equal spatial sizes; 'rc2c_post' too
+  (its 1x1 conv runs before the resize, so matching at the end layer's resolution is ill-posed otherwise; with equal
+  sizes it is c2c).
   """
   check_kind(kind)
   if kind == 't2t':
     if a_front.ndim != 3 or a_end.ndim != 3 or a_front.shape[:2] != a_end.shape[:2]:
       raise UserError(f't2t direct matching needs token activations [K, N, D] with equal K and N, got '
                       f'{tuple(a_front.shape)} and {tuple(a_end.shape)}')
-    x, y = token_rows(a_front), token_rows(a_end)
-  else:
-    if a_front.ndim != 4 or a_end.ndim != 4 or a_front.shape[0] != a_end.shape[0]:
-      raise UserError(f'{kind} direct matching needs conv activations [K, H, W, C] with equal K, got '
-                      f'{tuple(a_front.shape)} and {tuple(a_end.shape)}')
-    size = tuple(a_end.shape[1:3])
-    if kind == 'rc2c_pre':
-      a_front = resize_bilinear(jnp.asarray(a_front, jnp.float32), size)
-    elif tuple(a_front.shape[1:3]) != size:
-      raise UserError(f'{kind} direct matching needs equal spatial sizes, got {tuple(a_front.shape[1:3])} and '
-                      f'{size}; use rc2c_pre')
-    x, y = conv_rows(a_front), conv_rows(a_end)
+    return np.asarray(token_rows(a_front)), np.asarray(token_rows(a_end))
+  if a_front.ndim != 4 or a_end.ndim != 4 or a_front.shape[0] != a_end.shape[0]:
+    raise UserError(f'{kind} direct matching needs conv activations [K, H, W, C] with equal K, got '
+                    f'{tuple(a_front.shape)} and {tuple(a_end.shape)}')
+  size = tuple(a_end.shape[1:3])
+  if kind == 'rc2c_pre':
+    a_front = resize_bilinear(jnp.asarray(a_front, jnp.float32), size)
+  elif tuple(a_front.shape[1:3]) != size:
+    raise UserError(f'{kind} direct matching needs equal spatial sizes, got {tuple(a_front.shape[1:3])} and '
+                    f'{size}; use rc2c_pre')
+  return np.asarray(conv_rows(a_front)), np.asarray(conv_rows(a_end))
+
+
+def match_stitching_layer(kind: str, a_front, a_end, cutoff: str | float = 'torch', ridge: float = 0.0,
+                          rank: int | None = None, basis: PCABasis | None = None) -> tuple[dict, Match]:
+  """DM fit of a `StitchingLayer(kind, C_t, out_size=(H_t, W_t))` on the K fitting images.
+
+  a_front [K, H_s, W_s, C_s] or [K, N, D_s], a_end [K, H_t, W_t, C_t] or [K, N, D_t]: the rows of `match_rows`.
+  Optional rank-r truncation of X: `basis` (a fixed PCA basis on C_s features) or `rank` (basis refitted on these X
+  rows, the original `--front-pinv-rank`); it affects the fit only. Returns (variables for `StitchingLayer.apply`,
+  the `Match` with residual on the (truncated) X rows).
+  """
   if rank is not None and basis is not None:
     raise UserError('give either rank or basis for the low-rank truncation, not both')
+  x, y = match_rows(kind, a_front, a_end)
   if rank is not None:
     basis = fit_basis(x, rank)
   if basis is not None:
     x = project(basis, jnp.asarray(x, jnp.float32))
   match = direct_match(x, y, cutoff, ridge)
   return install(match.kernel, match.bias), match
+
+
+def held_out_residual(kind: str, a_front, a_end, kernel, bias, basis: PCABasis | None = None) -> float:
+  """Normalised residual ‖X·kernel + bias − Y‖²_F / ‖Y‖²_F (float64) of an installed DM map on the rows of
+  `match_rows(kind, a_front, a_end)` of images that did not fit it; `basis`: the fixed PCA projection the map is
+  used with (applied to X first), None for none. kernel [C_s, C_t], bias [C_t]."""
+  x, y = match_rows(kind, a_front, a_end)
+  if basis is not None:
+    x = np.asarray(project(basis, jnp.asarray(x, jnp.float32)))
+  return normalised_residual(x, y, kernel, bias)

@@ -2,17 +2,23 @@
 
 Donors: two models of the configured architecture trained by ERM on the clean source step with different
 initialisations ('donor_a' is the front, 'donor_b' the end; cached, resumable stages). The source step has no test
-split: its valid split is the evaluation set, and TLM trains on the first 80 % of the source train split and
-selects its epoch on the rest. Per (front layer, end layer): the DM stitch (fitted on the first K train images)
-and the TLM stitch (trained from `stitching.tlm_init`) with their test accuracy and pooled structural error; the
-AUROC of an energy detector of the end layer separating the end model's own representations from each stitch's
-(0.5 = indistinguishable; original.md Stitching §8), and linear CKA, PWCCA distance and Procrustes distance between the
-two layers' globally pooled activations (one declared policy for every pair). Per layer of the front donor, the
-sensitivity test (probe accuracy and each index against a rank-r version of the layer, a fixed PCA basis fitted on the
-train split) and the specificity test (is the corresponding end layer the one each score rates best?).
+split, so its (shuffled) valid split is cut in two: the first `stitching.select_fraction` selects the donors' epochs,
+the rest is the held-out evaluation split of every reported number. TLM trains on the first 80 % of the source train
+split and selects its epoch on the rest. Per (front layer, end layer): the DM stitch (fitted on the first K train
+images; its in-sample and held-out residuals) and the TLM stitch (trained from `stitching.tlm_init`) with their
+accuracy and pooled structural error; AUROC, AUPR and FPR95 of an energy detector of the end layer separating the
+end model's own representations (positive) from each stitch's, with the AUROC's direction (`ood.ood_direction`:
++1 stitched rated less in-distribution, −1 rated *more* in-distribution than genuine ones); and linear CKA, PWCCA
+distance and Procrustes distance between the two layers' globally pooled activations (one declared policy for every
+pair). Per layer of the front donor and rank r, the sensitivity test: probe accuracy, each index against a rank-r
+version of the layer (a fixed PCA basis fitted on the train split), and the DM and TLM self-stitches of the layer
+into itself through its rank-r projection (accuracy and structural error); and the specificity test (is the
+corresponding end layer the one each score rates best?). `summarize` reduces one run to the scalars the paper's
+claims rest on, `aggregate` / `aggregate_rows` give mean ± std over seeds (`stitching.seeds`).
 
-Outputs in `<workdir>/stitching/`: pairs.{jsonl,csv}, sensitivity.{jsonl,csv}, specificity.json, table.md and
-heatmaps.pdf, written to `stitching.partial/` and renamed when done (a finished experiment is read back).
+Outputs in `<workdir>/stitching/`: pairs.{jsonl,csv}, sensitivity.{jsonl,csv}, specificity.json, summary.json,
+table.md and heatmaps.pdf, written to `stitching.partial/` and renamed when done (a finished experiment is read back);
+with `stitching.seeds` one such run per seed in `<workdir>/seed<k>/` and the aggregate in `<workdir>/summary.{json,md}`.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import time
 import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
+from scipy import stats
 
 from s2f_jax import experiment
 from s2f_jax.analysis import similarity
@@ -36,15 +43,21 @@ from s2f_jax.io import write_atomic
 from s2f_jax.models.layers import check_frozen, layer_names
 from s2f_jax.results.writer import markdown_table, read_rows, run_metadata, write_config, write_rows
 from s2f_jax.stitching.layers import INITS, STITCH_TYPES
-from s2f_jax.stitching.low_rank import fit_basis, project
-from s2f_jax.stitching.ood import DetectorOptions, detector_scores, ood_metrics, train_detector
-from s2f_jax.stitching.stitch import (Stitched, evaluate_stitch, fit_direct_match, layer_output, layer_shape,
-                                      stitched_variables, train_task_loss)
+from s2f_jax.stitching.low_rank import PCABasis, fit_basis, project
+from s2f_jax.stitching.ood import DetectorOptions, detector_scores, ood_direction, ood_metrics, train_detector
+from s2f_jax.stitching.stitch import (Stitched, direct_match_residual, evaluate_stitch, fit_direct_match,
+                                      layer_output, layer_shape, projection_variables, stitched_variables,
+                                      train_task_loss)
 from s2f_jax.training.loop import Examples
 from s2f_jax.transfer.heads import HeadOptions, head_metrics, train_head
 
 PAIR_COLUMNS = ('front_layer', 'end_layer', 'dm_accuracy', 'dm_structural', 'tlm_accuracy', 'tlm_structural',
-                'dm_auroc', 'tlm_auroc', 'cka', 'pwcca_distance', 'procrustes')
+                'dm_auroc', 'tlm_auroc', 'dm_fpr95', 'tlm_fpr95', 'cka', 'pwcca_distance', 'procrustes')
+SENSITIVITY_COLUMNS = ('layer', 'rank', 'probe_accuracy', 'dm_self_accuracy', 'dm_self_structural',
+                       'tlm_self_accuracy', 'tlm_self_structural', 'cka', 'pwcca_distance', 'procrustes')
+# Sensitivity-test scores → whether larger is "more similar" (oriented before the rank correlation with the probe).
+SENSITIVITY_SCORES = {'cka': True, 'pwcca_distance': False, 'procrustes': False, 'dm_self_accuracy': True,
+                      'dm_self_structural': False, 'tlm_self_accuracy': True, 'tlm_self_structural': False}
 # For the specificity test: score → whether larger is "more similar".
 SIMILARITY_SCORES = {'dm_accuracy': True, 'dm_structural': False, 'tlm_accuracy': True, 'cka': True,
                      'pwcca_distance': False, 'procrustes': False}
@@ -67,6 +80,9 @@ def stitching_config() -> ml_collections.ConfigDict:
   s.similarity_samples = 500  # evaluation images of the similarity indices
   s.ranks = (1, 2, 4, 8, 16)  # sensitivity test ranks
   s.probe_epochs = 200
+  s.self_stitch = True  # sensitivity test: DM and TLM self-stitches of each layer through its rank-r projection
+  s.select_fraction = 0.25  # of the source valid split selects the donors' epochs; the rest is the evaluation split
+  s.seeds = ''  # comma list of seeds: one run per seed in <workdir>/seed<k> and mean ± std ('' = config.seed only)
   s.ood = True  # energy detectors per end layer
   s.outlier_shift = 'rotation'  # shift step whose images give the detectors' outliers and the far-OOD check
   s.detector = ml_collections.ConfigDict(dict(model='convnet', num_blocks=1, width=16, pretrain_epochs=20,
@@ -106,6 +122,9 @@ def _prepare(config):
   if s.tlm_init not in INITS:
     raise choices_error('stitching.tlm_init', s.tlm_init, INITS)
   _cutoff(s.cutoff)
+  for r in s.ranks:
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
+      raise UserError(f'stitching.ranks={tuple(s.ranks)!r}: every rank must be an integer ≥ 1')
   if s.augment_pad < 0:
     raise UserError(f'stitching.augment_pad={s.augment_pad} must be ≥ 0')
   layers = _layers(config)
@@ -117,10 +136,12 @@ def _prepare(config):
   sequence, ctx = experiment.prepare(c)
   shapes = {L: layer_shape(ctx.model, L, sequence.steps[0].train.images.shape[1:]) for L in layers}
   widest = max(shape[-1] for shape in shapes.values())
-  if not widest + 2 <= s.similarity_samples <= len(sequence.steps[0].valid):
+  _, evaluation = split_valid(sequence.steps[0].valid, s.select_fraction)
+  if not widest + 2 <= s.similarity_samples <= len(evaluation):
     raise UserError(f'stitching.similarity_samples={s.similarity_samples} must be in {widest + 2}..'
-                    f'{len(sequence.steps[0].valid)}: PWCCA needs more samples than the widest layer ({widest} '
-                    'channels) + 1, and at most the evaluation split')
+                    f'{len(evaluation)}: PWCCA needs more samples than the widest layer ({widest} channels) + 1, and '
+                    f'at most the evaluation split ({len(evaluation)} images: the source valid split less the '
+                    f'stitching.select_fraction={s.select_fraction} that selects the donors)')
   if s.dm_samples < 1 or s.dm_samples > len(sequence.steps[0].train):
     raise UserError(f'stitching.dm_samples={s.dm_samples} must be in 1..{len(sequence.steps[0].train)} (the source '
                     'train split)')
@@ -132,11 +153,45 @@ def _prepare(config):
   return layers, sequence, ctx
 
 
-def _donor(ctx, salt: int):
-  """ERM on the source step from initialisation `salt` (stage donor_a / donor_b)."""
-  selection = ctx.train_stage('donor_' + 'ab'[salt], ctx.init_variables(salt=salt), ctx.grid(), ctx.examples([0]),
-                              ctx.examples([0], 'valid'))
+def split_valid(valid: Split, select_fraction: float) -> tuple[Split, Split]:
+  """(select, evaluation): the first round(select_fraction·n) examples of the source valid split (shuffled when the
+  sequence is built) select the donors' epochs, the other ones are the held-out evaluation split. UserError unless
+  both parts are non-empty."""
+  f = select_fraction
+  if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+    raise UserError(f'stitching.select_fraction={f!r} must be a number in (0, 1)')
+  n = len(valid)
+  k = int(round(f * n))
+  if not 1 <= k <= n - 1:
+    raise UserError(f'stitching.select_fraction={f} leaves an empty part of the {n}-image source valid split')
+  return Split(valid.images[:k], valid.labels[:k]), Split(valid.images[k:], valid.labels[k:])
+
+
+def _donor(ctx, salt: int, select: Split):
+  """ERM on the source train split from initialisation `salt`, epoch selected on `select` (stage
+  donor_a_select<n> / donor_b_select<n>)."""
+  selection = ctx.train_stage(f'donor_{"ab"[salt]}_select{len(select)}', ctx.init_variables(salt=salt), ctx.grid(),
+                              ctx.examples([0]), Examples.concat([select]))
   return selection.winner(0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TLM:
+  """What every TLM stitch of a run shares: train / valid examples, the one-point grid, the batch augmentation."""
+  train: Examples
+  valid: Examples
+  grid: dict
+  augment: object
+
+
+def _tlm_init(config, dm: dict):
+  """TLM's starting stitch: the DM solution for tlm_init 'pinv', else the init name (rc2c_pre 'eye' → 'rand' under
+  compat.rc2c_pre_eye_is_rand)."""
+  s = config.stitching
+  init = dm if s.tlm_init == 'pinv' else s.tlm_init
+  if init == 'eye' and s.kind == 'rc2c_pre' and config.compat.rc2c_pre_eye_is_rand:
+    init = 'rand'
+  return init
 
 
 def _pooled(a: np.ndarray) -> np.ndarray:
@@ -153,19 +208,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list]:
   final = os.path.join(workdir, 'stitching')
   layers, sequence, ctx = _prepare(config)
   if os.path.exists(os.path.join(final, 'DONE')):
-    return {'pairs': read_rows(final, 'pairs'), 'sensitivity': read_rows(final, 'sensitivity')}
+    with open(os.path.join(final, 'summary.json')) as f:
+      summary = json.load(f)
+    return {'pairs': read_rows(final, 'pairs'), 'sensitivity': read_rows(final, 'sensitivity'), 'summary': summary}
   partial = final + '.partial'
   os.makedirs(partial, exist_ok=True)
   write_config(os.path.join(partial, 'config.json'), config.to_dict())
   tic = time.time()
   s = config.stitching
   ctx = dataclasses.replace(ctx, workdir=os.path.join(workdir, 'donors'))
-  front_vars, end_vars = _donor(ctx, 0), _donor(ctx, 1)
   source, shifted = sequence.steps[0], sequence.steps[1]
-  test = source.valid
+  select, test = split_valid(source.valid, s.select_fraction)  # test: held out from every selection
+  front_vars, end_vars = _donor(ctx, 0, select), _donor(ctx, 1, select)
+  exact = lambda variables: round(ctx.loss_accuracy(variables, test)[1] * len(test)) / len(test)  # float32 → count
+  donors = {'donor_a_accuracy': exact(front_vars), 'donor_b_accuracy': exact(end_vars), 'select_images': len(select),
+            'evaluation_images': len(test)}
   cut = int(0.8 * len(source.train))
-  tlm_train = Examples.concat([Split(source.train.images[:cut], source.train.labels[:cut])])
-  tlm_valid = Examples.concat([Split(source.train.images[cut:], source.train.labels[cut:])])
+  tlm = _TLM(Examples.concat([Split(source.train.images[:cut], source.train.labels[:cut])]),
+             Examples.concat([Split(source.train.images[cut:], source.train.labels[cut:])]),
+             ctx.grid(learning_rate=(s.tlm_learning_rate,), weight_decay=(s.tlm_weight_decay,), dropout=(0.0,)),
+             FlipCrop(s.augment_pad) if s.augment else None)
   model = ctx.model
   acts = lambda variables, images, layer: layer_output(model, variables, images, layer, ctx.scaling)
   sim_images = test.images[:s.similarity_samples]
@@ -180,10 +242,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list]:
                            acts(end_vars, shifted.train.images, L), sequence.num_classes, options)
       genuine = detector_scores(det, acts(end_vars, test.images, L), options)
       detectors[L] = (det, genuine)
-      far_ood[L] = ood_metrics(genuine, detector_scores(det, acts(end_vars, shifted.test.images, L), options))['auroc']
+      far_ood[L] = ood_metrics(genuine, detector_scores(det, acts(end_vars, shifted.test.images, L), options))
 
-  augment = FlipCrop(s.augment_pad) if s.augment else None
-  tlm_grid = ctx.grid(learning_rate=(s.tlm_learning_rate,), weight_decay=(s.tlm_weight_decay,), dropout=(0.0,))
   rows = []
   for front_layer in layers:
     for end_layer in layers:
@@ -191,33 +251,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list]:
       dm, match = fit_direct_match(model, front_vars, model, end_vars, source.train.images[:s.dm_samples],
                                    front_layer, end_layer, s.kind, ctx.scaling, _cutoff(s.cutoff), s.ridge)
       dm_vars = stitched_variables(front_vars, end_vars, dm)
-      init = dm if s.tlm_init == 'pinv' else s.tlm_init
-      if init == 'eye' and s.kind == 'rc2c_pre' and config.compat.rc2c_pre_eye_is_rand:
-        init = 'rand'
-      tlm_vars, _ = train_task_loss(ctx, f'tlm_{front_layer}_{end_layer}', stitched, front_vars, end_vars, init,
-                                    tlm_train, tlm_valid, tlm_grid, num_epochs=s.tlm_epochs, augment=augment)
-      row = {'front_layer': front_layer, 'end_layer': end_layer, 'dm_residual_in_sample': match.residual_in_sample}
+      tlm_vars, _ = train_task_loss(ctx, f'tlm_{front_layer}_{end_layer}', stitched, front_vars, end_vars,
+                                    _tlm_init(config, dm), tlm.train, tlm.valid, tlm.grid, num_epochs=s.tlm_epochs,
+                                    augment=tlm.augment)
+      row = {'front_layer': front_layer, 'end_layer': end_layer, 'dm_residual_in_sample': match.residual_in_sample,
+             'dm_residual_held_out': direct_match_residual(model, front_vars, model, end_vars, test.images,
+                                                           front_layer, end_layer, s.kind, ctx.scaling, dm)}
       for name, variables in (('dm', dm_vars), ('tlm', tlm_vars)):
         scores = evaluate_stitch(stitched, variables, test, ctx.scaling)
         row.update({f'{name}_accuracy': scores['accuracy'], f'{name}_structural': scores['structural'],
                     f'{name}_structural_batch_mean': scores['structural_batch_mean']})
+        metrics = dict.fromkeys(('auroc', 'aupr', 'fpr95'), float('nan'))
         if s.ood:
           det, genuine = detectors[end_layer]
           reps = stitched.apply(variables, ctx.scaling(test.images), output='stitched')
-          row[f'{name}_auroc'] = ood_metrics(genuine, detector_scores(det, np.asarray(reps), options))['auroc']
-        else:
-          row[f'{name}_auroc'] = float('nan')
+          metrics = ood_metrics(genuine, detector_scores(det, np.asarray(reps), options))
+        row.update({f'{name}_{k}': v for k, v in metrics.items()})
+        row[f'{name}_ood_direction'] = ood_direction(metrics['auroc']) if s.ood else float('nan')
       row.update(_indices(front_pooled[front_layer], end_pooled[end_layer]))
-      row['far_ood_auroc'] = far_ood.get(end_layer, float('nan'))
+      for k in ('auroc', 'aupr', 'fpr95'):
+        row[f'far_ood_{k}'] = far_ood[end_layer][k] if s.ood else float('nan')
       rows.append(row)
 
-  sensitivity = _sensitivity(config, layers, front_vars, acts, source, test, sequence.num_classes)
+  sensitivity = _sensitivity(ctx, config, layers, front_vars, acts, source, test, sequence.num_classes, tlm)
   meta = run_metadata()
   for r in rows + sensitivity:
     r.update(seed=config.seed, device=meta['device'], jax_version=meta['jax'])
   write_rows(partial, rows, 'pairs')
   write_rows(partial, sensitivity, 'sensitivity')
   spec = specificity(rows, layers)
+  summary = dict(summarize(rows, sensitivity, layers), **donors, seed=config.seed)
+  write_atomic(os.path.join(partial, 'summary.json'), json.dumps(summary, indent=1))
   write_atomic(os.path.join(partial, 'specificity.json'),
                json.dumps(dict(spec, wall_seconds=round(time.time() - tic, 1)), indent=1))
   write_atomic(os.path.join(partial, 'table.md'), markdown(rows) + '\n')
@@ -226,36 +290,203 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list]:
   if os.path.exists(final):
     shutil.rmtree(final)
   os.replace(partial, final)
-  return {'pairs': rows, 'sensitivity': sensitivity}
+  return {'pairs': rows, 'sensitivity': sensitivity, 'summary': summary}
 
 
-def _sensitivity(config, layers, variables, acts, source, test, num_classes: int) -> list[dict]:
-  """Per front-donor layer and rank r: linear-probe test accuracy on the rank-r pooled activations (fixed PCA basis
-  of the train split) and each index between the full and the rank-r activations."""
+def _sensitivity(ctx, config, layers, variables, acts, source, test, num_classes: int, tlm: _TLM) -> list[dict]:
+  """Per front-donor layer and rank r (`stitching.ranks` up to the layer's width, and the width itself = no
+  truncation): linear-probe accuracy on the rank-r pooled activations (fixed PCA basis of the pooled train split),
+  each index between the full and the rank-r pooled activations, and (`stitching.self_stitch`) the DM and TLM
+  self-stitches of the layer into itself through the rank-r projection of its channels (a fixed PCA basis of the
+  train split's pixels), with their accuracy and structural error on the evaluation split."""
   s, rows = config.stitching, []
   probe = HeadOptions(penalty='none', learning_rate=1e-2, num_epochs=s.probe_epochs, seed=config.seed)
   for L in layers:
-    train_a, test_a = _pooled(acts(variables, source.train.images, L)), _pooled(acts(variables, test.images, L))
+    a_train = acts(variables, source.train.images, L)
+    train_a, test_a = _pooled(a_train), _pooled(acts(variables, test.images, L))
     full = test_a[:s.similarity_samples]
-    for r in sorted({*s.ranks, train_a.shape[1]}):
-      if r > train_a.shape[1]:
+    width = train_a.shape[1]
+    pixel_basis = fit_basis(a_train, width) if s.self_stitch else None
+    for r in sorted({*s.ranks, width}):
+      if r > width:
         continue
       basis = fit_basis(train_a, r)
       low_train, low_test = np.asarray(project(basis, train_a)), np.asarray(project(basis, test_a))
       head = train_head(low_train, source.train.labels, num_classes, probe)
-      rows.append({'layer': L, 'rank': int(r), 'probe_accuracy': head_metrics(head, low_test, test.labels)['accuracy'],
-                   **_indices(full, low_test[:s.similarity_samples])})
+      row = {'layer': L, 'rank': int(r), 'probe_accuracy': head_metrics(head, low_test, test.labels)['accuracy'],
+             **_indices(full, low_test[:s.similarity_samples])}
+      if s.self_stitch:
+        low = None if r == width else PCABasis(pixel_basis.mean, pixel_basis.components[:, :r])
+        row.update(_self_stitches(ctx, config, L, low, width, variables, source, test, tlm))
+      rows.append(row)
   return rows
 
 
+def _self_stitches(ctx, config, layer: str, basis: PCABasis | None, width: int, variables, source, test,
+                   tlm: _TLM) -> dict[str, float]:
+  """DM and TLM stitches of `layer` of one model into the same layer of the same model, through the fixed
+  projection `basis` of its `width` channels (None = none): {dm,tlm}_self_{accuracy,structural} on `test`. All
+  ranks of a layer share one `Stitched(..., projection=True)` and so one compiled program."""
+  s, model = config.stitching, ctx.model
+  stitched = Stitched(model, model, layer, layer, s.kind, projection=True)
+  projection = projection_variables(basis, width)
+  dm, _ = fit_direct_match(model, variables, model, variables, source.train.images[:s.dm_samples], layer, layer,
+                           s.kind, ctx.scaling, _cutoff(s.cutoff), s.ridge, basis=basis)
+  rank = width if basis is None else basis.rank
+  tlm_vars, _ = train_task_loss(ctx, f'tlm_self_{layer}_rank{rank}', stitched, variables, variables,
+                                _tlm_init(config, dm), tlm.train, tlm.valid, tlm.grid, num_epochs=s.tlm_epochs,
+                                augment=tlm.augment, projection=projection)
+  out = {}
+  for name, v in (('dm', stitched_variables(variables, variables, dm, projection)), ('tlm', tlm_vars)):
+    scores = evaluate_stitch(stitched, v, test, ctx.scaling)
+    out[f'{name}_self_accuracy'], out[f'{name}_self_structural'] = scores['accuracy'], scores['structural']
+  return out
+
+
+def _seeds(value: str) -> tuple[int, ...]:
+  """`stitching.seeds` ('1,2,3') as distinct ints in [0, 2**32); () for ''. UserError otherwise."""
+  words = [w.strip() for w in str(value).split(',') if w.strip()]
+  try:
+    seeds = tuple(int(w) for w in words)
+  except ValueError:
+    raise UserError(f'stitching.seeds={value!r} must be a comma list of integers such as 1,2,3') from None
+  if any(not 0 <= k < 2 ** 32 for k in seeds) or len(set(seeds)) < len(seeds):
+    raise UserError(f'stitching.seeds={value!r} must be distinct integers in [0, 2**32)')
+  return seeds
+
+
 def study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
-  """The stitching study (`experiment=stitching`): `run` in `workdir` (default runs/stitching); returns the pair
-  table, the specificity hit rates and the output folder."""
+  """The stitching study (`experiment=stitching`) in `workdir` (default runs/stitching): `run` once for config.seed,
+  returning the pair table, the specificity hit rates and the output folder; or with `stitching.seeds` one `run` per
+  seed in <workdir>/seed<k> (finished seeds are read back), every seed's config validated before anything runs, and
+  the mean ± std over seeds written to <workdir>/summary.{json,md} and returned."""
   workdir = workdir or 'runs/stitching'
-  out = run(config, workdir)
-  layers = tuple(dict.fromkeys(r['front_layer'] for r in out['pairs']))
-  hits = {k: v['hit_rate'] for k, v in specificity(out['pairs'], layers).items()}
-  return '\n'.join([markdown(out['pairs']), json.dumps(hits), os.path.join(workdir, 'stitching')])
+  seeds = _seeds(config.stitching.seeds)
+  if not seeds:
+    out = run(config, workdir)
+    layers = tuple(dict.fromkeys(r['front_layer'] for r in out['pairs']))
+    hits = {k: v['hit_rate'] for k, v in specificity(out['pairs'], layers).items()}
+    return '\n'.join([markdown(out['pairs']), json.dumps(hits), os.path.join(workdir, 'stitching')])
+  configs = []
+  for seed in seeds:
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.seed, c.stitching.seeds = seed, ''
+    _prepare(c)
+    configs.append(c)
+  outs = [run(c, os.path.join(workdir, f'seed{c.seed}')) for c in configs]
+  text = seeds_markdown(outs)
+  result = {'seeds': list(seeds), 'summary': aggregate([o['summary'] for o in outs]),
+            'pairs': aggregate_rows([o['pairs'] for o in outs], ('front_layer', 'end_layer')),
+            'sensitivity': aggregate_rows([o['sensitivity'] for o in outs], ('layer', 'rank'))}
+  write_atomic(os.path.join(workdir, 'summary.json'), json.dumps(result, indent=1))
+  write_atomic(os.path.join(workdir, 'summary.md'), text + '\n')
+  return '\n'.join([text, os.path.join(workdir, 'summary.md')])
+
+
+def _spearman(x, y) -> float:
+  """Spearman rank correlation of two equal-length sequences; NaN when either is constant or n < 3."""
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return float('nan')
+  return float(stats.spearmanr(x, y).statistic)
+
+
+def _mean(values) -> float:
+  v = np.asarray([x for x in values if x == x], float)  # NaN (an unmeasured score) left out
+  return float(v.mean()) if v.size else float('nan')
+
+
+def summarize(pairs: list[dict], sensitivity: list[dict], layers: tuple[str, ...]) -> dict[str, float]:
+  """The scalars of one run that the paper's claims rest on (means over pairs or layers; NaN where unmeasured).
+
+  {dm,tlm}_accuracy_{corresponding,other}: accuracy on the front == end pairs / on the other pairs;
+  {dm,tlm}_structural_{corresponding,other}: the pooled structural error, likewise;
+  {dm,tlm}_{auroc,aupr,fpr95}: detector metrics (stitched vs genuine) over all pairs; {dm,tlm}_more_id_fraction /
+    {dm,tlm}_flagged_ood_fraction: fraction of pairs whose AUROC is < 0.5 (stitched rated more in-distribution than
+    genuine) / > 0.5 (flagged OOD); far_ood_auroc: the detectors' sanity check;
+  dm_residual_{in_sample,held_out}: the DM fit's residual on its K images / on the evaluation split;
+  specificity_<score>: the `specificity` hit rate;
+  self_{full,low}_{dm,tlm}_{accuracy,structural}: self-stitch accuracy and structural error at full rank (no
+    truncation) and at each layer's smallest rank, with probe_accuracy_{full,low} (NaN without `self_stitch`);
+  sensitivity_spearman_<score>: per layer, the Spearman correlation over ranks between the score (oriented so that
+    larger = more similar) and the probe accuracy, averaged over layers (a score that tracks function gives 1).
+  """
+  out = {}
+  same = [r for r in pairs if r['front_layer'] == r['end_layer']]
+  other = [r for r in pairs if r['front_layer'] != r['end_layer']]
+  for m in ('dm', 'tlm'):
+    for q in ('accuracy', 'structural'):
+      out[f'{m}_{q}_corresponding'] = _mean(r[f'{m}_{q}'] for r in same)
+      out[f'{m}_{q}_other'] = _mean(r[f'{m}_{q}'] for r in other)
+    for q in ('auroc', 'aupr', 'fpr95'):
+      out[f'{m}_{q}'] = _mean(r[f'{m}_{q}'] for r in pairs)
+    direction = [r[f'{m}_ood_direction'] for r in pairs]
+    out[f'{m}_more_id_fraction'] = _mean(float(d == -1) if d == d else d for d in direction)
+    out[f'{m}_flagged_ood_fraction'] = _mean(float(d == 1) if d == d else d for d in direction)
+  out['far_ood_auroc'] = _mean(r['far_ood_auroc'] for r in pairs)
+  for q in ('in_sample', 'held_out'):
+    out[f'dm_residual_{q}'] = _mean(r[f'dm_residual_{q}'] for r in pairs)
+  for score, v in specificity(pairs, layers).items():
+    out[f'specificity_{score}'] = v['hit_rate']
+  by_layer = {L: sorted((r for r in sensitivity if r['layer'] == L), key=lambda r: r['rank']) for L in layers}
+  for tag, pick in (('full', -1), ('low', 0)):
+    chosen = [rows[pick] for rows in by_layer.values() if rows]
+    for q in ('dm_self_accuracy', 'tlm_self_accuracy', 'dm_self_structural', 'tlm_self_structural'):
+      out[f'self_{tag}_' + q.replace('_self', '')] = _mean(r.get(q, float('nan')) for r in chosen)
+    out[f'probe_accuracy_{tag}'] = _mean(r['probe_accuracy'] for r in chosen)
+  for score, larger in SENSITIVITY_SCORES.items():
+    rhos = [_spearman([r.get(score, float('nan')) * (1 if larger else -1) for r in rows],
+                      [r['probe_accuracy'] for r in rows]) for rows in by_layer.values()]
+    out[f'sensitivity_spearman_{score}'] = _mean(rhos)
+  return out
+
+
+def aggregate(values: list[dict]) -> dict[str, dict]:
+  """Per numeric key of the dicts (one per seed): {'mean', 'std' (sample std, ddof 1; 0 for one value), 'n'} over the
+  finite values; keys with none are {'mean': NaN, 'std': NaN, 'n': 0}. Non-numeric keys are dropped."""
+  out = {}
+  for key in dict.fromkeys(k for v in values for k in v):
+    xs = [v.get(key) for v in values]
+    if not all(isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) for x in xs):
+      continue
+    x = np.asarray([x for x in xs if np.isfinite(x)], float)
+    out[key] = {'mean': float(x.mean()) if x.size else float('nan'),
+                'std': float(x.std(ddof=1)) if x.size > 1 else (0.0 if x.size else float('nan')), 'n': int(x.size)}
+  return out
+
+
+def aggregate_rows(runs: list[list[dict]], keys: tuple[str, ...]) -> list[dict]:
+  """Rows of several runs (one list per seed) grouped by the values of `keys`, in first-seen order: one row per
+  group with the keys and, per numeric column but 'seed', `aggregate`'s {'mean', 'std', 'n'} over the runs."""
+  groups = {}
+  for rows in runs:
+    for r in rows:
+      groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+  return [{**dict(zip(keys, key)), **aggregate([{k: v for k, v in r.items() if k not in keys + ('seed',)}
+                                                 for r in rows])}
+          for key, rows in groups.items()]
+
+
+def _pm(stat: dict) -> str:
+  return 'n/a' if not stat['n'] else f"{stat['mean']:.3g} ± {stat['std']:.2g}"
+
+
+def seeds_markdown(outs: list[dict]) -> str:
+  """Markdown of several seeds' `run` outputs: the `summarize` scalars, the pair table and the sensitivity table,
+  each cell mean ± std over the seeds."""
+  seeds = [o['summary'].get('seed') for o in outs]
+  summary = aggregate([o['summary'] for o in outs])
+  lines = [f'Seeds {", ".join(map(str, seeds))} (mean ± sample std over {len(outs)} runs)', '',
+           markdown_table(('quantity', 'mean ± std'), [[k, _pm(v)] for k, v in summary.items() if k != 'seed'])]
+  pairs = aggregate_rows([o['pairs'] for o in outs], ('front_layer', 'end_layer'))
+  cols = PAIR_COLUMNS[2:] + ('dm_ood_direction', 'tlm_ood_direction')
+  lines += ['', markdown_table(('front → end',) + cols,
+                               [[f"{r['front_layer']} → {r['end_layer']}"] + [_pm(r[c]) for c in cols] for r in pairs])]
+  sens = aggregate_rows([o['sensitivity'] for o in outs], ('layer', 'rank'))
+  cols = tuple(c for c in SENSITIVITY_COLUMNS[2:] if any(c in r for r in sens))
+  lines += ['', markdown_table(('layer', 'rank') + cols,
+                               [[r['layer'], str(r['rank'])] + [_pm(r[c]) for c in cols] for r in sens])]
+  return '\n'.join(lines)
 
 
 def specificity(rows: list[dict], layers: tuple[str, ...]) -> dict:

@@ -54,6 +54,12 @@ def project(basis: PCABasis, a: jax.Array) -> jax.Array:
   return _project(jnp.asarray(basis.mean, a.dtype), jnp.asarray(basis.components, a.dtype), a)
 
 
+def project_with(mean: jax.Array, components: jax.Array, a: jax.Array) -> jax.Array:
+  """mean [p] + (a − mean)·V·Vᵀ along the last axis of `a` [..., p], V = components [p, k] (orthonormal or zero
+  columns, e.g. a zero-padded `PCABasis`), in `a`'s dtype at full precision. Jittable."""
+  return _project(jnp.asarray(mean, a.dtype), jnp.asarray(components, a.dtype), a)
+
+
 def _project(mean: jax.Array, v: jax.Array, a: jax.Array) -> jax.Array:
   hi = jax.lax.Precision.HIGHEST
   return mean + jnp.dot(jnp.dot(a - mean, v, precision=hi), v.T, precision=hi)

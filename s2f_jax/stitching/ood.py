@@ -73,6 +73,14 @@ def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
           'fpr95': float(fpr[np.argmax(tpr >= TPR_PERCENT / 100)])}
 
 
+def ood_direction(auroc: float) -> int:
+  """Which way an `ood_metrics` AUROC (ID positive, score −E) points, read as measured rather than folded:
+  +1 if AUROC > 0.5 (the other set scores lower than the ID set: flagged as out of distribution), −1 if AUROC < 0.5
+  (the other set scores *higher*, i.e. the detector rates it more in-distribution than genuine ID data; still a
+  separable, different distribution when AUROC is near 0), 0 if exactly 0.5. NaN → 0."""
+  return 0 if not auroc == auroc or auroc == 0.5 else (1 if auroc > 0.5 else -1)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Energy
 

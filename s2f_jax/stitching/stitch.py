@@ -19,14 +19,14 @@ import numpy as np
 
 from s2f_jax.errors import UserError, choices_error
 from s2f_jax.models.layers import check_frozen
-from s2f_jax.stitching.direct_match import Match, match_stitching_layer
+from s2f_jax.stitching.direct_match import Match, held_out_residual, match_stitching_layer
 from s2f_jax.stitching.layers import StitchingLayer, check_kind, stitch_init
-from s2f_jax.stitching.low_rank import PCABasis, project, project_per_batch
+from s2f_jax.stitching.low_rank import PCABasis, project, project_per_batch, project_with
 from s2f_jax.training.loop import Examples, Learner
 from s2f_jax.training.objective import InputScaling, Penalty, cross_entropy, l2_penalty
 
 PyTree = Any
-PARTS = ('front', 'end', 'stitch')  # top-level params of `Stitched`
+PARTS = ('front', 'end', 'stitch', 'projection')  # top-level params of `Stitched` ('projection' only if enabled)
 DONORS = ('front', 'end')
 OUTPUTS = ('logits', 'stitched', 'target')
 
@@ -54,6 +54,10 @@ class Stitched(nn.Module):
   basis: optional fixed `PCABasis` on the front layer's channels, applied to the front activation
     (original.md Stitching §4); an int r instead refits a rank-r basis on every batch's own front activation
     (`low_rank.project_per_batch`, the original's `--front-stitch-rank`; results then depend on the batch).
+  projection: True adds a frozen parameter group 'projection' {'mean' [C_s], 'components' [C_s, C_s]} applied to
+    the front activation as mean + (a − mean)·V·Vᵀ (default: mean 0, V = I, the exact identity); fill it with
+    `projection_variables`. A rank-r basis zero-padded to C_s columns gives the same projection as `basis`, but as
+    data: one compiled program serves every rank (the sensitivity test's self-stitches).
   The same model may be both donors (self-stitching).
   """
   front: nn.Module
@@ -63,6 +67,7 @@ class Stitched(nn.Module):
   kind: str
   out_size: tuple[int, int] | None = None
   basis: Any = None
+  projection: bool = False
 
   def __post_init__(self):
     if self.end is self.front:  # one module instance would be adopted once, under a single name
@@ -91,7 +96,12 @@ class Stitched(nn.Module):
     if self.out_size is not None and self.kind != 't2t' and self.out_size != tuple(target[:-1]):
       raise UserError(f'out_size {self.out_size} differs from the end layer {self.end_layer!r} size {target[:-1]}')
     a = self.front(x, train=False, until=self.front_layer)
-    if isinstance(self.basis, int):
+    if self.projection:
+      if self.basis is not None:
+        raise UserError('Stitched takes basis or projection=True, not both')
+      p = self.param('projection', lambda _, c: projection_variables(None, c), a.shape[-1])
+      a = project_with(p['mean'], p['components'], a)
+    elif isinstance(self.basis, int):
       a = project_per_batch(a, self.basis)
     elif self.basis is not None:
       a = project(self.basis.value, a)
@@ -100,22 +110,41 @@ class Stitched(nn.Module):
     return s if output == 'stitched' else self.end(s, train=False, after=self.end_layer)
 
 
-def stitched_variables(front_vars: PyTree, end_vars: PyTree, stitch_vars: PyTree) -> dict:
-  """{'params': {'front', 'end', 'stitch'}, 'batch_stats': {'front', 'end'}} for `Stitched.apply`.
+def stitched_variables(front_vars: PyTree, end_vars: PyTree, stitch_vars: PyTree, projection: dict | None = None
+                       ) -> dict:
+  """{'params': {'front', 'end', 'stitch'[, 'projection']}, 'batch_stats': {'front', 'end'}} for `Stitched.apply`.
 
   front_vars, end_vars: the donors' {'params', 'batch_stats'}; stitch_vars: {'params': {'kernel', 'bias'}} (as from
-  `stitch_init` / `fit_direct_match`) or that inner dict.
+  `stitch_init` / `fit_direct_match`) or that inner dict; projection: `projection_variables(...)` for a
+  `Stitched(..., projection=True)`, else None.
   """
   stitch = stitch_vars.get('params', stitch_vars)
-  return {'params': {'front': front_vars['params'], 'end': end_vars['params'], 'stitch': stitch},
+  params = {'front': front_vars['params'], 'end': end_vars['params'], 'stitch': stitch}
+  if projection is not None:
+    params['projection'] = projection
+  return {'params': params,
           'batch_stats': {'front': front_vars.get('batch_stats', {}), 'end': end_vars.get('batch_stats', {})}}
+
+
+def projection_variables(basis: PCABasis | None, channels: int) -> dict:
+  """The 'projection' parameters of `Stitched(..., projection=True)` on `channels` front channels: {'mean' [C],
+  'components' [C, C]} float32 — `basis`'s mean and its r components zero-padded to C columns (the rank-r PCA
+  projection), or for None mean 0 and the identity (no truncation, exactly)."""
+  if basis is None:
+    return {'mean': jnp.zeros((channels,), jnp.float32), 'components': jnp.eye(channels, dtype=jnp.float32)}
+  if basis.mean.shape != (channels,):
+    raise UserError(f'the basis has {basis.mean.shape[0]} features, the front layer {channels} channels')
+  components = np.zeros((channels, channels), np.float32)
+  components[:, :basis.rank] = basis.components
+  return {'mean': jnp.asarray(basis.mean, jnp.float32), 'components': jnp.asarray(components)}
 
 
 def stitch_learner(model: Stitched, scaling: InputScaling, penalties: tuple[Penalty, ...] = (l2_penalty(),),
                    augment=None) -> Learner:
-  """The loop's learner for TLM: donors frozen (zero updates, outside the L2 penalty); only 'stitch' trains;
-  `augment`: the training batches' augmentation (`Learner.augment`, e.g. `data.augment.FlipCrop()`) or None."""
-  return Learner(model, scaling, penalties, frozen=DONORS, augment=augment)
+  """The loop's learner for TLM: donors and any 'projection' frozen (zero updates, outside the L2 penalty); only
+  'stitch' trains; `augment`: the training batches' augmentation (`Learner.augment`, e.g.
+  `data.augment.FlipCrop()`) or None."""
+  return Learner(model, scaling, penalties, frozen=DONORS + ('projection',), augment=augment)
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,10 +190,22 @@ def fit_direct_match(front: nn.Module, front_vars: PyTree, end: nn.Module, end_v
   return match_stitching_layer(kind, a_front, a_end, cutoff, ridge, rank, basis)
 
 
+def direct_match_residual(front: nn.Module, front_vars: PyTree, end: nn.Module, end_vars: PyTree, images: np.ndarray,
+                          front_layer: str, end_layer: str, kind: str, scaling: InputScaling, stitch_vars: PyTree,
+                          basis: PCABasis | None = None) -> float:
+  """Held-out DM residual ‖X·kernel + bias − Y‖²_F / ‖Y‖²_F (float64, `direct_match.held_out_residual`) of the stitch
+  `stitch_vars` ({'params': {'kernel', 'bias'}}, e.g. from `fit_direct_match`) on uint8 images [n, H, W, 3] that did
+  not fit it: X = the (resized, optionally `basis`-projected) front rows, Y = the end model's own rows."""
+  stitch = stitch_vars.get('params', stitch_vars)
+  a_front = layer_output(front, front_vars, images, front_layer, scaling)
+  a_end = layer_output(end, end_vars, images, end_layer, scaling)
+  return held_out_residual(kind, a_front, a_end, np.asarray(stitch['kernel']), np.asarray(stitch['bias']), basis)
+
+
 def train_task_loss(ctx, name: str, model: Stitched, front_vars: PyTree, end_vars: PyTree, init: str | PyTree,
                     train: Examples, valid: Examples, grid: dict[str, np.ndarray] | None = None,
                     num_epochs: int | None = None, patience: int | None = None, key: jax.Array | None = None,
-                    augment=None) -> tuple[dict, Any]:
+                    augment=None, projection: dict | None = None) -> tuple[dict, Any]:
   """TLM (original.md Stitching §5): cross-entropy training of the stitching layer only, as the cached, resumable stage
   `name` of `ctx` (a `methods.base.RunContext`): Adam, coupled L2 `weight_decay` on the stitch (kernel and bias), the
   config's epochs, batch size and early stopping, best valid epoch kept (epoch 0 = the initial stitch included).
@@ -172,6 +213,7 @@ def train_task_loss(ctx, name: str, model: Stitched, front_vars: PyTree, end_var
   init: 'rand' (PyTorch default; `key`, default derived from ctx's seed and `name`), 'eye', or stitch variables
   (e.g. the DM solution of `fit_direct_match`; with num_epochs=0 the stitch is kept as is). grid: default the
   config's learning rates × weight decays, dropout 0 (dropout never applies). augment: as `stitch_learner`.
+  projection: the frozen `projection_variables` of a `Stitched(..., projection=True)`, else None.
   Returns (the winner's stitched variables, the stage's `Selection`).
   """
   if isinstance(init, str):
@@ -182,7 +224,7 @@ def train_task_loss(ctx, name: str, model: Stitched, front_vars: PyTree, end_var
       key = jax.random.fold_in(ctx.key, zlib.crc32(f'{name}/stitch_init'.encode()) & 0x7FFFFFFF)
     init = stitch_init(model.kind, init, key, c_in, c_out)
   grid = ctx.grid(dropout=(0.0,)) if grid is None else grid
-  selection = ctx.train_stage(name, stitched_variables(front_vars, end_vars, init), grid, train, valid,
+  selection = ctx.train_stage(name, stitched_variables(front_vars, end_vars, init, projection), grid, train, valid,
                               learner=stitch_learner(model, ctx.scaling, augment=augment), num_epochs=num_epochs,
                               patience=patience)
   return selection.winner(), selection
