@@ -13,7 +13,7 @@ from s2f_jax import experiment
 from s2f_jax.analysis import similarity
 from s2f_jax.data.sequence import Split
 from s2f_jax.errors import UserError
-from s2f_jax.results import writer
+from s2f_jax.results import seeds, writer
 from s2f_jax.stitching import layer_pairs
 
 from conftest import assert_user_error, run_scripts, tiny_config
@@ -156,13 +156,13 @@ def test_summary_and_seed_aggregation_by_hand():
   assert np.isnan(got['sensitivity_spearman_tlm_self_accuracy'])  # constant score: undefined, not 0
 
   runs = [{'x': 1.0, 'y': float('nan'), 'name': 'a'}, {'x': 2.0, 'y': 5.0, 'name': 'b'}, {'x': 4.0, 'y': 7.0}]
-  agg = layer_pairs.aggregate(runs)
-  assert set(agg) == {'x', 'y'}
-  assert agg['x'] == {'mean': pytest.approx(7 / 3), 'std': pytest.approx(np.std([1, 2, 4], ddof=1)), 'n': 3}
-  assert agg['y'] == {'mean': 6.0, 'std': pytest.approx(np.sqrt(2)), 'n': 2}
-  rows = layer_pairs.aggregate_rows([[{'layer': 'a', 'rank': 1, 'v': 1.0, 'seed': 1}],
-                                     [{'layer': 'a', 'rank': 1, 'v': 3.0, 'seed': 2}]], ('layer', 'rank'))
-  assert rows == [{'layer': 'a', 'rank': 1, 'v': {'mean': 2.0, 'std': pytest.approx(np.sqrt(2)), 'n': 2}}]
+  (agg,) = seeds.aggregate(runs, ())
+  assert set(agg) == {'n', 'x', 'x_std', 'y', 'y_std'} and agg['n'] == 3
+  assert (agg['x'], agg['x_std']) == (pytest.approx(7 / 3), pytest.approx(np.std([1, 2, 4], ddof=1)))
+  assert (agg['y'], agg['y_std']) == (6.0, pytest.approx(np.sqrt(2)))  # the NaN left out
+  rows = seeds.aggregate([{'layer': 'a', 'rank': 1, 'v': 1.0, 'seed': 1}, {'layer': 'a', 'rank': 1, 'v': 3.0, 'seed': 2}],
+                         ('layer', 'rank'))
+  assert rows == [{'layer': 'a', 'rank': 1, 'n': 2, 'v': 2.0, 'v_std': pytest.approx(np.sqrt(2))}]
 
 
 def test_seeds_study_runs_each_seed_and_aggregates(tmp_path, monkeypatch):
@@ -180,9 +180,10 @@ def test_seeds_study_runs_each_seed_and_aggregates(tmp_path, monkeypatch):
   with open(tmp_path / 'summary.json') as f:
     result = json.load(f)
   assert result['seeds'] == [3, 1, 2]
-  assert result['summary']['dm_accuracy_corresponding'] == {'mean': pytest.approx(0.2), 'std': pytest.approx(0.1),
-                                                             'n': 3}
-  assert result['pairs'][0]['dm_accuracy']['mean'] == pytest.approx(0.2)
+  summary = result['summary']
+  assert (summary['dm_accuracy_corresponding'], summary['dm_accuracy_corresponding_std'], summary['n']) == (
+      pytest.approx(0.2), pytest.approx(0.1), 3)
+  assert result['pairs'][0]['dm_accuracy'] == pytest.approx(0.2)
   assert '0.2 ± 0.1' in text and (tmp_path / 'summary.md').read_text().startswith('Seeds 3, 1, 2')
 
 
@@ -206,9 +207,9 @@ def test_bad_config_raises_before_writing(tmp_path, overrides, words):
 
 
 def test_seeds_bad_values_raise_before_writing(tmp_path):
-  for seeds, words in (('1,x', ['1,x', 'comma list']), ('2,2', ['distinct']), ('-1', ['[0, 2**32)'])):
+  for value, words in (('1,x', ['1,x', 'list of integers']), ('2,2', ['distinct']), ('-1', ['[0, 2^32)'])):
     with pytest.raises(UserError) as error:
-      layer_pairs.study(config(**{'stitching.seeds': seeds}), str(tmp_path / 'w'))
+      layer_pairs.study(config(**{'stitching.seeds': value}), str(tmp_path / 'w'))
     assert all(w in str(error.value) for w in words), error.value
   with pytest.raises(UserError, match='select_fraction'):  # a bad section value stops every seed before any runs
     layer_pairs.study(config(**{'stitching.seeds': '1,2', 'stitching.select_fraction': 2.0}), str(tmp_path / 'w'))

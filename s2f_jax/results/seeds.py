@@ -22,10 +22,19 @@ def parse(value, key: str) -> tuple[int, ...]:
   return out
 
 
-def aggregate(rows: Sequence[dict], by: Sequence[str], metrics: Sequence[str]) -> list[dict]:
+def numeric_columns(rows: Sequence[dict], skip: Sequence[str] = ('seed',)) -> list[str]:
+  """The columns (first-seen order) whose every value is a number (not a bool), but `skip`."""
+  columns = dict.fromkeys(k for r in rows for k in r if k not in skip)
+  return [k for k in columns if all(isinstance(r[k], (int, float, np.integer, np.floating))
+                                    and not isinstance(r[k], (bool, np.bool_)) for r in rows if k in r)]
+
+
+def aggregate(rows: Sequence[dict], by: Sequence[str], metrics: Sequence[str] | None = None) -> list[dict]:
   """One row per distinct value of the `by` columns (first-seen order), holding those columns, 'n' (rows in the
   group) and per metric m: m = the mean and m + '_std' = the sample standard deviation (ddof 1, as pandas; 0 for one
-  row) over the group's finite values (NaN when it has none)."""
+  value) over the group's finite values (NaN when it has none). metrics None: every `numeric_columns` but `by`."""
+  if metrics is None:
+    metrics = numeric_columns(rows, tuple(by) + ('seed', 'n'))
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
     groups.setdefault(tuple(row[k] for k in by), []).append(row)

@@ -14,7 +14,7 @@ pair). Per layer of the front donor and rank r, the sensitivity test: probe accu
 version of the layer (a fixed PCA basis fitted on the train split), and the DM and TLM self-stitches of the layer
 into itself through its rank-r projection (accuracy and structural error); and the specificity test (is the
 corresponding end layer the one each score rates best?). `summarize` reduces one run to the scalars the paper's
-claims rest on, `aggregate` / `aggregate_rows` give mean ± std over seeds (`stitching.seeds`).
+claims rest on; `results.seeds.aggregate` gives mean ± std over seeds (`stitching.seeds`).
 
 Outputs in `<workdir>/stitching/`: pairs.{jsonl,csv}, sensitivity.{jsonl,csv}, specificity.json, summary.json,
 table.md and heatmaps.pdf, written to `stitching.partial/` and renamed when done (a finished experiment is read back);
@@ -41,6 +41,7 @@ from s2f_jax.data.sequence import Split
 from s2f_jax.errors import UserError, choices_error
 from s2f_jax.io import write_atomic
 from s2f_jax.models.layers import check_frozen, layer_names
+from s2f_jax.results import seeds as seeds_lib
 from s2f_jax.results.writer import markdown_table, read_rows, run_metadata, write_config, write_rows
 from s2f_jax.stitching.layers import INITS, STITCH_TYPES
 from s2f_jax.stitching.low_rank import PCABasis, fit_basis, project
@@ -343,25 +344,13 @@ def _self_stitches(ctx, config, layer: str, basis: PCABasis | None, width: int, 
   return out
 
 
-def _seeds(value: str) -> tuple[int, ...]:
-  """`stitching.seeds` ('1,2,3') as distinct ints in [0, 2**32); () for ''. UserError otherwise."""
-  words = [w.strip() for w in str(value).split(',') if w.strip()]
-  try:
-    seeds = tuple(int(w) for w in words)
-  except ValueError:
-    raise UserError(f'stitching.seeds={value!r} must be a comma list of integers such as 1,2,3') from None
-  if any(not 0 <= k < 2 ** 32 for k in seeds) or len(set(seeds)) < len(seeds):
-    raise UserError(f'stitching.seeds={value!r} must be distinct integers in [0, 2**32)')
-  return seeds
-
-
 def study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
   """The stitching study (`experiment=stitching`) in `workdir` (default runs/stitching): `run` once for config.seed,
   returning the pair table, the specificity hit rates and the output folder; or with `stitching.seeds` one `run` per
   seed in <workdir>/seed<k> (finished seeds are read back), every seed's config validated before anything runs, and
   the mean ± std over seeds written to <workdir>/summary.{json,md} and returned."""
   workdir = workdir or 'runs/stitching'
-  seeds = _seeds(config.stitching.seeds)
+  seeds = seeds_lib.parse(config.stitching.seeds, 'stitching.seeds')
   if not seeds:
     out = run(config, workdir)
     layers = tuple(dict.fromkeys(r['front_layer'] for r in out['pairs']))
@@ -375,9 +364,9 @@ def study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
     configs.append(c)
   outs = [run(c, os.path.join(workdir, f'seed{c.seed}')) for c in configs]
   text = seeds_markdown(outs)
-  result = {'seeds': list(seeds), 'summary': aggregate([o['summary'] for o in outs]),
-            'pairs': aggregate_rows([o['pairs'] for o in outs], ('front_layer', 'end_layer')),
-            'sensitivity': aggregate_rows([o['sensitivity'] for o in outs], ('layer', 'rank'))}
+  result = {'seeds': list(seeds), 'summary': seeds_lib.aggregate([o['summary'] for o in outs], ())[0],
+            'pairs': _rows([o['pairs'] for o in outs], ('front_layer', 'end_layer')),
+            'sensitivity': _rows([o['sensitivity'] for o in outs], ('layer', 'rank'))}
   write_atomic(os.path.join(workdir, 'summary.json'), json.dumps(result, indent=1))
   write_atomic(os.path.join(workdir, 'summary.md'), text + '\n')
   return '\n'.join([text, os.path.join(workdir, 'summary.md')])
@@ -441,51 +430,31 @@ def summarize(pairs: list[dict], sensitivity: list[dict], layers: tuple[str, ...
   return out
 
 
-def aggregate(values: list[dict]) -> dict[str, dict]:
-  """Per numeric key of the dicts (one per seed): {'mean', 'std' (sample std, ddof 1; 0 for one value), 'n'} over the
-  finite values; keys with none are {'mean': NaN, 'std': NaN, 'n': 0}. Non-numeric keys are dropped."""
-  out = {}
-  for key in dict.fromkeys(k for v in values for k in v):
-    xs = [v.get(key) for v in values]
-    if not all(isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) for x in xs):
-      continue
-    x = np.asarray([x for x in xs if np.isfinite(x)], float)
-    out[key] = {'mean': float(x.mean()) if x.size else float('nan'),
-                'std': float(x.std(ddof=1)) if x.size > 1 else (0.0 if x.size else float('nan')), 'n': int(x.size)}
-  return out
+def _rows(runs: list[list[dict]], keys: tuple[str, ...]) -> list[dict]:
+  """The rows of several runs (one list per seed) as mean ± std per group of `keys` (`results.seeds.aggregate`)."""
+  return seeds_lib.aggregate([r for rows in runs for r in rows], keys)
 
 
-def aggregate_rows(runs: list[list[dict]], keys: tuple[str, ...]) -> list[dict]:
-  """Rows of several runs (one list per seed) grouped by the values of `keys`, in first-seen order: one row per
-  group with the keys and, per numeric column but 'seed', `aggregate`'s {'mean', 'std', 'n'} over the runs."""
-  groups = {}
-  for rows in runs:
-    for r in rows:
-      groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-  return [{**dict(zip(keys, key)), **aggregate([{k: v for k, v in r.items() if k not in keys + ('seed',)}
-                                                 for r in rows])}
-          for key, rows in groups.items()]
-
-
-def _pm(stat: dict) -> str:
-  return 'n/a' if not stat['n'] else f"{stat['mean']:.3g} ± {stat['std']:.2g}"
+def _pm(row: dict, key: str) -> str:
+  return f"{row[key]:.3g} ± {row[key + '_std']:.2g}" if np.isfinite(row[key]) else 'n/a'
 
 
 def seeds_markdown(outs: list[dict]) -> str:
   """Markdown of several seeds' `run` outputs: the `summarize` scalars, the pair table and the sensitivity table,
   each cell mean ± std over the seeds."""
   seeds = [o['summary'].get('seed') for o in outs]
-  summary = aggregate([o['summary'] for o in outs])
+  summary = seeds_lib.aggregate([o['summary'] for o in outs], ())[0]
+  names = seeds_lib.numeric_columns([o['summary'] for o in outs], ('seed',))
   lines = [f'Seeds {", ".join(map(str, seeds))} (mean ± sample std over {len(outs)} runs)', '',
-           markdown_table(('quantity', 'mean ± std'), [[k, _pm(v)] for k, v in summary.items() if k != 'seed'])]
-  pairs = aggregate_rows([o['pairs'] for o in outs], ('front_layer', 'end_layer'))
+           markdown_table(('quantity', 'mean ± std'), [[k, _pm(summary, k)] for k in names])]
+  pairs = _rows([o['pairs'] for o in outs], ('front_layer', 'end_layer'))
   cols = PAIR_COLUMNS[2:] + ('dm_ood_direction', 'tlm_ood_direction')
   lines += ['', markdown_table(('front → end',) + cols,
-                               [[f"{r['front_layer']} → {r['end_layer']}"] + [_pm(r[c]) for c in cols] for r in pairs])]
-  sens = aggregate_rows([o['sensitivity'] for o in outs], ('layer', 'rank'))
+                               [[f"{r['front_layer']} → {r['end_layer']}"] + [_pm(r, c) for c in cols] for r in pairs])]
+  sens = _rows([o['sensitivity'] for o in outs], ('layer', 'rank'))
   cols = tuple(c for c in SENSITIVITY_COLUMNS[2:] if any(c in r for r in sens))
   lines += ['', markdown_table(('layer', 'rank') + cols,
-                               [[r['layer'], str(r['rank'])] + [_pm(r[c]) for c in cols] for r in sens])]
+                               [[r['layer'], str(r['rank'])] + [_pm(r, c) for c in cols] for r in sens])]
   return '\n'.join(lines)
 
 
