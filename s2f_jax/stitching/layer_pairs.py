@@ -196,7 +196,8 @@ def _tlm_init(config, dm: dict):
 
 
 def _pooled(a: np.ndarray) -> np.ndarray:
-  return a.mean(axis=(1, 2)) if a.ndim == 4 else a
+  """Activations [n, H, W, C] or tokens [n, N, D] averaged over positions: [n, C]; [n, D] as is."""
+  return a.mean(axis=tuple(range(1, a.ndim - 1))) if a.ndim > 2 else a
 
 
 def _indices(x: np.ndarray, y: np.ndarray) -> dict[str, float]:

@@ -188,11 +188,15 @@ def _inputs(reps: jax.Array, input_size: tuple[int, int] | None) -> jax.Array:
 
 
 def _check_reps(name: str, reps) -> np.ndarray:
-  """`reps` as finite float32 [n ≥ 1, H, W, C] or [n ≥ 1, D], or a `UserError`."""
+  """`reps` as finite float32 [n ≥ 1, H, W, C] or [n ≥ 1, D], or a `UserError`. Tokens [n, N, D] from a square
+  patch grid (N = s², a ViT's row-major patches) come back as that grid [n, s, s, D]."""
   r = np.asarray(reps)
+  side = int(round(np.sqrt(r.shape[1]))) if r.ndim == 3 else 0
+  if r.ndim == 3 and side * side == r.shape[1]:
+    r = r.reshape(r.shape[0], side, side, r.shape[2])
   if r.ndim not in (2, 4) or r.shape[0] < 1 or 0 in r.shape or r.dtype.kind not in 'fiu':
-    raise UserError(f'{name} must be a non-empty real [n, H, W, C] or [n, D] array; got dtype {r.dtype}, '
-                    f'shape {r.shape}')
+    raise UserError(f'{name} must be a non-empty real [n, H, W, C], [n, s², D] (tokens) or [n, D] array; got dtype '
+                    f'{r.dtype}, shape {r.shape}')
   if not np.all(np.isfinite(r)):
     raise UserError(f'{name} contain NaN/inf; shape {r.shape}')
   return r.astype(np.float32)
