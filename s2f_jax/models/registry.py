@@ -13,7 +13,7 @@ from s2f_jax.errors import UserError, choices_error
 from s2f_jax.models.convnet import ConvNet
 from s2f_jax.models.densenet import DenseNet
 from s2f_jax.models.layers import PAPER_WIDTH
-from s2f_jax.models.resnet import ResNet
+from s2f_jax.models.resnet import CifarResNet, ResNet
 from s2f_jax.models.vit import ViT
 
 MODEL_NAMES = ('convnet', 'resnet', 'densenet')  # the paper's block models
@@ -25,7 +25,9 @@ MODELS: dict[str, ModelBuilder] = {
     'convnet': lambda n, classes, width, relu: ConvNet(n, classes, width, relu=relu),
     'resnet': lambda n, classes, width, relu: ResNet(n, classes, width),
     'densenet': lambda n, classes, width, relu: DenseNet(n, classes, width),
-    'vit': lambda n, classes, width, relu: ViT(n, classes, width)}  # not a paper model: the stitching donors
+    # not the paper's models: the stitching paper's donors
+    'resnet_cifar': lambda n, classes, width, relu: CifarResNet(n, classes, width),
+    'vit': lambda n, classes, width, relu: ViT(n, classes, width)}
 
 
 def register_model(name: str, build: ModelBuilder) -> None:

@@ -44,3 +44,21 @@ class ResNet(BlockModel):
   def _blocks(self) -> list[nn.Module]:
     return [ResBlock(out, stride, name=f'layer{i}')
             for i, (out, stride) in enumerate(block_dims(self.num_blocks, self.width), 1)]
+
+
+class CifarStem(nn.Module):
+  """`conv1` of the CIFAR ResNets: conv 3×3 s1 → BN → ReLU, no pooling. [B, H, W, 3] -> [B, H, W, width]."""
+  width: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None) -> jax.Array:
+    return nn.relu(batch_norm(conv(x, self.width, 3, name='conv'), train, mask, name='bn'))
+
+
+class CifarResNet(ResNet):
+  """ResNet with the CIFAR stem (`CifarStem`) in place of the ImageNet one: with num_blocks=4 and width 64 the
+  stitching paper's CIFAR-10 ResNet-18 (feature maps 32, 16, 8, 4 on 32×32 images)."""
+
+  @nn.nowrap
+  def layers(self) -> list[nn.Module]:
+    return [CifarStem(self.width, name='conv1'), *self._blocks(), self._head()]

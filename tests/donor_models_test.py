@@ -1,4 +1,5 @@
-"""The ViT block model: token shapes per layer, no BatchNorm, and its forward pass against a NumPy transcription."""
+"""The stitching donors beyond the paper's block models: the ViT (token shapes per layer, no BatchNorm, its forward pass
+against a NumPy transcription) and the CIFAR ResNet-18."""
 import jax
 import numpy as np
 import pytest
@@ -63,3 +64,16 @@ def test_trains_through_the_benchmark_loop(tmp_path):
   assert row['Test accuracy'] > 0.3  # 10 classes: well above chance after 8 epochs on 240 images
   variables = stored.load_variables(str(tmp_path), stored.stage_ref(row))
   assert variables['batch_stats'] == {} and 'position' in variables['params']['conv1']
+
+
+def test_cifar_resnet18_is_the_standard_one():
+  """`resnet_cifar` with 4 blocks at width 64: the CIFAR ResNet-18 (3×3 stem, no pooling), whose 11,173,962
+  parameters for 10 classes are the count of the widely used PyTorch CIFAR ResNet-18; feature maps 32 → 4."""
+  model = make_model('resnet_cifar', 4, 10, 64)
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  assert sum(np.prod(a.shape) for a in jax.tree.leaves(shapes['params'])) == 11_173_962
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  sides = [jax.eval_shape(lambda: model.apply(variables, x, until=layer)).shape[1]
+           for layer in ('conv1', 'layer1', 'layer2', 'layer3', 'layer4')]
+  assert sides == [32, 32, 16, 8, 4]
