@@ -330,5 +330,5 @@ def test_registered_model_builds_by_name_and_joins_the_choices(monkeypatch):
   config.model.name = 'wide_convnet'
   config_lib.validate(config)  # a registered name is a valid model.name
   config.model.name = 'vgg'
-  with pytest.raises(UserError, match='convnet, resnet, densenet, wide_convnet'):
+  with pytest.raises(UserError, match='convnet, resnet, densenet, resnet_cifar, vit, wide_convnet'):
     config_lib.validate(config)

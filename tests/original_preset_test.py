@@ -31,7 +31,7 @@ def test_preset_turns_on_every_released_behaviour():
   assert c.to_dict() == plain  # no preset: validation changes nothing
   c.compat.original = True
   config_lib.validate(c)
-  assert all(c.compat[k] for k in c.compat) and len(c.compat) == 19
+  assert all(c.compat[k] for k in c.compat) and len(c.compat) == 20
   assert (c.data.input_scaling, c.joint.grid) == ('original', 'released')
   assert config_lib.dataset_tag(c) == 'digits_original'
   once = c.to_dict()
