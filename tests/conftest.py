@@ -10,8 +10,10 @@ import sys
 # scripts they start as subprocesses, compile with backend optimisation off (about 2.5x faster compiles) and with
 # the classic loop emitters instead of the fusion emitters (compile time halved again: fewer LLVM modules per
 # program). Results are checked against references with tolerances, never against timings.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
-                           ' --xla_cpu_use_fusion_emitters=false').strip()
+# Appended once: an xdist worker inherits the controller's flags, and a repeated flag would change the cache keys.
+_TEST_XLA_FLAGS = ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false')
+_flags = os.environ.get('XLA_FLAGS', '').split()
+os.environ['XLA_FLAGS'] = ' '.join(_flags + [f for f in _TEST_XLA_FLAGS if f not in _flags])
 
 import jax  # noqa: E402
 import pytest
