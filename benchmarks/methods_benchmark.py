@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 from configs import default  # noqa: E402
 from s2f_jax import experiment  # noqa: E402
 from s2f_jax.methods import method_name  # noqa: E402
+from s2f_jax.sweep import set_dotted  # noqa: E402
 
 # (method, config overrides) — one row each.
 CELLS = [
@@ -30,26 +31,26 @@ CELLS = [
     ('dro_all', {}),
     ('irm_all', {}),
     ('erm_fine_tune', {}),
-    ('erm_fine_tune', {'fine_tune_layers': 'fc'}),
-    ('erm_fine_tune', {'fine_tune_layers': 'linear_probe_fine_tune'}),
-    ('erm_fine_tune', {'fine_tune_layers': 'gradual_unfreeze_first_to_last'}),
-    ('erm_fine_tune', {'fine_tune_layers': 'gradual_unfreeze_last_to_first'}),
-    ('erm_fine_tune', {'fine_tune_layers': 'search'}),
-    ('erm_fine_tune', {'fine_tune_layers': 'surgical_rgn'}),
-    ('erm_fine_tune', {'fine_tune_layers': 'surgical_snr'}),
-    ('erm_fine_tune', {'regularization': 'previous'}),
-    ('erm_fine_tune', {'regularization': 'previous_l1'}),
-    ('erm_fine_tune', {'regularization': 'fisher'}),
-    ('erm_fine_tune', {'regularization': 'previous', 'ablate_init': True}),
-    ('erm_fine_tune', {'fine_tune_mode': 'side_tune'}),
-    ('erm_fine_tune', {'fine_tune_mode': 'side_tune', 'side_layer_sizes': 'block'}),
-    ('erm_fine_tune', {'fine_tune_mode': 'low_rank_adapt'}),
-    ('erm_fine_tune', {'fine_tune_mode': 'low_rank_adapt', 'adapter_mode': 'multiply'}),
+    ('erm_fine_tune', {'fine_tune.layers': 'fc'}),
+    ('erm_fine_tune', {'fine_tune.layers': 'linear_probe_fine_tune'}),
+    ('erm_fine_tune', {'fine_tune.layers': 'gradual_unfreeze_first_to_last'}),
+    ('erm_fine_tune', {'fine_tune.layers': 'gradual_unfreeze_last_to_first'}),
+    ('erm_fine_tune', {'fine_tune.layers': 'search'}),
+    ('erm_fine_tune', {'fine_tune.layers': 'surgical_rgn'}),
+    ('erm_fine_tune', {'fine_tune.layers': 'surgical_snr'}),
+    ('erm_fine_tune', {'fine_tune.regularization': 'previous'}),
+    ('erm_fine_tune', {'fine_tune.regularization': 'previous_l1'}),
+    ('erm_fine_tune', {'fine_tune.regularization': 'fisher'}),
+    ('erm_fine_tune', {'fine_tune.regularization': 'previous', 'fine_tune.ablate_init': True}),
+    ('erm_fine_tune', {'fine_tune.mode': 'side_tune'}),
+    ('erm_fine_tune', {'fine_tune.mode': 'side_tune', 'adapter.side_layer_sizes': 'block'}),
+    ('erm_fine_tune', {'fine_tune.mode': 'low_rank_adapt'}),
+    ('erm_fine_tune', {'fine_tune.mode': 'low_rank_adapt', 'adapter.mode': 'multiply'}),
     ('dro_fine_tune', {}),
     ('irm_fine_tune', {}),
     ('sequential_fine_tune', {}),
-    ('sequential_fine_tune', {'regularization': 'fisher_all'}),
-    ('sequential_fine_tune', {'fine_tune_layers': 'fc-all'}),
+    ('sequential_fine_tune', {'fine_tune.regularization': 'fisher_all'}),
+    ('sequential_fine_tune', {'fine_tune.layers': 'fc-all'}),
 ]
 
 
@@ -57,7 +58,7 @@ def cell_config(method: str, overrides: dict):
   c = default.get_config()
   c.method = method
   for key, value in overrides.items():
-    c[key] = value
+    set_dotted(c, key, value)
   return c
 
 

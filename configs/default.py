@@ -15,7 +15,7 @@ def get_config():
   c = base_config()
   c.method = 'erm_final,erm_all,erm_fine_tune,sequential_fine_tune'
   c.num_epochs = 15
-  c.learning_rate_decay = 'none'
+  c.fine_tune.learning_rate_decay = 'none'
   c.data.name = 'digits'
   c.data.image_size = 16  # digits are 8×8; 16×16 costs a quarter of 32×32 (DenseNet then takes at most 3 blocks)
   c.data.shift_sequence = 'rotation:corruption:label_flip'

@@ -1,4 +1,4 @@
-r"""ERM on steps 0..T-2, then fine-tune on the final step ("FT"; fine_tune_layers picks the layers).
+r"""ERM on steps 0..T-2, then fine-tune on the final step ("FT"; fine_tune.layers picks the layers).
 
   python experiments/main.py --config=configs/erm_fine_tune.py --config.data.root=/path/to/cifar10
 

@@ -12,6 +12,6 @@ from s2f_jax.config import base_config
 
 def get_config():
   c = base_config('sequential_fine_tune')
-  c.regularization = 'fisher_all'
-  c.learning_rate_decay = 'none'
+  c.fine_tune.regularization = 'fisher_all'
+  c.fine_tune.learning_rate_decay = 'none'
   return c

@@ -12,5 +12,5 @@ from s2f_jax.config import base_config
 
 def get_config():
   c = base_config('erm_fine_tune')
-  c.fine_tune_layers = 'linear_probe_fine_tune'
+  c.fine_tune.layers = 'linear_probe_fine_tune'
   return c

@@ -12,5 +12,5 @@ from s2f_jax.config import base_config
 
 def get_config():
   c = base_config('erm_fine_tune')
-  c.fine_tune_mode = 'low_rank_adapt'
+  c.fine_tune.mode = 'low_rank_adapt'
   return c

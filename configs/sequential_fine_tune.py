@@ -1,4 +1,4 @@
-r"""Fine-tune step by step through the sequence ("SFT"); learning_rate_decay none|linear|exponential.
+r"""Fine-tune step by step through the sequence ("SFT"); fine_tune.learning_rate_decay none|linear|exponential.
 
   python experiments/main.py --config=configs/sequential_fine_tune.py --config.data.root=/path/to/cifar10
 

@@ -13,5 +13,5 @@ from s2f_jax.config import base_config
 
 def get_config():
   c = base_config('erm_fine_tune')
-  c.fine_tune_mode = 'side_tune'
+  c.fine_tune.mode = 'side_tune'
   return c

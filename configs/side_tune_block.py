@@ -12,6 +12,6 @@ from s2f_jax.config import base_config
 
 def get_config():
   c = base_config('erm_fine_tune')
-  c.fine_tune_mode = 'side_tune'
-  c.side_layer_sizes = 'block'
+  c.fine_tune.mode = 'side_tune'
+  c.adapter.side_layer_sizes = 'block'
   return c

@@ -8,17 +8,13 @@ from __future__ import annotations
 import ml_collections
 
 from s2f_jax import distributed
-from s2f_jax.errors import UserError, choices_error
+from s2f_jax.data.sources import is_source, source_names
+from s2f_jax.errors import UserError, check_non_negative_ints, check_positive_ints, choices_error
+from s2f_jax.methods import CONFIG_SECTIONS, METHODS, layers_spec
+from s2f_jax.methods.fine_tune import check_schedule
+from s2f_jax.models import registry as model_registry
 
 INPUT_SCALINGS = ('standard', 'raw', 'original')
-JOINT_GRIDS = ('full', 'released')
-LR_DECAYS = ('none', 'linear', 'exponential')
-FINE_TUNE_MODES = ('standard', 'side_tune', 'low_rank_adapt')
-# debug.joint_mirror: erm_fine_tune through a frozen 2-step joint model (the original's standard_using_joint*
-# fine_tune_modes, original.md S2F §3.4), a check that the joint code reproduces the single-model method it mirrors
-JOINT_MIRRORS = ('none', 'standard_using_joint', 'standard_using_joint_with_init', 'standard_using_joint_with_prev_reg',
-                 'standard_using_joint_with_init_and_prev_reg')
-ADAPTER_MODES = ('add', 'multiply')
 
 
 def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
@@ -62,33 +58,6 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.grid.dropout = (0.0, 0.5)
   c.grid.adjacent = (0.01, 0.1, 1.0)  # side_tune / low_rank_adapt: L2 pulling the new conv1/fc toward the old ones
 
-  # Fine-tuning (erm/irm/dro_fine_tune, sequential_fine_tune): see s2f_jax/methods/layers_spec.py for the grammar.
-  c.fine_tune_layers = 'all'  # all | comma set | dash stages | shortcut | search | surgical_rgn | surgical_snr
-  c.fine_tune_mode = 'standard'  # standard | side_tune | low_rank_adapt
-  c.regularization = 'standard'  # standard | previous | previous_l1 | fisher | fisher_all (EWC, sequential)
-  c.ablate_init = False  # start fine-tuning from a fresh initialisation
-  c.side_layer_sizes = ''  # side_tune modules: '' = one 3x3 conv + BN, 'block' = a copy of the block, '8,16' = widths
-  c.all_layers_efficient = False  # side modules / adapters for conv1 and fc too (instead of new copies)
-  c.adapter_rank = 4  # low_rank_adapt rank r
-  c.adapter_mode = 'add'  # low_rank_adapt: add (W0 + A_o A_i) | multiply (W0 * A_o A_i)
-  c.learning_rate_decay = 'exponential'  # sequential_fine_tune: none | linear | exponential
-
-  # Joint model (joint_model, original.md S2F §4).
-  c.joint = ml_collections.ConfigDict()
-  c.joint.separate_layers = 'all'  # 'all' or per-target-step comma groups separated by ':' (e.g. 'conv1,layer1:fc')
-  c.joint.adjacent_reg_type = 'l2'  # none | l2 | l1 | l2_fisher | l2_high | l2_very_high (β grid per type, §4.2)
-  c.joint.last_step_loss_weight = 3.0  # α of the final step (1 for the others)
-  c.joint.loss_weight_increasing = False  # α_t = 1/(T - t) instead
-  c.joint.weight_l2_by_time = False  # ω_t = 1/(t+1) on the L2 term and ν_t = 1/(T-t) on the adjacent term
-  c.joint.loss_samples = 'all'  # all | nearest neighbors | optimal matching (historical samples chained from the final)
-  c.joint.mode = 'separate'  # separate | side_tune | low_rank_adapt (side_layer_sizes, all_layers_efficient, adapter_*)
-  c.joint.adjacent = ()  # β grid; empty = adjacent_reg_type's (original.md S2F §4.2)
-  c.joint.ablate = False  # every step runs step 0's model: ERM on all steps with the joint batch plan
-  c.joint.sweep_efficient_reg = False  # side_tune/low_rank_adapt: β = 0.1, side/adapter L2 over 1e-5..1, best per value
-  c.joint.resume_epochs = 0  # continue the selected model for this many more epochs (patience 10)
-  c.joint.grid = 'full'  # full: grid.* × β | released: lr 1e-3, λ 1e-4, dropout 0.5 × β (the released code, §4.2)
-  c.joint.unroll_steps = False  # steps' forwards one after another, not vmapped: faster epochs on CPU, ~2× compile
-
   # Fine-tuning under a distance constraint and label noise (Ju et al. 2022; original.md Hessian §6).
   c.constraint = ml_collections.ConfigDict()
   c.constraint.norm = 'none'  # none | frob | inf_op: fine-tuning stages project weights onto balls around their start
@@ -102,13 +71,12 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.label_noise.correction = 'none'  # none | backward | forward: fine-tuning loss corrected with F
   c.label_noise.confusion = 'known'  # F: known = symmetric F(rate); dual_t = estimated by Dual-T from an uncorrected fine-tune
 
-  # Robust objectives (dro_*, irm_*).
-  c.dro_eta = 0.01  # Group DRO step size of the exponentiated-gradient group weights
-  c.irm_penalty = 10.0  # IRMv1 penalty weight once annealing is over
-  c.irm_anneal_steps = 100  # iterations with penalty weight 1 before irm_penalty applies
+  # The method families' own sections: fine_tune, adapter, robust, joint (s2f_jax.methods.CONFIG_SECTIONS).
+  for section in CONFIG_SECTIONS.values():
+    c[section.name] = section.defaults()
 
   c.debug = ml_collections.ConfigDict()
-  c.debug.joint_mirror = 'none'  # none | standard_using_joint[_with_init][_with_prev_reg] (JOINT_MIRRORS)
+  c.debug.joint_mirror = 'none'  # none | standard_using_joint[_with_init][_with_prev_reg] (fine_tune.JOINT_MIRRORS)
   c.compat = ml_collections.ConfigDict()
   c.compat.original = False  # the released code's behaviour: every switch below, input_scaling=original, joint.grid=released
   c.compat.early_stopping_previous = False  # patience counted against the previous epoch, not the best
@@ -160,41 +128,29 @@ def methods_of(config: ml_collections.ConfigDict) -> list[str]:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises UserError for the first invalid value (sequence strings are checked when parsed); expands the presets
-  first (`apply_presets`)."""
+  first (`apply_presets`). The method families' sections validate themselves (`ConfigSection.validate`)."""
   apply_presets(config)
-  from s2f_jax.methods import METHODS
-  from s2f_jax.models.registry import MODELS
-  from s2f_jax.data.sources import is_source, source_names
   methods = methods_of(config)
   if not methods:
     raise choices_error('method', config.method, sorted(METHODS))
   for m in methods:
     if m not in METHODS:
       raise choices_error('method', m, sorted(METHODS))
-  if config.model.name not in MODELS:
-    raise choices_error('model', config.model.name, tuple(MODELS))
+  if config.model.name not in model_registry.MODELS:  # looked up at call time: models register later
+    raise choices_error('model', config.model.name, tuple(model_registry.MODELS))
   name = config.data.name
   if not is_source(name):
     raise choices_error('dataset', name, source_names())
   if config.data.input_scaling not in INPUT_SCALINGS:
     raise choices_error('data.input_scaling', config.data.input_scaling, INPUT_SCALINGS)
-  if config.learning_rate_decay not in LR_DECAYS:
-    raise choices_error('learning_rate_decay', config.learning_rate_decay, LR_DECAYS)
-  _positive(config, 'model.num_blocks', 'model.width', 'data.image_size', 'train.batch_size',
-            'train.eval_batch_size')
-  _validate_fine_tuning(config, methods)
-  from s2f_jax.data.loss_samples import MODES as LOSS_SAMPLES
-  if config.joint.loss_samples not in LOSS_SAMPLES:
-    raise choices_error('joint.loss_samples', config.joint.loss_samples, LOSS_SAMPLES)
-  _validate_joint(config)
+  check_positive_ints(config, 'model.num_blocks', 'model.width', 'data.image_size', 'train.batch_size',
+                      'train.eval_batch_size')
   _validate_constraint(config)
-  _non_negative(config, 'seed', 'num_epochs', 'train.patience', 'train.parallel_runs', 'train.lanes',
-                'irm_anneal_steps')
+  for section in CONFIG_SECTIONS.values():
+    section.validate(config, methods)
+  check_non_negative_ints(config, 'seed', 'num_epochs', 'train.patience', 'train.parallel_runs', 'train.lanes')
   if config.seed >= 2 ** 32:  # numpy's legacy seeding (original.md S2F §1.5) takes 32-bit seeds
     raise UserError(f'seed={config.seed} must be below 2**32 = {2 ** 32}')
-  for key in ('dro_eta', 'irm_penalty'):
-    if not isinstance(config[key], (int, float)) or config[key] < 0:
-      raise UserError(f'{key}={config[key]!r} must be a non-negative number')
   for key in ('learning_rate', 'weight_decay', 'dropout', 'adjacent'):
     values = tuple(config.grid[key]) if isinstance(config.grid[key], (tuple, list)) else (config.grid[key],)
     if not values:
@@ -203,27 +159,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UserError(f'grid.{key}={values} must hold non-negative numbers')
     if key == 'dropout' and any(v >= 1 for v in values):
       raise UserError(f'grid.dropout={values}: dropout rates must be in [0, 1)')
-
-
-def _validate_joint(config: ml_collections.ConfigDict) -> None:
-  from s2f_jax.methods.joint import ADJACENT_GRIDS, MODES, vanishing_adjacent
-  j = config.joint
-  if j.mode not in MODES:
-    raise choices_error('joint.mode', j.mode, MODES)
-  if j.grid not in JOINT_GRIDS:
-    raise choices_error('joint.grid', j.grid, JOINT_GRIDS)
-  if j.adjacent_reg_type not in ADJACENT_GRIDS:
-    raise choices_error('joint.adjacent_reg_type', j.adjacent_reg_type, tuple(ADJACENT_GRIDS))
-  betas = tuple(j.adjacent) if isinstance(j.adjacent, (tuple, list)) else (j.adjacent,)
-  if any(not isinstance(v, (int, float)) or v < 0 for v in betas):
-    raise UserError(f'joint.adjacent={betas} must hold non-negative numbers')
-  unused = vanishing_adjacent(config) or ('joint.sweep_efficient_reg (β = 0.1)' if j.sweep_efficient_reg else None)
-  if betas and unused and 'joint_model' in methods_of(config):
-    raise UserError(f'joint.adjacent={betas} is not used with {unused}; leave it empty')
-  w = j.last_step_loss_weight
-  if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
-    raise UserError(f'joint.last_step_loss_weight={w!r} must be a positive number')
-  _non_negative(config, 'joint.resume_epochs')
 
 
 CONSTRAINT_NORMS = ('none', 'frob', 'inf_op')
@@ -253,79 +188,9 @@ def _validate_constraint(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'label_noise.correction={n.correction} needs label_noise.rate > 0')
 
 
-def _validate_fine_tuning(config: ml_collections.ConfigDict, methods: list[str]) -> None:
-  from s2f_jax.methods import layers_spec
-  from s2f_jax.methods.adapted import side_layer_sizes
-  from s2f_jax.methods.fine_tune import REGULARIZATIONS, joint_mirror
-  if config.fine_tune_mode in JOINT_MIRRORS[1:]:
-    raise UserError(f'fine_tune_mode={config.fine_tune_mode} is a debug mirror through the joint model: set '
-                    f'debug.joint_mirror={config.fine_tune_mode} instead')
-  if config.fine_tune_mode not in FINE_TUNE_MODES:
-    raise choices_error('fine_tune_mode', config.fine_tune_mode, FINE_TUNE_MODES)
-  mirror = joint_mirror(config)
-  if mirror not in JOINT_MIRRORS:
-    raise choices_error('debug.joint_mirror', mirror, JOINT_MIRRORS)
-  if config.regularization not in REGULARIZATIONS:
-    raise choices_error('regularization', config.regularization, REGULARIZATIONS)
-  if config.adapter_mode not in ADAPTER_MODES:
-    raise choices_error('adapter_mode', config.adapter_mode, ADAPTER_MODES)
-  _positive(config, 'adapter_rank')
-  side_layer_sizes(config)
-  spec = config.fine_tune_layers
-  if not isinstance(spec, str) or not spec.strip():
-    raise UserError(f'fine_tune_layers={spec!r} must be a non-empty string')
-  if config.regularization == 'fisher_all' and any(m.endswith('_fine_tune') and m != 'sequential_fine_tune'
-                                                    for m in methods):
-    raise UserError('regularization=fisher_all (EWC over earlier steps) applies to sequential_fine_tune only; '
-                    'erm/irm/dro_fine_tune take standard, previous, previous_l1 or fisher')
-  if mirror != 'none' and (config.fine_tune_mode != 'standard' or any(
-      m.endswith('_fine_tune') and m != 'erm_fine_tune' for m in methods)):
-    raise UserError(f'debug.joint_mirror={mirror} (erm_fine_tune through the frozen joint model) applies to '
-                    f'erm_fine_tune with fine_tune_mode=standard only')
-  if config.fine_tune_mode != 'standard' or mirror != 'none':
-    changed = [k for k, default in (('fine_tune_layers', 'all'), ('regularization', 'standard'),
-                                    ('ablate_init', False)) if config[k] != default]
-    if changed:
-      raise UserError(f"{', '.join(changed)} apply to fine_tune_mode=standard; side_tune and low_rank_adapt train "
-                      'their own new modules, and debug.joint_mirror sets them itself')
-  options = [k for k, on in (('constraint.norm', config.constraint.norm != 'none'),
-                              ('label_noise.correction', config.label_noise.correction != 'none')) if on]
-  if options and (config.fine_tune_mode != 'standard' or mirror != 'none' or not any(
-      m in ('erm_fine_tune', 'irm_fine_tune', 'dro_fine_tune') for m in methods)):
-    raise UserError(f"{', '.join(options)} apply to the fine-tuning stage of erm/irm/dro_fine_tune with "
-                    f'fine_tune_mode=standard; got method={config.method}, fine_tune_mode={config.fine_tune_mode}')
-  parts = spec.split(':') if 'sequential_fine_tune' in methods else []
-  if any(m.endswith('_fine_tune') and m != 'sequential_fine_tune' for m in methods):
-    parts.append(spec)  # erm/irm/dro_fine_tune take one spec (no ':')
-  for part in parts:
-    layers_spec.layer_plan(part, config.model.num_blocks)
-
-
 def validate_for_sequence(config: ml_collections.ConfigDict, num_steps: int) -> None:
-  """Checks that need the sequence length (per-step `fine_tune_layers` specs, learning-rate schedules)."""
-  from s2f_jax.methods import fine_tune, layers_spec
+  """Checks that need the sequence length (per-step `fine_tune.layers` specs, learning-rate schedules)."""
   if 'sequential_fine_tune' in methods_of(config):
-    layers_spec.step_plans(config.fine_tune_layers, num_steps, config.model.num_blocks)
-    if config.fine_tune_mode == 'standard':
-      fine_tune.check_schedule(config.learning_rate_decay, num_steps)
-
-
-def _lookup(config, dotted: str):
-  value = config
-  for part in dotted.split('.'):
-    value = value[part]
-  return value
-
-
-def _positive(config, *keys: str) -> None:
-  for k in keys:
-    v = _lookup(config, k)
-    if not isinstance(v, int) or v < 1:
-      raise UserError(f'{k}={v!r} must be a positive integer')
-
-
-def _non_negative(config, *keys: str) -> None:
-  for k in keys:
-    v = _lookup(config, k)
-    if not isinstance(v, int) or v < 0:
-      raise UserError(f'{k}={v!r} must be a non-negative integer')
+    layers_spec.step_plans(config.fine_tune.layers, num_steps, config.model.num_blocks)
+    if config.fine_tune.mode == 'standard':
+      check_schedule(config.fine_tune.learning_rate_decay, num_steps)

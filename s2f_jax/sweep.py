@@ -12,7 +12,7 @@ A sweep config (`configs/sweeps/*.py`, `get_config(arg)`; `arg` = `quick` for th
   seeds        tuple of seeds (one job each: the seed also draws the data)
   methods      tuple of method strings (a comma list = several methods in one job), variant label = the string
   variants     tuple of (label, overrides) or (label, overrides, column): overrides are dotted keys, 'method'
-               included (e.g. LP-FT = ('LP-FT', {'method': 'erm_fine_tune', 'fine_tune_layers':
+               included (e.g. LP-FT = ('LP-FT', {'method': 'erm_fine_tune', 'fine_tune.layers':
                'linear_probe_fine_tune'})); column = the summary table column of its results (default: the label)
   oracle_final_size  > 0: per sequence one more job, erm_final with the final step's size replaced (variant
                'oracle'); skipped for real sequences (Portraits)
@@ -73,21 +73,22 @@ PAPER_VARIANTS = (
     ('IRM', {'method': 'irm_all'}),
     ('DRO', {'method': 'dro_all'}),
     ('FT', {'method': 'erm_fine_tune'}),
-    ('LP-FT', {'method': 'erm_fine_tune', 'fine_tune_layers': 'linear_probe_fine_tune'}),
+    ('LP-FT', {'method': 'erm_fine_tune', 'fine_tune.layers': 'linear_probe_fine_tune'}),
     ('I-FT', {'method': 'irm_fine_tune'}),
     ('D-FT', {'method': 'dro_fine_tune'}),
-    ('ST-1', {'method': 'erm_fine_tune', 'fine_tune_mode': 'side_tune'}),
-    ('ST-B', {'method': 'erm_fine_tune', 'fine_tune_mode': 'side_tune', 'side_layer_sizes': 'block'}),
-    ('SFT', {'method': 'sequential_fine_tune', 'learning_rate_decay': 'none'}),
-    ('SFT-linear', {'method': 'sequential_fine_tune', 'learning_rate_decay': 'linear'}, 'SFT'),
-    ('SFT-exponential', {'method': 'sequential_fine_tune', 'learning_rate_decay': 'exponential'}, 'SFT'),
-    ('EWC', {'method': 'sequential_fine_tune', 'regularization': 'fisher_all', 'learning_rate_decay': 'none'}),
-    ('SST-1', {'method': 'sequential_fine_tune', 'fine_tune_mode': 'side_tune'}),
-    ('SST-B', {'method': 'sequential_fine_tune', 'fine_tune_mode': 'side_tune', 'side_layer_sizes': 'block'}),
+    ('ST-1', {'method': 'erm_fine_tune', 'fine_tune.mode': 'side_tune'}),
+    ('ST-B', {'method': 'erm_fine_tune', 'fine_tune.mode': 'side_tune', 'adapter.side_layer_sizes': 'block'}),
+    ('SFT', {'method': 'sequential_fine_tune', 'fine_tune.learning_rate_decay': 'none'}),
+    ('SFT-linear', {'method': 'sequential_fine_tune', 'fine_tune.learning_rate_decay': 'linear'}, 'SFT'),
+    ('SFT-exponential', {'method': 'sequential_fine_tune', 'fine_tune.learning_rate_decay': 'exponential'}, 'SFT'),
+    ('EWC', {'method': 'sequential_fine_tune', 'fine_tune.regularization': 'fisher_all',
+             'fine_tune.learning_rate_decay': 'none'}),
+    ('SST-1', {'method': 'sequential_fine_tune', 'fine_tune.mode': 'side_tune'}),
+    ('SST-B', {'method': 'sequential_fine_tune', 'fine_tune.mode': 'side_tune', 'adapter.side_layer_sizes': 'block'}),
     ('JM', {'method': 'joint_model'}),
-    ('JST-1', {'method': 'joint_model', 'joint.mode': 'side_tune', 'all_layers_efficient': True,
+    ('JST-1', {'method': 'joint_model', 'joint.mode': 'side_tune', 'adapter.all_layers_efficient': True,
                'joint.adjacent_reg_type': 'none', 'joint.adjacent': ()}),
-    ('JST-B', {'method': 'joint_model', 'joint.mode': 'side_tune', 'side_layer_sizes': 'block',
+    ('JST-B', {'method': 'joint_model', 'joint.mode': 'side_tune', 'adapter.side_layer_sizes': 'block',
                'joint.adjacent_reg_type': 'none', 'joint.adjacent': ()}),
 )
 PAPER_MODELS = ('convnet', 'densenet', 'resnet')  # table row order: Conv-1..4, Dense-1..4, Res-1..4

@@ -94,9 +94,9 @@ def _joint_path(run: Run, method: stored.StoredMethod) -> tuple[Learner, list[Py
 def _side_tune_pair(run: Run, method: stored.StoredMethod) -> tuple[Learner, PyTree, PyTree]:
   """Final side-tuned variables and the same with the newest side modules' BN scale and bias at 0."""
   c = method.config
-  if c.side_layer_sizes == 'block' or c.all_layers_efficient or method.name.startswith('joint'):
+  if c.adapter.side_layer_sizes == 'block' or c.adapter.all_layers_efficient or method.name.startswith('joint'):
     raise UserError(f'{method.name}: interpolation covers conv-chain side modules of erm/sequential side-tuning '
-                    '(not block copies, all_layers_efficient or joint side-tuning)')
+                    '(not block copies, adapter.all_layers_efficient or joint side-tuning)')
   ctx = run.context(method)
   num_sides = ctx.num_steps - 1 if method.name.startswith('sequential') else 1
   model = make_side_tuned(c.model.name, c.model.num_blocks, ctx.sequence.num_classes, c.model.width,

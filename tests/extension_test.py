@@ -1,27 +1,40 @@
 """A method, a dataset, a shift and a study registered from outside the package (this file), run through the CLI.
 
-The config file the test writes imports this module and calls `register`, which adds `source_only` (ERM on the source step,
-tested on the final step), the dataset `digits_upside_down`, the shift block `invert` and the study `class_counts`;
+The config file the test writes imports this module and calls `register`, which adds `source_only` (ERM on one step,
+`source_only.train_step` of its own config section, tested on the final step), the dataset `digits_upside_down`, the shift block `invert` and the study `class_counts`;
 `experiments/main.py` then validates and runs them like built-in ones.
 """
 import json
 import os
 import runpy
 
+import ml_collections
 import numpy as np
 
 from conftest import assert_user_error, ROOT, run_script
 from s2f_jax import experiment, studies
 from s2f_jax.data import SequenceSpec, ShiftKind, build_sequence, datasets, register_shift, shifts, sources
-from s2f_jax.methods import Method, register_method
-from s2f_jax.methods.base import RunContext, result_row
+from s2f_jax.errors import UserError
+from s2f_jax.methods import Method, register_config_section, register_method
+from s2f_jax.methods.base import ConfigSection, RunContext, result_row
 
 
 def source_only(ctx: RunContext) -> list[dict]:
-  """ERM on the source step's train set, selected on its valid set, tested on the final step."""
-  selection = ctx.train_stage('source', ctx.init_variables(), ctx.grid(), ctx.examples([0]),
-                              ctx.examples([0], 'valid'))
+  """ERM on the train set of step `source_only.train_step` (default 0, the source), selected on its valid set, tested
+  on the final step."""
+  t = ctx.config.source_only.train_step
+  selection = ctx.train_stage('source', ctx.init_variables(), ctx.grid(), ctx.examples([t]),
+                              ctx.examples([t], 'valid'))
   return [result_row('source_only', selection, ctx.test_accuracy(selection.winner()))]
+
+
+def source_only_defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({'train_step': 0})
+
+
+def check_source_only(config, methods) -> None:
+  if 'source_only' in methods and config.source_only.train_step < 0:
+    raise UserError(f'source_only.train_step={config.source_only.train_step} must be a step index (>= 0)')
 
 
 def upside_down_digits(root, image_size):
@@ -48,6 +61,7 @@ def class_counts(config, workdir) -> str:
 def register():
   """What a user's config file calls before the run (here in the experiment's own process only)."""
   register_method('source_only', Method(source_only, 'ERM on the source step only'))
+  register_config_section(ConfigSection('source_only', source_only_defaults, check_source_only))
   sources.register_source('digits_upside_down', upside_down_digits)
   studies.register_study('class_counts', studies.Study(class_counts, 'class counts per step'))
   register_shift('invert', INVERT)
@@ -87,6 +101,7 @@ def test_registered_method_and_dataset_run_through_the_cli(tmp_path):
   assert (method_dir / 'DONE').exists()
   saved = json.loads((method_dir / 'config.json').read_text())['config']
   assert saved['method'] == 'source_only' and saved['data']['name'] == 'digits_upside_down'
+  assert saved['source_only'] == {'train_step': 0}  # the method's own section, in base_config and config.json
   history = [json.loads(line) for line in (method_dir / 'history.jsonl').read_text().splitlines()]
   assert {h['stage'] for h in history} == {'source'} and {h['run'] for h in history} == {0, 1}
   row = json.loads((method_dir / 'metrics.jsonl').read_text().splitlines()[0])
@@ -99,6 +114,8 @@ def test_registered_method_and_dataset_run_through_the_cli(tmp_path):
 
   bad = _main(config, tmp_path / 'bad', '--config.method=source_onyl')  # the registry drives the choices
   assert_user_error(bad.returncode, bad.stderr, ['source_onyl', 'source_only', 'erm_final'])
+  bad = _main(config, tmp_path / 'bad', '--config.source_only.train_step=-1')  # the section checks itself
+  assert_user_error(bad.returncode, bad.stderr, ['source_only.train_step=-1'])
   assert not (tmp_path / 'bad').exists()
 
 

@@ -20,9 +20,9 @@ KEYS = ('Test accuracy', 'Validation accuracy', 'Grid validation accuracies')
 MIRRORS = {
     'standard_using_joint': {'method': 'erm_final'},
     'standard_using_joint_with_init': {'method': 'erm_fine_tune'},
-    'standard_using_joint_with_prev_reg': {'method': 'erm_fine_tune', 'regularization': 'previous',
-                                           'ablate_init': True},
-    'standard_using_joint_with_init_and_prev_reg': {'method': 'erm_fine_tune', 'regularization': 'previous'},
+    'standard_using_joint_with_prev_reg': {'method': 'erm_fine_tune', 'fine_tune.regularization': 'previous',
+                                           'fine_tune.ablate_init': True},
+    'standard_using_joint_with_init_and_prev_reg': {'method': 'erm_fine_tune', 'fine_tune.regularization': 'previous'},
 }
 # 3 epochs at lr 1e-2 and λ ∈ {1e-4, 1}: the penalty changes the loss by far more than the tolerance. Dropout stays 0
 # (SMALL): the joint model draws its masks per step (docs/deviations.md #32).
@@ -97,7 +97,7 @@ def test_ablated_joint_is_one_model_in_every_mode(tmp_path, captured):
 @pytest.mark.slow
 @pytest.mark.parametrize('mode', ['side_tune', 'low_rank_adapt'])
 def test_sequential_adapted_freezes_earlier_steps(tmp_path, captured, mode):
-  (row,) = _run(tmp_path, method='sequential_fine_tune', fine_tune_mode=mode, num_epochs=4,
+  (row,) = _run(tmp_path, method='sequential_fine_tune', num_epochs=4, **{'fine_tune.mode': mode},
                 **{'grid.adjacent': (0.1,), 'model.width': 16})
   assert row['Method'] == ('sequential_side_tune' if mode == 'side_tune' else 'sequential_low_rank_adapt_add_rank4')
   time0 = captured['sequential_time0_none'][0].winner()

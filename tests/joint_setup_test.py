@@ -59,13 +59,13 @@ def penalty_values(ctx, model, layout, params) -> dict[str, float]:
 SIDE_CASES = {
     'one conv': ({}, ('layer1',), ONE_CONV, True, 3 * 1192 + 4736 + 3 * 650 + 2 * 4736,
                  'joint_model_side_tune_adjacent_reg_l2'),
-    'widths 4': ({'side_layer_sizes': '4'}, ('layer1',),
+    'widths 4': ({'adapter.side_layer_sizes': '4'}, ('layer1',),
                  {'conv0': {'kernel': (3, 3, 8, 4)}, 'conv1': {'kernel': (3, 3, 4, 64)},
                   'bn': {'scale': (64,), 'bias': (64,)}}, True, 3 * 1192 + 4736 + 3 * 650 + 2 * 2720,
                  'joint_model_side_tune_1layers_size4_adjacent_reg_l2'),
-    'JST-B': ({'side_layer_sizes': 'block', 'joint.adjacent_reg_type': 'none'}, ('layer1',), BLOCK, False,
+    'JST-B': ({'adapter.side_layer_sizes': 'block', 'joint.adjacent_reg_type': 'none'}, ('layer1',), BLOCK, False,
               3 * 1192 + 4736 + 3 * 650 + 2 * 4736, 'joint_model_side_tune_block_adjacent_reg_none'),
-    'JST-1': ({'all_layers_efficient': True, 'joint.adjacent_reg_type': 'none'}, BASE,
+    'JST-1': ({'adapter.all_layers_efficient': True, 'joint.adjacent_reg_type': 'none'}, BASE,
               {'conv1': STEM, 'layer1': ONE_CONV, 'fc': HEAD}, True, 3 * (1192 + 4736 + 650),
               'joint_model_side_tune_all_layers_efficient_adjacent_reg_none'),
 }
@@ -111,7 +111,7 @@ def test_side_tune_layout(case):
 def test_sweep_efficient_reg_needs_efficient_modules():
   """Block side modules take λ, not the efficient coefficient (original.md S2F §4.2), so there is nothing to sweep."""
   with pytest.raises(UserError, match='sweep_efficient_reg needs'):
-    prepared(**{'joint.mode': 'side_tune', 'side_layer_sizes': 'block', 'joint.sweep_efficient_reg': True})
+    prepared(**{'joint.mode': 'side_tune', 'adapter.side_layer_sizes': 'block', 'joint.sweep_efficient_reg': True})
 
 
 def adapter_shape(layer, rank):
@@ -133,10 +133,10 @@ def adapter_shape(layer, rank):
 LOW_RANK_CASES = {
     'add': ({}, {'conv1': 0, 'layer1': 4, 'fc': 0}, 2 * (1192 + 288 + 2304 + 128 + 650),
             'joint_model_low_rank_adapt_add_rank4_adjacent_reg_l2'),
-    'multiply, sweep_efficient_reg': ({'adapter_mode': 'multiply', 'joint.sweep_efficient_reg': True},
+    'multiply, sweep_efficient_reg': ({'adapter.mode': 'multiply', 'joint.sweep_efficient_reg': True},
                                       {'conv1': 0, 'layer1': 4, 'fc': 0}, 2 * (1192 + 288 + 2304 + 128 + 650),
                                       'joint_model_low_rank_adapt_multiply_rank4_adjacent_reg_l2_sweep_efficient_reg'),
-    'all layers efficient': ({'all_layers_efficient': True}, {'conv1': 1, 'layer1': 4, 'fc': 4},
+    'all layers efficient': ({'adapter.all_layers_efficient': True}, {'conv1': 1, 'layer1': 4, 'fc': 4},
                              2 * (147 + 392 + 16 + 288 + 2304 + 128 + 256 + 40 + 10),
                              'joint_model_low_rank_adapt_add_rank4_all_layers_efficient_adjacent_reg_l2'),
 }
@@ -146,7 +146,7 @@ LOW_RANK_CASES = {
 def test_low_rank_layout(case):
   overrides, ranks, count, name = LOW_RANK_CASES[case]
   ctx, model, layout, variables = prepared(**{'joint.mode': 'low_rank_adapt', **overrides})
-  params, mode = variables['params'], overrides.get('adapter_mode', 'add')
+  params, mode = variables['params'], overrides.get('adapter.mode', 'add')
   assert joint_name(ctx.config) == name
   assert dict(layout.ranks) == ranks and layout.low_rank.mode == mode
   assert shapes(params['base']) == LAYERS

@@ -94,7 +94,7 @@ def test_erm_fine_tune_stages(recorded):
 
 
 def test_erm_fine_tune_layer_subset_freezes_the_rest(recorded):
-  rec, _, ctx = recorded(fine_tune_layers='layer1,fc')
+  rec, _, ctx = recorded(**{'fine_tune.layers': 'layer1,fc'})
   rows = METHODS['erm_fine_tune'].run(ctx)
   assert rec.calls[0]['frozen'] == () and rec.calls[1]['frozen'] == ('conv1',)
   assert rows[0]['Method'] == 'erm_fine_tune_layer1_fc'
@@ -106,7 +106,7 @@ def test_erm_fine_tune_layer_subset_freezes_the_rest(recorded):
     ('exponential', [[2e-3, 2e-4, 2e-4], [1e-3, 1e-4, 1.5e-4], [5e-4, 5e-5, 1.125e-4], [2.5e-4, 2.5e-5, 8.4375e-5]]),
 ])
 def test_sequential_fine_tune_schedules(recorded, decay, lrs):
-  rec, _, ctx = recorded(learning_rate_decay=decay, **{'data.test_all_steps': True})
+  rec, _, ctx = recorded(**{'fine_tune.learning_rate_decay': decay, 'data.test_all_steps': True})
   rows = METHODS['sequential_fine_tune'].run(ctx)
   assert [c['name'] for c in rec.calls] == [f'sequential_time0_{decay}', 'time1_all', 'time2_all', 'time3_all']
   for t, call in enumerate(rec.calls):
@@ -196,7 +196,7 @@ def test_layer_grammar():
   assert ls.step_plans('fc', 3, 1) == [[('fc',)], [('fc',)]]
   with pytest.raises(UserError, match='2 per-step specs; the sequence has 3'):
     ls.step_plans('fc:all', 4, 1)
-  with pytest.raises(UserError, match="unknown layer in fine_tune_layers 'layer3'"):
+  with pytest.raises(UserError, match="unknown layer in fine_tune.layers 'layer3'"):
     ls.layer_plan('fc-layer3', 2)
   with pytest.raises(UserError, match='only sequential_fine_tune'):
     ls.layer_plan('fc:all', 2)
@@ -208,7 +208,7 @@ def test_layer_grammar():
      'erm_fine_tune_gradual_unfreeze_last_to_first'),
 ])
 def test_multi_stage_fine_tune_continues_from_each_winner(recorded, spec, stages, name):
-  rec, _, ctx = recorded(fine_tune_layers=spec)
+  rec, _, ctx = recorded(**{'fine_tune.layers': spec})
   rows = METHODS['erm_fine_tune'].run(ctx)
   assert [c['name'] for c in rec.calls[1:]] == stages
   assert rec.calls[1]['frozen'] == ('conv1', 'layer1')
@@ -219,7 +219,7 @@ def test_multi_stage_fine_tune_continues_from_each_winner(recorded, spec, stages
 
 
 def test_search_tries_every_subset_and_keeps_the_best(recorded):
-  rec, _, ctx = recorded(fine_tune_layers='search')
+  rec, _, ctx = recorded(**{'fine_tune.layers': 'search'})
   rows = METHODS['erm_fine_tune'].run(ctx)
   assert len(rec.calls) == 1 + 7  # stage 1, then 2^(1+2) - 1 subsets
   assert {c['frozen'] for c in rec.calls[1:]} == {
@@ -233,7 +233,7 @@ def test_surgical_ranks_layers_by_score(recorded, monkeypatch):
   from s2f_jax.methods import fine_tune
   monkeypatch.setattr(fine_tune, 'layer_scores',
                       lambda learner, v, ex, metric, bs, per_batch: {'conv1': 1.0, 'layer1': 0.5, 'fc': 2.0})
-  rec, _, ctx = recorded(fine_tune_layers='surgical_rgn')
+  rec, _, ctx = recorded(**{'fine_tune.layers': 'surgical_rgn'})
   rows = METHODS['erm_fine_tune'].run(ctx)
   assert [c['frozen'] for c in rec.calls[1:]] == [('conv1', 'layer1'), ('layer1',), ()]
   assert rows[0]['Method'] == 'erm_fine_tune_surgical_rgn' and rows[0]['Layer scores']['fc'] == 2.0
@@ -243,7 +243,7 @@ def test_surgical_ranks_layers_by_score(recorded, monkeypatch):
                                       ('previous_l1', 'erm_fine_tune_l1_reg_previous'),
                                       ('fisher', 'erm_fine_tune_reg_previous_fisher')])
 def test_regularization_toward_stage_one(recorded, reg, name):
-  rec, _, ctx = recorded(regularization=reg, ablate_init=True)
+  rec, _, ctx = recorded(**{'fine_tune.regularization': reg, 'fine_tune.ablate_init': True})
   rows = METHODS['erm_fine_tune'].run(ctx)
   assert rows[0]['Method'] == name + '_ablate_init'
   prev, ft = rec.calls
@@ -259,7 +259,8 @@ def test_regularization_toward_stage_one(recorded, reg, name):
 
 
 def test_ewc_accumulates_every_earlier_step(recorded):
-  rec, _, ctx = recorded(method='sequential_fine_tune', regularization='fisher_all', learning_rate_decay='none')
+  rec, _, ctx = recorded(method='sequential_fine_tune', **{'fine_tune.regularization': 'fisher_all',
+                                                                    'fine_tune.learning_rate_decay': 'none'})
   rows = METHODS['sequential_fine_tune'].run(ctx)
   assert rows[0]['Method'] == 'sequential_fine_tune_reg_all_previous_fisher'
   for t, call in enumerate(rec.calls[1:], 1):
@@ -283,49 +284,53 @@ def test_robust_fine_tune_pretrains_on_history_only(recorded, method, kind):
 
 @pytest.mark.slow
 def test_ewc_with_zero_strength_equals_sequential_fine_tuning(tmp_path):
-  overrides = dict(method='sequential_fine_tune', learning_rate_decay='none', num_epochs=2, **{
-      'grid.learning_rate': (1e-3,), 'grid.weight_decay': (0.0,), 'grid.dropout': (0.0,),
-      'data.shift_sequence': 'rotation:corruption', 'data.target_sizes': '100:100'})  # step 2 has an earlier step
+  overrides = dict(method='sequential_fine_tune', num_epochs=2, **{
+      'fine_tune.learning_rate_decay': 'none', 'grid.learning_rate': (1e-3,), 'grid.weight_decay': (0.0,),
+      'grid.dropout': (0.0,), 'data.shift_sequence': 'rotation:corruption',
+      'data.target_sizes': '100:100'})  # step 2 has an earlier step
   plain = experiment.run(tiny_config(**overrides), str(tmp_path / 'plain'))
-  ewc = experiment.run(tiny_config(regularization='fisher_all', **overrides), str(tmp_path / 'ewc'))
+  ewc = experiment.run(tiny_config(**{**overrides, 'fine_tune.regularization': 'fisher_all'}), str(tmp_path / 'ewc'))
   assert ewc[0]['Method'] == 'sequential_fine_tune_reg_all_previous_fisher'
   for key in ('Test accuracy', 'Validation accuracy', 'Grid validation accuracies'):
     assert ewc[0][key] == plain[0][key]
 
 
 @pytest.mark.parametrize('method,overrides', [
-    ('dro_all', {}), ('irm_all', {}), ('dro_fine_tune', {}), ('irm_fine_tune', {'regularization': 'previous_l1'}),
-    ('erm_fine_tune', {'fine_tune_layers': 'gradual_unfreeze_first_to_last', 'regularization': 'fisher',
-                       'ablate_init': True}),
-    ('erm_fine_tune', {'fine_tune_layers': 'surgical_snr'}),
-    ('sequential_fine_tune', {'regularization': 'previous', 'fine_tune_layers': 'fc:all'}),
+    ('dro_all', {}), ('irm_all', {}), ('dro_fine_tune', {}),
+    ('irm_fine_tune', {'fine_tune.regularization': 'previous_l1'}),
+    ('erm_fine_tune', {'fine_tune.layers': 'gradual_unfreeze_first_to_last', 'fine_tune.regularization': 'fisher',
+                       'fine_tune.ablate_init': True}),
+    ('erm_fine_tune', {'fine_tune.layers': 'surgical_snr'}),
+    ('sequential_fine_tune', {'fine_tune.regularization': 'previous', 'fine_tune.layers': 'fc:all'}),
 ])
 @pytest.mark.slow
 def test_methods_run_and_beat_chance(tmp_path, method, overrides):
-  config = tiny_config(method=method, num_epochs=4, learning_rate_decay='none', **overrides, **{
-      'data.shift_sequence': 'rotation:corruption', 'data.target_sizes': '150:150', 'model.width': 16,
-      'grid.learning_rate': (1e-3,), 'grid.weight_decay': (1e-4,), 'grid.dropout': (0.0,)})
+  config = tiny_config(method=method, num_epochs=4, **overrides, **{
+      'fine_tune.learning_rate_decay': 'none', 'data.shift_sequence': 'rotation:corruption',
+      'data.target_sizes': '150:150', 'model.width': 16, 'grid.learning_rate': (1e-3,), 'grid.weight_decay': (1e-4,),
+      'grid.dropout': (0.0,)})
   (row,) = experiment.run(config, str(tmp_path))
   assert row['Test accuracy'] > 0.3  # 10 classes
 
 
 @pytest.mark.parametrize('mode,overrides,name', [
     ('side_tune', {}, 'erm_side_tune'),
-    ('side_tune', {'side_layer_sizes': 'block', 'all_layers_efficient': True}, 'erm_side_tune_block_all_layers_efficient'),
+    ('side_tune', {'adapter.side_layer_sizes': 'block', 'adapter.all_layers_efficient': True},
+     'erm_side_tune_block_all_layers_efficient'),
     ('low_rank_adapt', {}, 'erm_low_rank_adapt_add_rank4'),
 ])
 @pytest.mark.slow
 def test_adapted_fine_tune_keeps_the_history_model_frozen(tmp_path, captured, mode, overrides, name):
-  config = tiny_config(method='erm_fine_tune', fine_tune_mode=mode, num_epochs=4, **overrides, **{
-      'data.shift_sequence': 'rotation:corruption', 'data.target_sizes': '150:150', 'model.width': 16,
-      'grid.learning_rate': (1e-3,), 'grid.weight_decay': (1e-4,), 'grid.dropout': (0.0,),
+  config = tiny_config(method='erm_fine_tune', num_epochs=4, **overrides, **{
+      'fine_tune.mode': mode, 'data.shift_sequence': 'rotation:corruption', 'data.target_sizes': '150:150',
+      'model.width': 16, 'grid.learning_rate': (1e-3,), 'grid.weight_decay': (1e-4,), 'grid.dropout': (0.0,),
       'grid.adjacent': (0.1, 1.0)})
   (row,) = experiment.run(config, str(tmp_path))
   assert row['Method'] == name
   history = captured['erm_all_prev'][0].winner()
   sel, learner, aux = captured[mode]
   tuned = sel.winner()
-  efficient = overrides.get('all_layers_efficient', False)
+  efficient = overrides.get('adapter.all_layers_efficient', False)
   assert len(sel.runs) == (1 if efficient else 2)  # the adjacent axis only when conv1/fc are new modules
   if mode == 'side_tune':
     frozen = ('conv1', 'layer1', 'fc') if efficient else ('layer1',)

@@ -65,11 +65,11 @@ def test_paper_grid_of_the_rcl_sweep(rcl_jobs):
   # one run folder per (model, blocks) and one per oracle, so variants share their cached stages
   assert len({j.folder for j in rcl_jobs}) == 24
   variants = {j.key['variant']: j.config for j in rcl_jobs if j.key['model'] == 'resnet' and j.key['blocks'] == 4}
-  assert variants['LP-FT'].fine_tune_layers == 'linear_probe_fine_tune'
-  assert variants['EWC'].regularization == 'fisher_all' and variants['EWC'].learning_rate_decay == 'none'
-  assert variants['ST-B'].fine_tune_mode == 'side_tune' and variants['ST-B'].side_layer_sizes == 'block'
+  assert variants['LP-FT'].fine_tune.layers == 'linear_probe_fine_tune'
+  assert variants['EWC'].fine_tune.regularization == 'fisher_all' and variants['EWC'].fine_tune.learning_rate_decay == 'none'
+  assert variants['ST-B'].fine_tune.mode == 'side_tune' and variants['ST-B'].adapter.side_layer_sizes == 'block'
   assert variants['JST-1'].joint.mode == 'side_tune' and variants['JST-1'].joint.adjacent_reg_type == 'none'
-  assert {variants[v].learning_rate_decay for v in ('SFT', 'SFT-linear', 'SFT-exponential')} == {
+  assert {variants[v].fine_tune.learning_rate_decay for v in ('SFT', 'SFT-linear', 'SFT-exponential')} == {
       'none', 'linear', 'exponential'}
 
 
@@ -237,7 +237,7 @@ def test_job_waits_while_another_task_trains_its_shared_stage(tmp_path, monkeypa
   c = tiny_sweep(sequences=1)
   c.methods = ()
   c.variants = (('FT', {'method': 'erm_fine_tune'}),
-                ('LP-FT', {'method': 'erm_fine_tune', 'fine_tune_layers': 'linear_probe_fine_tune'}),
+                ('LP-FT', {'method': 'erm_fine_tune', 'fine_tune.layers': 'linear_probe_fine_tune'}),
                 ('ERM', {'method': 'erm_all'}))
   jobs = sweep.jobs(c)
   root = str(tmp_path)
@@ -249,7 +249,7 @@ def test_job_waits_while_another_task_trains_its_shared_stage(tmp_path, monkeypa
   order = []
 
   def fake_run(config, workdir=None):
-    order.append(config.method + ('/lp' if config.fine_tune_layers != 'all' else ''))
+    order.append(config.method + ('/lp' if config.fine_tune.layers != 'all' else ''))
     if config.method == 'erm_all':
       fcntl.flock(other_task, fcntl.LOCK_UN)  # the other task finishes meanwhile
     return []

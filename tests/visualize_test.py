@@ -20,8 +20,8 @@ METHODS = 'erm_final,erm_fine_tune,sequential_fine_tune,joint_model'
 
 
 def _run(root, **overrides):
-  config = tiny_config(**{**SMALL, 'num_epochs': 1, 'learning_rate_decay': 'none', 'joint.adjacent': (0.1,),
-                          **overrides})
+  config = tiny_config(**{**SMALL, 'num_epochs': 1, 'fine_tune.learning_rate_decay': 'none',
+                          'joint.adjacent': (0.1,), **overrides})
   workdir = os.path.join(root, sweep.run_folder(config))
   experiment.run(config, workdir)
   return workdir
@@ -31,7 +31,7 @@ def _run(root, **overrides):
 def runs(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('runs'))
   main = _run(root, method=METHODS)
-  _run(root, method='erm_fine_tune', fine_tune_mode='side_tune')
+  _run(root, method='erm_fine_tune', **{'fine_tune.mode': 'side_tune'})
   oracle = _run(root, method='erm_final', **{'data.target_sizes': '150:300'})
   return root, main, oracle
 

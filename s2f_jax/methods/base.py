@@ -230,6 +230,15 @@ def result_row(method: str, selection: Selection, test_accuracy: float, group: i
 
 
 @dataclasses.dataclass(frozen=True)
+class ConfigSection:
+  """A config section owned by a family of methods (fine_tune, adapter, robust, joint): `defaults()` builds it for
+  `config.base_config`, `validate(config, methods)` raises UserError for a bad value (methods: the run's method names)."""
+  name: str
+  defaults: Callable[[], ml_collections.ConfigDict]
+  validate: Callable[[ml_collections.ConfigDict, list[str]], None]
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """A registered method: `run(ctx)` returns its metrics rows; `name(config)` is the variant's name (its 'Method'
   column and directory, e.g. erm_linear_probe_then_fine_tune), by default the registry key. `pending(config, rows)`:

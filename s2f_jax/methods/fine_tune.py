@@ -1,21 +1,22 @@
 """Class-2 and class-3 methods (original.md S2F §3.4): fine-tune after pooled history (`erm_fine_tune`; `irm_fine_tune`
 and `dro_fine_tune` in `robust.py` reuse it), and `sequential_fine_tune`.
 
-Options (config keys): `fine_tune_layers` (the grammar of `layers_spec.py`), `regularization` (standard = L2 to zero;
-previous / previous_l1 / fisher = toward the weights the step starts from; fisher_all = EWC over every earlier step
-of the sequence), `ablate_init` (start from a fresh initialisation instead), `fine_tune_mode` (standard, or
-side-tune / low-rank adapters in `adapted.py`).
+Options: the `fine_tune` config section (`defaults`): `layers` (the grammar of `layers_spec.py`), `regularization`
+(standard = L2 to zero; previous / previous_l1 / fisher = toward the weights the step starts from; fisher_all = EWC
+over every earlier step of the sequence), `ablate_init` (start from a fresh initialisation instead), `mode` (standard,
+or side-tune / low-rank adapters in `adapted.py`, sized by the `adapter` section), `learning_rate_decay`.
 """
 from __future__ import annotations
 
 import jax
+import ml_collections
 import numpy as np
 
 from s2f_jax.analysis.activations import in_chunks
 from s2f_jax.data.sequence import Split
-from s2f_jax.errors import UserError
+from s2f_jax.errors import UserError, choices_error
 from s2f_jax.methods import layers_spec
-from s2f_jax.methods.base import Method, RunContext, Selection, result_row, stage_of
+from s2f_jax.methods.base import ConfigSection, Method, RunContext, Selection, result_row, stage_of
 from s2f_jax.models import layer_names
 from s2f_jax.training import grid as grid_lib
 from s2f_jax.training.constraint import constraint_rules
@@ -24,6 +25,12 @@ from s2f_jax.training.loop import Examples
 from s2f_jax.training.objective import l2_penalty, reference_penalty
 from s2f_jax.training.per_sample import empirical_fisher, layer_scores
 
+MODES = ('standard', 'side_tune', 'low_rank_adapt')
+LR_DECAYS = ('none', 'linear', 'exponential')
+# debug.joint_mirror: erm_fine_tune through a frozen 2-step joint model (the original's standard_using_joint*
+# fine_tune_modes, original.md S2F §3.4), a check that the joint code reproduces the single-model method it mirrors
+JOINT_MIRRORS = ('none', 'standard_using_joint', 'standard_using_joint_with_init', 'standard_using_joint_with_prev_reg',
+                 'standard_using_joint_with_init_and_prev_reg')
 REGULARIZATIONS = ('standard', 'previous', 'previous_l1', 'fisher', 'fisher_all')
 REG_SUFFIX = {'standard': '', 'previous': '_reg_previous', 'previous_l1': '_l1_reg_previous',
               'fisher': '_reg_previous_fisher', 'fisher_all': '_reg_all_previous_fisher'}
@@ -36,9 +43,9 @@ LR_SCHEDULES = {
 
 def variant_suffix(config) -> str:
   """Layer, regularisation and ablation suffix of a fine-tuning method name (original.md S2F §6 directory names)."""
-  spec = config.fine_tune_layers.strip()
+  spec = config.fine_tune.layers.strip()
   layers = '' if spec in ('all', 'linear_probe_fine_tune') else '_' + spec.replace(',', '_')
-  return layers + REG_SUFFIX[config.regularization] + ('_ablate_init' if config.ablate_init else '')
+  return layers + REG_SUFFIX[config.fine_tune.regularization] + ('_ablate_init' if config.fine_tune.ablate_init else '')
 
 
 def joint_mirror(config) -> str:
@@ -46,15 +53,74 @@ def joint_mirror(config) -> str:
   return config.get('debug', {}).get('joint_mirror', 'none')
 
 
+def defaults() -> ml_collections.ConfigDict:
+  """The `fine_tune` section: erm/irm/dro_fine_tune and sequential_fine_tune."""
+  f = ml_collections.ConfigDict()
+  f.layers = 'all'  # all | comma set | dash stages | shortcut | search | surgical_rgn | surgical_snr (layers_spec.py)
+  f.mode = 'standard'  # standard | side_tune | low_rank_adapt (new modules sized by the adapter section)
+  f.regularization = 'standard'  # standard | previous | previous_l1 | fisher | fisher_all (EWC, sequential)
+  f.ablate_init = False  # start fine-tuning from a fresh initialisation
+  f.learning_rate_decay = 'exponential'  # sequential_fine_tune: none | linear | exponential
+  return f
+
+
+def validate(config: ml_collections.ConfigDict, methods: list[str]) -> None:
+  """UserError for a bad `fine_tune` value or one that the run's methods do not take."""
+  f = config.fine_tune
+  if f.learning_rate_decay not in LR_DECAYS:
+    raise choices_error('fine_tune.learning_rate_decay', f.learning_rate_decay, LR_DECAYS)
+  if f.mode in JOINT_MIRRORS[1:]:
+    raise UserError(f'fine_tune.mode={f.mode} is a debug mirror through the joint model: set '
+                    f'debug.joint_mirror={f.mode} instead')
+  if f.mode not in MODES:
+    raise choices_error('fine_tune.mode', f.mode, MODES)
+  mirror = joint_mirror(config)
+  if mirror not in JOINT_MIRRORS:
+    raise choices_error('debug.joint_mirror', mirror, JOINT_MIRRORS)
+  if f.regularization not in REGULARIZATIONS:
+    raise choices_error('fine_tune.regularization', f.regularization, REGULARIZATIONS)
+  spec = f.layers
+  if not isinstance(spec, str) or not spec.strip():
+    raise UserError(f'fine_tune.layers={spec!r} must be a non-empty string')
+  single = [m for m in methods if m.endswith('_fine_tune') and m != 'sequential_fine_tune']
+  if f.regularization == 'fisher_all' and single:
+    raise UserError('fine_tune.regularization=fisher_all (EWC over earlier steps) applies to sequential_fine_tune '
+                    'only; erm/irm/dro_fine_tune take standard, previous, previous_l1 or fisher')
+  if mirror != 'none' and (f.mode != 'standard' or any(
+      m.endswith('_fine_tune') and m != 'erm_fine_tune' for m in methods)):
+    raise UserError(f'debug.joint_mirror={mirror} (erm_fine_tune through the frozen joint model) applies to '
+                    f'erm_fine_tune with fine_tune.mode=standard only')
+  if f.mode != 'standard' or mirror != 'none':
+    changed = [f'fine_tune.{k}' for k, default in (('layers', 'all'), ('regularization', 'standard'),
+                                                   ('ablate_init', False)) if f[k] != default]
+    if changed:
+      raise UserError(f"{', '.join(changed)} apply to fine_tune.mode=standard; side_tune and low_rank_adapt train "
+                      'their own new modules, and debug.joint_mirror sets them itself')
+  options = [k for k, on in (('constraint.norm', config.constraint.norm != 'none'),
+                              ('label_noise.correction', config.label_noise.correction != 'none')) if on]
+  if options and (f.mode != 'standard' or mirror != 'none' or not any(
+      m in ('erm_fine_tune', 'irm_fine_tune', 'dro_fine_tune') for m in methods)):
+    raise UserError(f"{', '.join(options)} apply to the fine-tuning stage of erm/irm/dro_fine_tune with "
+                    f'fine_tune.mode=standard; got method={config.method}, fine_tune.mode={f.mode}')
+  parts = spec.split(':') if 'sequential_fine_tune' in methods else []
+  if single:
+    parts.append(spec)  # erm/irm/dro_fine_tune take one spec (no ':')
+  for part in parts:
+    layers_spec.layer_plan(part, config.model.num_blocks)
+
+
+CONFIG = ConfigSection('fine_tune', defaults, validate)
+
+
 def fine_tune_name(config, kind: str = 'erm') -> str:
   """e.g. erm_fine_tune, erm_linear_probe_then_fine_tune, dro_fine_tune_search_reg_previous_fisher."""
-  if config.fine_tune_mode in ('side_tune', 'low_rank_adapt'):
+  if config.fine_tune.mode in ('side_tune', 'low_rank_adapt'):
     from s2f_jax.methods.adapted import adapted_name
     return adapted_name(config, kind)
   if joint_mirror(config) != 'none':
     from s2f_jax.methods.joint import FROZEN_JOINT_MODES
     return FROZEN_JOINT_MODES[joint_mirror(config)][0]
-  lp = config.fine_tune_layers.strip() == 'linear_probe_fine_tune'
+  lp = config.fine_tune.layers.strip() == 'linear_probe_fine_tune'
   k, noise = config.constraint, config.label_noise
   extra = ('' if k.norm == 'none' else f'_constrained_{k.norm}') + (
       '' if noise.correction == 'none' else f'_{noise.correction}_corrected') + (
@@ -96,10 +162,10 @@ def constrained_training(ctx: RunContext, start=None) -> tuple[dict, dict]:
 
 
 def sequential_name(config) -> str:
-  if config.fine_tune_mode != 'standard':
+  if config.fine_tune.mode != 'standard':
     from s2f_jax.methods.adapted import adapted_name
     return adapted_name(config, 'sequential')
-  decay = config.learning_rate_decay
+  decay = config.fine_tune.learning_rate_decay
   return 'sequential_fine_tune' + variant_suffix(config) + ('' if decay == 'none' else f'_{decay}_lr_decay')
 
 
@@ -111,11 +177,11 @@ def frozen_for(layers: tuple[str, ...], num_blocks: int) -> tuple[str, ...]:
 
 
 def regularizer(ctx: RunContext, references: list, fishers: list | None) -> tuple[tuple, dict | None]:
-  """Penalties and per-run aux for `config.regularization`.
+  """Penalties and per-run aux for `config.fine_tune.regularization`.
 
   references: earlier params, each stacked per run [R, ...]; fishers: their Fisher diagonals (same shapes), or None.
   """
-  kind = ctx.config.regularization
+  kind = ctx.config.fine_tune.regularization
   if kind == 'standard':
     return (l2_penalty(),), None
   aux = {'reference': jax.tree_util.tree_map(lambda *xs: np.stack(xs, 1), *references)}
@@ -193,18 +259,18 @@ def tune(ctx: RunContext, name: str, start, stacked: bool, plan, train: Examples
 def fine_tune_after(ctx: RunContext, prev: Selection, kind: str) -> list[dict]:
   """Stage 2 of `<kind>_fine_tune`: ERM on the final step from the history model `prev`, per the config."""
   c = ctx.config
-  if c.fine_tune_mode in ('side_tune', 'low_rank_adapt'):
+  if c.fine_tune.mode in ('side_tune', 'low_rank_adapt'):
     from s2f_jax.methods.adapted import adapted_fine_tune
     return adapted_fine_tune(ctx, prev, kind)
   if joint_mirror(c) != 'none':
     from s2f_jax.methods.joint import frozen_joint_fine_tune
     return frozen_joint_fine_tune(ctx, prev)
   history, final = range(ctx.num_steps - 1), [ctx.num_steps - 1]
-  plan = layers_spec.layer_plan(c.fine_tune_layers, c.model.num_blocks, c.compat.gradual_unfreeze_stages)
+  plan = layers_spec.layer_plan(c.fine_tune.layers, c.model.num_blocks, c.compat.gradual_unfreeze_stages)
   reference = prev.winner()
   fishers = [grid_lib.stack(fisher_of(ctx, reference, ctx.examples(history)), 1)] if 'fisher' in \
-      c.regularization else None
-  start = ctx.init_variables() if c.ablate_init else reference
+      c.fine_tune.regularization else None
+  start = ctx.init_variables() if c.fine_tune.ablate_init else reference
   axes, learner_kwargs = constrained_training(ctx, start)
   confusion = learner_kwargs.pop('confusion', None)
   grid = ctx.grid(**axes)
@@ -225,7 +291,7 @@ def fine_tune_after(ctx: RunContext, prev: Selection, kind: str) -> list[dict]:
 
 def erm_fine_tune(ctx: RunContext) -> list[dict]:
   """Stage 1: ERM on steps 0..T−2 (validated on their valid sets; shared by every method that starts there);
-  stage 2: fine-tune on the final step as `fine_tune_layers`, `regularization`, `ablate_init`, `fine_tune_mode`."""
+  stage 2: fine-tune on the final step as the `fine_tune` section: layers, regularization, ablate_init, mode."""
   history = range(ctx.num_steps - 1)
   prev = ctx.train_stage('erm_all_prev', ctx.init_variables(), ctx.grid(), ctx.examples(history),
                          ctx.examples(history, 'valid'), shared=True)
@@ -239,8 +305,8 @@ def schedule_rates(decay: str, t: int) -> list[float]:
   for start, change in LR_SCHEDULES[decay]:
     lr = start - t * change if decay == 'linear' else start * change ** t
     if lr <= 0:
-      raise UserError(f'learning_rate_decay=linear (start {start:g}, step {change:g}) reaches lr={lr:g} at '
-                      f'step {t}; use learning_rate_decay=exponential or none for sequences this long')
+      raise UserError(f'fine_tune.learning_rate_decay=linear (start {start:g}, step {change:g}) reaches lr={lr:g} at '
+                      f'step {t}; use fine_tune.learning_rate_decay=exponential or none for sequences this long')
     rates.append(lr)
   return rates
 
@@ -267,17 +333,17 @@ def sequential_fine_tune(ctx: RunContext) -> list[dict]:
 
   With a decay schedule every schedule runs through the whole sequence (vmapped side by side) and the schedule with
   the best final-step valid accuracy is kept. `data.test_all_steps` adds a row per target step. With
-  `fine_tune_mode` side_tune / low_rank_adapt: sequential side-tuning / adapters (`adapted.sequential_adapted`).
+  `fine_tune.mode` side_tune / low_rank_adapt: sequential side-tuning / adapters (`adapted.sequential_adapted`).
   """
   c = ctx.config
-  decay, reg = c.learning_rate_decay, c.regularization
-  if c.fine_tune_mode != 'standard':
+  decay, reg = c.fine_tune.learning_rate_decay, c.fine_tune.regularization
+  if c.fine_tune.mode != 'standard':
     from s2f_jax.methods.adapted import sequential_adapted
     time0 = ctx.train_stage('sequential_time0_none', ctx.init_variables(), ctx.grid(), ctx.examples([0]),
                             ctx.examples([0], 'valid'), shared=True)
     return sequential_adapted(ctx, time0)
   name = sequential_name(c)
-  plans = layers_spec.step_plans(c.fine_tune_layers, ctx.num_steps, c.model.num_blocks,
+  plans = layers_spec.step_plans(c.fine_tune.layers, ctx.num_steps, c.model.num_blocks,
                                  c.compat.gradual_unfreeze_stages)
   grid, groups = schedule_grid(ctx, decay, 0)
   sel = ctx.train_stage(f'sequential_time0_{decay}', ctx.init_variables(), grid, ctx.examples([0]),
@@ -293,7 +359,7 @@ def sequential_fine_tune(ctx: RunContext) -> list[dict]:
       fishers = (fishers if reg == 'fisher_all' else []) + [fisher]
     penalties, aux = regularizer(ctx, references, fishers)
     grid, groups = schedule_grid(ctx, decay, t)
-    start = grid_lib.stack(ctx.init_variables(), len(groups)) if c.ablate_init else previous
+    start = grid_lib.stack(ctx.init_variables(), len(groups)) if c.fine_tune.ablate_init else previous
     sel, extra = tune(ctx, f'time{t}', start, True, plans[t - 1], ctx.examples([t]), ctx.examples([t], 'valid'),
                       grid, groups, penalties, aux, ctx.sequence.steps[t].test)
     per_step.append(sel)

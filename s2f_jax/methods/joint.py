@@ -4,9 +4,9 @@ final step's model.
 
 `joint.mode` picks how the steps' models relate (`models.joint` layouts): 'separate' (modules per
 `joint.separate_layers`, or the best subset by `search`), 'side_tune' (shared blocks plus cumulative side modules;
-new conv1/fc per step, or added copies with `all_layers_efficient`) and 'low_rank_adapt' (a base model plus per-step
-low-rank adapters). `joint.ablate` makes every step run step 0's model (ERM on all steps, with the joint batch
-plan). The joint model runs through the shared loop: its forward takes the grouped batch (one batch per step,
+new conv1/fc per step, or added copies with `adapter.all_layers_efficient`) and 'low_rank_adapt' (a base model plus
+per-step low-rank adapters). `joint.ablate` makes every step run step 0's model (ERM on all steps, with the joint
+batch plan). The joint model runs through the shared loop: its forward takes the grouped batch (one batch per step,
 step-major) and `vmap`s the per-step model over the steps; the objective weights the steps' losses.
 
 Besides the metrics row, the method writes `adjacent_reg.json` (per β, or per efficient-L2 value with
@@ -22,15 +22,16 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from s2f_jax.analysis.joint_weights import (adjacent_differences, change_norms, save_adjacent_reg_effect,
                                             save_weight_differences)
-from s2f_jax.data.loss_samples import save_usage_histogram, select_samples, usage_counts
+from s2f_jax.data.loss_samples import MODES as LOSS_SAMPLES, save_usage_histogram, select_samples, usage_counts
 from s2f_jax.data.sequence import Split
-from s2f_jax.errors import UserError, choices_error
+from s2f_jax.errors import UserError, check_non_negative_ints, choices_error
 from s2f_jax.methods.adapted import adapted_name, side_layer_sizes
-from s2f_jax.methods.base import Method, RunContext, Selection, result_row
+from s2f_jax.methods.base import ConfigSection, Method, RunContext, Selection, result_row
 from s2f_jax.methods.layers_spec import all_subsets, stage_tag
 from s2f_jax.models import LowRank, adapter_ranks, layer_names, make_side_tuned
 from s2f_jax.models.adapters import check_ranks
@@ -47,6 +48,51 @@ ADJACENT_GRIDS = {'none': (0.0,), 'l2': (0.01, 0.1, 1.0), 'l1': (0.01, 0.1, 1.0)
 SEARCH_BETA = {'none': 0.0, 'l2_high': 10.0, 'l2_very_high': 1e4}
 EFFICIENT_GRID = (1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0)  # `sweep_efficient_reg` values, β fixed at 0.1
 RESUME_PATIENCE = 10
+GRIDS = ('full', 'released')
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """The `joint` section: joint_model (original.md S2F §4)."""
+  j = ml_collections.ConfigDict()
+  j.separate_layers = 'all'  # 'all' or per-target-step comma groups separated by ':' (e.g. 'conv1,layer1:fc')
+  j.adjacent_reg_type = 'l2'  # none | l2 | l1 | l2_fisher | l2_high | l2_very_high (β grid per type, §4.2)
+  j.last_step_loss_weight = 3.0  # α of the final step (1 for the others)
+  j.loss_weight_increasing = False  # α_t = 1/(T - t) instead
+  j.weight_l2_by_time = False  # ω_t = 1/(t+1) on the L2 term and ν_t = 1/(T-t) on the adjacent term
+  j.loss_samples = 'all'  # all | nearest neighbors | optimal matching (historical samples chained from the final)
+  j.mode = 'separate'  # separate | side_tune | low_rank_adapt (new modules sized by the adapter section)
+  j.adjacent = ()  # β grid; empty = adjacent_reg_type's (original.md S2F §4.2)
+  j.ablate = False  # every step runs step 0's model: ERM on all steps with the joint batch plan
+  j.sweep_efficient_reg = False  # side_tune/low_rank_adapt: β = 0.1, side/adapter L2 over 1e-5..1, best per value
+  j.resume_epochs = 0  # continue the selected model for this many more epochs (patience 10)
+  j.grid = 'full'  # full: grid.* × β | released: lr 1e-3, λ 1e-4, dropout 0.5 × β (the released code, §4.2)
+  j.unroll_steps = False  # steps' forwards one after another, not vmapped: faster epochs on CPU, ~2× compile
+  return j
+
+
+def validate(config: ml_collections.ConfigDict, methods: list[str]) -> None:
+  j = config.joint
+  if j.loss_samples not in LOSS_SAMPLES:
+    raise choices_error('joint.loss_samples', j.loss_samples, LOSS_SAMPLES)
+  if j.mode not in MODES:
+    raise choices_error('joint.mode', j.mode, MODES)
+  if j.grid not in GRIDS:
+    raise choices_error('joint.grid', j.grid, GRIDS)
+  if j.adjacent_reg_type not in ADJACENT_GRIDS:
+    raise choices_error('joint.adjacent_reg_type', j.adjacent_reg_type, tuple(ADJACENT_GRIDS))
+  betas = tuple(j.adjacent) if isinstance(j.adjacent, (tuple, list)) else (j.adjacent,)
+  if any(not isinstance(v, (int, float)) or v < 0 for v in betas):
+    raise UserError(f'joint.adjacent={betas} must hold non-negative numbers')
+  unused = vanishing_adjacent(config) or ('joint.sweep_efficient_reg (β = 0.1)' if j.sweep_efficient_reg else None)
+  if betas and unused and 'joint_model' in methods:
+    raise UserError(f'joint.adjacent={betas} is not used with {unused}; leave it empty')
+  w = j.last_step_loss_weight
+  if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+    raise UserError(f'joint.last_step_loss_weight={w!r} must be a positive number')
+  check_non_negative_ints(config, 'joint.resume_epochs')
+
+
+CONFIG = ConfigSection('joint', defaults, validate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,19 +202,19 @@ def joint_setup(ctx: RunContext, separate_layers: str) -> tuple[nn.Module, Joint
   if j.mode == 'side_tune':
     sizes = side_layer_sizes(c)
     model = make_side_tuned(c.model.name, blocks, ctx.sequence.num_classes, c.model.width, sizes,
-                            c.all_layers_efficient, not c.compat.convnet_no_relu).clone(num_sides=steps - 1)
+                            c.adapter.all_layers_efficient, not c.compat.convnet_no_relu).clone(num_sides=steps - 1)
     names = model.layer_names()
-    separate = () if c.all_layers_efficient else ('conv1', 'fc')
+    separate = () if c.adapter.all_layers_efficient else ('conv1', 'fc')
     path = tuple(tuple(t if n in separate else 0 for n in names) for t in range(steps))
     gated = tuple((n, k) for k in range(steps - 1) for n in model.side_names(k))
     efficient = () if sizes == 'block' else tuple(n for n, _ in gated)
     return model, JointLayout(names, path, gated, efficient, j.ablate, all_params)
   x = jax.ShapeDtypeStruct((1,) + ctx.sequence.steps[0].train.images.shape[1:], np.float32)
   params = jax.eval_shape(lambda x: ctx.model.init(ctx.key, x), x)['params']
-  ranks = adapter_ranks(blocks, c.adapter_rank, c.all_layers_efficient, params['fc']['dense']['kernel'].shape[0],
-                        ctx.sequence.num_classes)
+  ranks = adapter_ranks(blocks, c.adapter.rank, c.adapter.all_layers_efficient,
+                        params['fc']['dense']['kernel'].shape[0], ctx.sequence.num_classes)
   check_ranks(params, ranks)
-  return ctx.model, LowRankLayout(layer_names(blocks), steps, LowRank(c.adapter_mode), tuple(ranks.items()),
+  return ctx.model, LowRankLayout(layer_names(blocks), steps, LowRank(c.adapter.mode), tuple(ranks.items()),
                                   j.ablate, all_params)
 
 
@@ -180,7 +226,7 @@ def check_joint(ctx: RunContext) -> None:
   jax.eval_shape(lambda x: layout.init(model, ctx.key, x), x)
   if ctx.config.joint.sweep_efficient_reg and not has_efficient(layout):
     raise UserError('joint.sweep_efficient_reg needs joint.mode=side_tune with conv side modules (not '
-                    "side_layer_sizes='block') or low_rank_adapt with adapters")
+                    "adapter.side_layer_sizes='block') or low_rank_adapt with adapters")
 
 
 def has_efficient(layout: JointLayout | LowRankLayout) -> bool:
@@ -206,14 +252,14 @@ def joint_learner(ctx: RunContext, model: nn.Module, layout: JointLayout | LowRa
 
 def vanishing_adjacent(config) -> str | None:
   """Why the adjacent term is 0 for `config` (type 'none', `ablate`, or a side-tune / low-rank mode with
-  `all_layers_efficient`, which keeps no per-step copies), or None when it is not."""
+  `adapter.all_layers_efficient`, which keeps no per-step copies), or None when it is not."""
   j = config.joint
   if j.adjacent_reg_type == 'none':
     return 'joint.adjacent_reg_type=none'
   if j.ablate:
     return 'joint.ablate'
-  if j.mode != 'separate' and config.all_layers_efficient:
-    return f'joint.mode={j.mode} and all_layers_efficient'
+  if j.mode != 'separate' and config.adapter.all_layers_efficient:
+    return f'joint.mode={j.mode} and adapter.all_layers_efficient'
   return None
 
 
@@ -388,11 +434,12 @@ class FrozenHistoryTerm:
 
 
 def frozen_joint_fine_tune(ctx: RunContext, prev: Selection) -> list[dict]:
-  """`debug.joint_mirror` (the original's debug fine_tune_modes): a 2-step joint model (mode separate, every layer new at step 1) whose step 0 is
-  the history model `prev`, frozen and without data; step 1 (fresh, or a copy of step 0) trains on the final step
-  with L2, or with the adjacent term toward step 0 (coefficients from grid.weight_decay). They mirror erm_final,
-  erm_fine_tune, and erm_fine_tune with regularization=previous (± ablate_init): same stage key, initialisation and
-  grid, so the same seed gives the same result (with dropout 0, whose masks are drawn per step here)."""
+  """`debug.joint_mirror` (the original's debug fine_tune_modes): a 2-step joint model (mode separate, every layer
+  new at step 1) whose step 0 is the history model `prev`, frozen and without data; step 1 (fresh, or a copy of step
+  0) trains on the final step with L2, or with the adjacent term toward step 0 (coefficients from grid.weight_decay).
+  They mirror erm_final, erm_fine_tune, and erm_fine_tune with fine_tune.regularization=previous (±
+  fine_tune.ablate_init): same stage key, initialisation and grid, so the same seed gives the same result (with
+  dropout 0, whose masks are drawn per step here)."""
   c = ctx.config
   name, from_history, adjacent = FROZEN_JOINT_MODES[c.debug.joint_mirror]
   history = prev.winner()

@@ -1,4 +1,4 @@
-"""The `fine_tune_layers` grammar (original.md S2F §3.4): which layers each fine-tuning stage trains.
+"""The `fine_tune.layers` grammar (original.md S2F §3.4): which layers each fine-tuning stage trains.
 
 - `all` or a comma set (`layer4,fc`): one stage;
 - a dash list (`fc-all`): stages trained one after another, each from the previous stage's winner;
@@ -32,7 +32,7 @@ def layer_set(spec: str, num_blocks: int) -> tuple[str, ...]:
   chosen = [s.strip() for s in spec.split(',')]
   for name in chosen:
     if name not in names:
-      raise choices_error('layer in fine_tune_layers', name, ('all',) + names + SHORTCUTS + SELECTORS)
+      raise choices_error('layer in fine_tune.layers', name, ('all',) + names + SHORTCUTS + SELECTORS)
   return tuple(n for n in names if n in chosen)
 
 
@@ -50,7 +50,7 @@ def layer_plan(spec: str, num_blocks: int, compat_stages: bool = False) -> list[
     sizes = [k for k in range(1, len(names) + 1) if not (compat_stages and k == len(names) - 1)]
     return [tuple(n for n in names if n in order[:k]) for k in sizes]
   if ':' in spec:
-    raise UserError(f"fine_tune_layers={spec!r}: ':' separates per-step specs, which only sequential_fine_tune takes")
+    raise UserError(f"fine_tune.layers={spec!r}: ':' separates per-step specs, which only sequential_fine_tune takes")
   return [layer_set(part, num_blocks) for part in spec.split('-')]
 
 
@@ -60,7 +60,7 @@ def step_plans(spec: str, num_steps: int, num_blocks: int, compat_stages: bool =
   if len(parts) == 1:
     parts = parts * (num_steps - 1)
   if len(parts) != num_steps - 1:
-    raise UserError(f'fine_tune_layers={spec!r} has {len(parts)} per-step specs; the sequence has '
+    raise UserError(f'fine_tune.layers={spec!r} has {len(parts)} per-step specs; the sequence has '
                     f'{num_steps - 1} target steps (give one spec, or one per target step)')
   return [layer_plan(p, num_blocks, compat_stages) for p in parts]
 

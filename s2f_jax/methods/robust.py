@@ -6,11 +6,34 @@ Every iteration takes one batch from every step, sampled inside the compiled epo
 """
 from __future__ import annotations
 
-from s2f_jax.methods.base import Method, RunContext, Selection, result_row
+import ml_collections
+
+from s2f_jax.errors import UserError, check_non_negative_ints
+from s2f_jax.methods.base import ConfigSection, Method, RunContext, Selection, result_row
 from s2f_jax.methods.fine_tune import fine_tune_after, fine_tune_name
 from s2f_jax.training.robust import IRM, GroupDRO
 
 KINDS = ('dro', 'irm')
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """The `robust` section: the objectives of dro_* and irm_*."""
+  r = ml_collections.ConfigDict()
+  r.dro_eta = 0.01  # Group DRO step size of the exponentiated-gradient group weights
+  r.irm_penalty = 10.0  # IRMv1 penalty weight once annealing is over
+  r.irm_anneal_steps = 100  # iterations with penalty weight 1 before irm_penalty applies
+  return r
+
+
+def validate(config: ml_collections.ConfigDict, methods: list[str]) -> None:
+  check_non_negative_ints(config, 'robust.irm_anneal_steps')
+  for key in ('dro_eta', 'irm_penalty'):
+    value = config.robust[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      raise UserError(f'robust.{key}={value!r} must be a non-negative number')
+
+
+CONFIG = ConfigSection('robust', defaults, validate)
 
 
 def robust_learner(ctx: RunContext, kind: str):
@@ -23,8 +46,8 @@ def robust_grid(ctx: RunContext, kind: str):
   """The standard grid plus the objective's fixed settings as (single-valued) axes, recorded per run."""
   c = ctx.config
   if kind == 'dro':
-    return ctx.grid(dro_eta=(c.dro_eta,))
-  return ctx.grid(irm_penalty=(c.irm_penalty,), irm_anneal_steps=(c.irm_anneal_steps,))
+    return ctx.grid(dro_eta=(c.robust.dro_eta,))
+  return ctx.grid(irm_penalty=(c.robust.irm_penalty,), irm_anneal_steps=(c.robust.irm_anneal_steps,))
 
 
 def train_robust(ctx: RunContext, kind: str, name: str, steps, valid_steps, shared: bool = False) -> Selection:

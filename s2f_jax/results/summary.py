@@ -79,7 +79,7 @@ PAPER_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ('LP-FT', r'erm_linear_probe_then_fine_tune', 'linear probe, then fine-tune'),
     ('I-FT', r'irm_fine_tune', 'IRM on the history, then fine-tune'),
     ('D-FT', r'dro_fine_tune', 'DRO on the history, then fine-tune'),
-    ('ST-1', r'erm_side_tune', 'side-tune, one 3x3 conv + BN per block (without all_layers_efficient)'),
+    ('ST-1', r'erm_side_tune', 'side-tune, one 3x3 conv + BN per block (without adapter.all_layers_efficient)'),
     ('ST-B', r'erm_side_tune_block', 'side-tune, a copy of each block'),
     ('SFT', r'sequential_fine_tune' + _DECAY, 'sequential fine-tuning, lr decay none / linear / exponential'),
     ('EWC', r'sequential_fine_tune_reg_all_previous_fisher' + _DECAY, 'sequential fine-tuning with EWC'),
@@ -87,7 +87,7 @@ PAPER_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ('SST-B', r'sequential_side_tune_block', 'sequential side-tuning, block copies'),
     ('JM', r'joint_model_adjacent_reg_l2', 'joint model, adjacent L2'),
     ('JST-1', r'joint_model_side_tune_all_layers_efficient_adjacent_reg_none',
-     'joint side-tuned model, one conv per block, all_layers_efficient, no adjacent term'),
+     'joint side-tuned model, one conv per block, adapter.all_layers_efficient, no adjacent term'),
     ('JST-B', r'joint_model_side_tune_block_adjacent_reg_none', 'joint side-tuned model, block copies, no adjacent term'),
     (ORACLE, ERM_FINAL.pattern, 'oracle: ERM on the final step with the largest larger n (20000 in the paper)'),
 )
