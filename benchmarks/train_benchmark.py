@@ -35,11 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from s2f_jax import backend
+from s2f_jax.backend import patches_conv
 from s2f_jax.data.sources import load_digits
 from s2f_jax.models import make_model
-from s2f_jax.models.layers import max_pool_3x3_s2, patches_conv
+from s2f_jax.models.layers import max_pool_3x3_s2
 from s2f_jax.training import grid as grid_lib
-from s2f_jax.training import sharding
 from s2f_jax.training import loop
 from s2f_jax.training.loop import Examples, FitOptions, Learner, fit
 from s2f_jax.training.objective import InputScaling, l2_penalty
@@ -120,7 +121,7 @@ def grid_four_ways(names: list[str], epochs: int) -> bool:
   train, valid = digits_split()
   hp = grid_lib.product_grid(GRID)
   keys = jax.random.split(jax.random.key(1), 8)
-  lanes = sharding.lane_count(0, 8, None)
+  lanes = backend.lane_count(0, 8, None)
   print(f'\n## 8-point grid, four ways ({len(train)} train / {len(valid)} valid digits, 16×16, batch 50, '
         f'{epochs} epochs; wall s after warm-up)\n')
   print(f'| model | (a) vmap 8 (s) | (b) in sequence (s) | (d) {lanes} lanes (s) | (c) 8 serial fits (s) | (c)/(a) '

@@ -9,6 +9,7 @@ PACKAGE = os.path.join(ROOT, 's2f_jax')
 # Layer of each top-level part of s2f_jax (docs/design.md): a module may import only from its own layer or below.
 LAYERS = {
     'errors': 0, 'io': 0, 'compile_cache': 0, 'executors': 0, 'distributed': 0,  # plumbing; where sweeps and runs run
+    'backend': 0,  # the platform-specific speed code (CPU lanes, run chunks, im2col convolution)
     'data': 1, 'models': 1, 'training': 1, 'analysis': 1, 'results': 1,  # building blocks, pure functions, figures
     'config': 2, 'methods': 2,  # the benchmark's configuration and its registered methods
     'experiment': 3, 'sweep': 3, 'visualize': 3, 'generalization': 3,  # runners of the benchmark

@@ -24,10 +24,12 @@ import pytest
 from flax import traverse_util
 from jax import lax
 
+from s2f_jax import backend
+from s2f_jax.backend import patches_conv
 from s2f_jax.data.sources import load_digits
 from s2f_jax.errors import TrainingDiverged
 from s2f_jax.models import make_model
-from s2f_jax.models.layers import max_pool_3x3_s2, patches_conv
+from s2f_jax.models.layers import max_pool_3x3_s2
 from s2f_jax.training import grid as grid_lib
 from s2f_jax.training import loop, sharding
 from s2f_jax.training.loop import EarlyStopping, Examples, FitOptions, Learner, evaluate, fit, over_runs
@@ -255,7 +257,7 @@ def test_lanes_equal_one_lane():
 
 def test_lanes_split_join_and_run_in_their_own_threads():
   tree = {'a': np.arange(12).reshape(6, 2), 'b': jnp.arange(6.0)}
-  with sharding.Lanes(3) as lanes:
+  with backend.Lanes(3) as lanes:
     parts = lanes.split(tree)
     assert [p['a'][:, 0].tolist() for p in parts] == [[0, 2], [4, 6], [8, 10]]
     joined = lanes.join(parts)
@@ -264,11 +266,11 @@ def test_lanes_split_join_and_run_in_their_own_threads():
     threads = lanes.map(lambda p, i: (i, threading.current_thread().name), parts, [0, 1, 2])
   assert [i for i, _ in threads] == [0, 1, 2]
   assert all(name.startswith('lane') for _, name in threads)
-  with sharding.Lanes(1) as lanes:  # one lane: plain calls in the caller's thread
+  with backend.Lanes(1) as lanes:  # one lane: plain calls in the caller's thread
     assert lanes.map(lambda _: threading.current_thread().name, lanes.split(tree)) == [
         threading.current_thread().name]
-  assert sharding.lane_count(3, 2, None) == 2 and sharding.lane_count(1, 8, None) == 1
-  assert sharding.lane_count(0, 8, None) == min(8, len(os.sched_getaffinity(0)))
+  assert backend.lane_count(3, 2, None) == 2 and backend.lane_count(1, 8, None) == 1
+  assert backend.lane_count(0, 8, None) == min(8, len(os.sched_getaffinity(0)))
   assert sharding.padded_size(3, None, 2) == 4
 
 

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from s2f_jax import backend
+from s2f_jax.backend import window_slices
 from s2f_jax.errors import UserError
 
 PAPER_WIDTH = 64
@@ -50,38 +52,15 @@ def dropout(x: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-def _window_slices(x: jax.Array, kernel: int, stride: int) -> list[jax.Array]:
-  """The kernel² strided views x[:, i::s, j::s, :] of an already padded NHWC array, one per window offset."""
-  oh = (x.shape[1] - kernel) // stride + 1
-  ow = (x.shape[2] - kernel) // stride + 1
-  return [x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
-          for i in range(kernel) for j in range(kernel)]
-
-
-def patches_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-                 feature_group_count=1, precision=None, **unused):
-  """`lax.conv_general_dilated` for NHWC × HWIO without dilation or groups, as im2col + one matmul.
-
-  On CPU this is faster than XLA's convolution and, unlike it, stays efficient under `vmap` (a batched matmul
-  instead of a grouped convolution).
-  """
-  kh, kw, cin, cout = rhs.shape
-  assert kh == kw and window_strides[0] == window_strides[1] and feature_group_count == 1
-  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  cols = jnp.concatenate(_window_slices(x, kh, window_strides[0]), axis=-1)
-  return jnp.einsum('nhwk,ko->nhwo', cols, rhs.reshape(kh * kw * cin, cout), precision=precision)
-
-
 def conv(x: jax.Array, features: int, kernel: int, stride: int = 1, name: str | None = None) -> jax.Array:
   """Bias-free k×k convolution with PyTorch padding k//2 (explicit and symmetric, so stride 2 matches PyTorch).
 
   x: [B, H, W, C_in] -> [B, ceil(H/stride), ceil(W/stride), features] for odd k. On CPU it runs as im2col +
-  matmul (`patches_conv`), elsewhere as XLA's convolution; both compute the same function.
+  matmul (`backend.conv_general_dilated`), elsewhere as XLA's convolution; both compute the same function.
   """
   pad = kernel // 2
-  impl = patches_conv if jax.default_backend() == 'cpu' else jax.lax.conv_general_dilated
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=kernel_init, name=name, conv_general_dilated=impl)(x)
+                 kernel_init=kernel_init, name=name, conv_general_dilated=backend.conv_general_dilated())(x)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
@@ -90,7 +69,7 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   Same values as `nn.max_pool`; its gradient avoids XLA's select-and-scatter, which is slow on CPU.
   """
   x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  views = _window_slices(x, 3, 2)
+  views = window_slices(x, 3, 2)
   out = views[0]
   for v in views[1:]:
     out = jnp.maximum(out, v)

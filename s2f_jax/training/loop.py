@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from s2f_jax import backend
 from s2f_jax.errors import TrainingDiverged
 from s2f_jax.training import sharding
 from s2f_jax.training.checkpoint import FitCheckpoint
@@ -173,8 +174,8 @@ class FitOptions:
 
   select: the valid metric that picks the best epoch and drives early stopping: 'accuracy', or 'worst_group'
   (the lowest per-group accuracy; needs `valid.groups`).
-  parallel_runs: runs `vmap`ed side by side within a lane (`runs_per_chunk`); lanes: concurrent lanes the runs
-  are cut into on a single CPU device (`sharding.lane_count`; 0 = auto, one per core). Neither changes results.
+  parallel_runs: runs `vmap`ed side by side within a lane (`backend.runs_per_chunk`); lanes: concurrent lanes the
+  runs are cut into on a single CPU device (`backend.lane_count`; 0 = auto, one per core). Neither changes results.
   """
   num_epochs: int = 100
   patience: int = 5
@@ -261,14 +262,6 @@ def over_runs(fn: Callable, tree: PyTree, groups: int = 1, chunk: int | None = N
   split = jax.tree_util.tree_map(lambda x: x.reshape((groups, -1) + x.shape[1:]), tree)
   out = jax.vmap(per_group, spmd_axis_name='runs')(split)  # the groups are the mesh's runs axis
   return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
-
-
-def runs_per_chunk(option: int, num_runs: int) -> int | None:
-  """Runs trained side by side per device: `option` if > 0; auto (0): one at a time on CPU, where vmapped
-  activations overflow the caches and run slower than in sequence, and all at once on GPU/TPU."""
-  if option > 0:
-    return min(option, num_runs)
-  return 1 if jax.default_backend() == 'cpu' else None
 
 
 def _batch_plan(key: jax.Array, sizes: tuple[int, ...], batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -496,10 +489,10 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   train, valid = trains[0], valids[0]
   on_epoch = on_epoch or (lambda record: None)
   mesh = sharding.run_mesh(num_runs, options.batch_size)
-  num_lanes = sharding.lane_count(options.lanes, num_runs, mesh)
+  num_lanes = backend.lane_count(options.lanes, num_runs, mesh)
   size = sharding.padded_size(num_runs, mesh, num_lanes)
   groups = sharding.run_groups(mesh)
-  chunk = runs_per_chunk(options.parallel_runs, size // groups // num_lanes)
+  chunk = backend.runs_per_chunk(options.parallel_runs, size // groups // num_lanes)
   programs_learner = learner.unscaled()  # the scalings are data (`scales`), so seeds share the compiled programs
   init_state, train_epoch_fn, keep_best = _compiled(programs_learner, options.batch_size)
   sizes = train.group_sizes() if learner.objective.grouped else (len(train),)
@@ -512,13 +505,11 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     raise ValueError("FitOptions.select='worst_group' needs valid.groups")
   valid_ids, num_valid_groups = _group_ids(valid)
   valid_sizes = np.bincount(valid_ids, minlength=num_valid_groups)
-  # every run evaluated on the same data (one slot): vmapped over all runs by default, so the first layer is one
-  # wide op (on CPU 3-6x faster than runs in sequence, with the same examples in flight; lanes do not help)
-  eval_chunk = None if len(trains) == 1 and options.parallel_runs == 0 else chunk
+  eval_chunk = backend.eval_runs_per_chunk(options.parallel_runs, chunk, len(trains))
   evaluator = functools.partial(_evaluator(programs_learner, options.eval_batch_size), groups=groups,
                                 chunk=eval_chunk, split_batch=sharding.batch_sharding(mesh, axis=0))
 
-  with sharding.Lanes(num_lanes) as lanes:
+  with backend.Lanes(num_lanes) as lanes:
     def evaluate(variables, data, is_valid=True):
       """(mean CE, accuracy, selection metric) [R] numpy on the train or valid slots; variables of all lanes."""
       num_groups = num_valid_groups if is_valid else 1

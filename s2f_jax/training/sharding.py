@@ -1,16 +1,13 @@
-"""Placement of the run axis (grid points × seeds) and of training batches: over all local devices with
-`jax.sharding` (a 2-D mesh: runs × batch), and on a single CPU device over concurrent *lanes*."""
+"""Placement of the run axis (grid points × seeds) and of training batches over all local devices with
+`jax.sharding` (a 2-D mesh: runs × batch). How runs execute on one CPU device: `s2f_jax.backend`."""
 from __future__ import annotations
 
-import concurrent.futures
 import math
-import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
 
 
 def run_mesh(num_runs: int, batch_size: int) -> Mesh | None:
@@ -54,63 +51,6 @@ def padded_size(num_runs: int, mesh: Mesh | None, lanes: int = 1) -> int:
   """Smallest multiple of (run-axis devices × lanes) that holds `num_runs` runs."""
   n = run_groups(mesh) * lanes
   return -(-num_runs // n) * n
-
-
-def lane_count(option: int, num_runs: int, mesh: Mesh | None) -> int:
-  """Lanes the runs are split into: `option` if > 0, auto (0): one per CPU core available to this process (at most
-  one per run) on a single CPU device, else 1. With a device mesh always 1 (the devices split the runs).
-
-  Why lanes: XLA CPU executes one program's operations one after another and a small run's operations hardly
-  use a second core, but two programs executed from two threads do run side by side."""
-  if mesh is not None:
-    return 1
-  if option > 0:
-    return max(1, min(option, num_runs))
-  if jax.default_backend() != 'cpu':
-    return 1
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-  return max(1, min(cores, num_runs))
-
-
-class Lanes:
-  """The run axis cut into `count` equal contiguous lanes whose programs run concurrently, one thread per lane.
-
-  Run-axis pytrees are held as lists of per-lane pytrees (`split`, `join`); `map` calls a function on every lane.
-  One lane is a plain call, so the code path is the same either way. Use as a context manager (owns the threads).
-  """
-
-  def __init__(self, count: int):
-    self.count = count
-    self._pool = concurrent.futures.ThreadPoolExecutor(count, 'lane') if count > 1 else None
-
-  def __enter__(self) -> 'Lanes':
-    return self
-
-  def __exit__(self, *exc) -> None:
-    if self._pool is not None:
-      self._pool.shutdown()
-
-  def split(self, tree: Any) -> list[Any]:
-    """[count] pytrees, lane i holding runs [i·n, (i+1)·n) of `tree` (leading axis count·n)."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    if self.count == 1 or not leaves:
-      return [tree] * self.count
-    n = leaves[0].shape[0] // self.count
-    return [jax.tree_util.tree_map(lambda x: x[i * n:(i + 1) * n], tree) for i in range(self.count)]
-
-  def join(self, parts: list[Any]) -> Any:
-    """Inverse of `split` (numpy leaves stay numpy)."""
-    if len(parts) == 1:
-      return parts[0]
-    return jax.tree_util.tree_map(
-        lambda *xs: (np if isinstance(xs[0], np.ndarray) else jax.numpy).concatenate(xs), *parts)
-
-  def map(self, fn: Callable, *per_lane: list[Any]) -> list[Any]:
-    """[fn(*lane i's arguments)] for every lane, the lanes concurrently; each result is ready when returned."""
-    call = lambda *args: jax.block_until_ready(fn(*args))
-    if self._pool is None:
-      return [call(*args) for args in zip(*per_lane)]
-    return list(self._pool.map(call, *per_lane))
 
 
 def pad_runs(tree: Any, size: int) -> Any:

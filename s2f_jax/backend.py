@@ -1,0 +1,117 @@
+"""Platform-specific speed code, all of it: how the run axis and convolutions execute on the backend in use.
+
+On GPU/TPU every choice here is the plain path (XLA's convolution, all runs `vmap`ed, no lanes), so the training
+loop reads as jit + vmap over runs + `jax.sharding` (`training/sharding.py`). On CPU, measured in
+`docs/benchmarks.md`:
+- convolutions run as im2col + one matmul (`conv_general_dilated`): faster than XLA CPU's convolution, and a
+  batched matmul under `vmap` instead of a slow grouped convolution;
+- the runs of a fit go one after another inside the compiled program (`runs_per_chunk` = 1, a `lax.map`), because
+  the vmapped activations of 8 runs overflow the caches;
+- the runs are cut into concurrent *lanes*, one thread each (`lane_count`, `Lanes`): XLA CPU executes one program's
+  operations one after another, but programs started from two threads run side by side.
+None of them changes a result (tested against the plain path).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_cpu() -> bool:
+  return jax.default_backend() == 'cpu'
+
+
+def window_slices(x: jax.Array, kernel: int, stride: int) -> list[jax.Array]:
+  """The kernel² strided views x[:, i::s, j::s, :] of an already padded NHWC array, one per window offset."""
+  oh = (x.shape[1] - kernel) // stride + 1
+  ow = (x.shape[2] - kernel) // stride + 1
+  return [x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+          for i in range(kernel) for j in range(kernel)]
+
+
+def patches_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                 feature_group_count=1, precision=None, **unused):
+  """`lax.conv_general_dilated` for NHWC × HWIO without dilation or groups, as im2col + one matmul."""
+  kh, kw, cin, cout = rhs.shape
+  assert kh == kw and window_strides[0] == window_strides[1] and feature_group_count == 1
+  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  cols = jnp.concatenate(window_slices(x, kh, window_strides[0]), axis=-1)
+  return jnp.einsum('nhwk,ko->nhwo', cols, rhs.reshape(kh * kw * cin, cout), precision=precision)
+
+
+def conv_general_dilated() -> Callable:
+  """The convolution `nn.Conv` uses: `patches_conv` on CPU, XLA's elsewhere (the same function)."""
+  return patches_conv if is_cpu() else jax.lax.conv_general_dilated
+
+
+def runs_per_chunk(option: int, num_runs: int) -> int | None:
+  """Runs trained side by side per device: `option` if > 0; auto (0): one at a time on CPU, where vmapped
+  activations overflow the caches and run slower than in sequence, and all at once (None) on GPU/TPU."""
+  if option > 0:
+    return min(option, num_runs)
+  return 1 if is_cpu() else None
+
+
+def eval_runs_per_chunk(option: int, chunk: int | None, num_slots: int) -> int | None:
+  """Runs evaluated side by side: all of them (None) when every run evaluates the same data (one slot) and
+  `option` is auto, so the first layer is one wide op (on CPU 3-6x faster than runs in sequence, with the same
+  examples in flight; lanes do not help); else the training `chunk`."""
+  return None if num_slots == 1 and option == 0 else chunk
+
+
+def lane_count(option: int, num_runs: int, mesh) -> int:
+  """Lanes the runs are split into: `option` if > 0, auto (0): one per CPU core available to this process (at most
+  one per run) on a single CPU device, else 1. With a device mesh always 1 (the devices split the runs)."""
+  if mesh is not None:
+    return 1
+  if option > 0:
+    return max(1, min(option, num_runs))
+  if not is_cpu():
+    return 1
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+  return max(1, min(cores, num_runs))
+
+
+class Lanes:
+  """The run axis cut into `count` equal contiguous lanes whose programs run concurrently, one thread per lane.
+
+  Run-axis pytrees are held as lists of per-lane pytrees (`split`, `join`); `map` calls a function on every lane.
+  One lane is a plain call, so the code path is the same either way. Use as a context manager (owns the threads).
+  """
+
+  def __init__(self, count: int):
+    self.count = count
+    self._pool = concurrent.futures.ThreadPoolExecutor(count, 'lane') if count > 1 else None
+
+  def __enter__(self) -> 'Lanes':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._pool is not None:
+      self._pool.shutdown()
+
+  def split(self, tree: Any) -> list[Any]:
+    """[count] pytrees, lane i holding runs [i·n, (i+1)·n) of `tree` (leading axis count·n)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if self.count == 1 or not leaves:
+      return [tree] * self.count
+    n = leaves[0].shape[0] // self.count
+    return [jax.tree_util.tree_map(lambda x: x[i * n:(i + 1) * n], tree) for i in range(self.count)]
+
+  def join(self, parts: list[Any]) -> Any:
+    """Inverse of `split` (numpy leaves stay numpy)."""
+    if len(parts) == 1:
+      return parts[0]
+    return jax.tree_util.tree_map(lambda *xs: (np if isinstance(xs[0], np.ndarray) else jnp).concatenate(xs), *parts)
+
+  def map(self, fn: Callable, *per_lane: list[Any]) -> list[Any]:
+    """[fn(*lane i's arguments)] for every lane, the lanes concurrently; each result is ready when returned."""
+    call = lambda *args: jax.block_until_ready(fn(*args))
+    if self._pool is None:
+      return [call(*args) for args in zip(*per_lane)]
+    return list(self._pool.map(call, *per_lane))
