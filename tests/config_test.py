@@ -1,9 +1,12 @@
 """The run config: the keys every run shares, plus one section per method family (its defaults and its checks)."""
+import json
+
 import pytest
 
 from s2f_jax import config as config_lib
 from s2f_jax.errors import UserError
 from s2f_jax.methods import CONFIG_SECTIONS
+from s2f_jax.results import writer
 
 from conftest import tiny_config
 
@@ -37,3 +40,13 @@ def test_each_section_checks_its_own_keys(overrides, words):
   with pytest.raises(UserError) as e:
     config_lib.validate(tiny_config(**overrides))
   assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_configs_written_before_the_sections_are_read_with_their_keys_moved(tmp_path):
+  new = config_lib.base_config().to_dict()
+  old = {k: v for k, v in new.items() if k not in ('fine_tune', 'adapter', 'robust')}
+  for old_key, (section, key) in writer.MOVED_KEYS.items():
+    old[old_key] = new[section][key]
+  path = tmp_path / 'config.json'
+  path.write_text(json.dumps({'config': old}))
+  assert writer.read_config(str(path)) == json.loads(json.dumps(new))  # every key of the sections had an old name

@@ -26,10 +26,24 @@ def write_config(path: str, config_dict: dict) -> None:
     json.dump({'config': config_dict, 'metadata': run_metadata()}, f, indent=2, sort_keys=True)
 
 
+# Top-level keys of configs written before the method families owned their sections (2026-12-06) → (section, key).
+MOVED_KEYS = {'fine_tune_layers': ('fine_tune', 'layers'), 'fine_tune_mode': ('fine_tune', 'mode'),
+              'regularization': ('fine_tune', 'regularization'), 'ablate_init': ('fine_tune', 'ablate_init'),
+              'learning_rate_decay': ('fine_tune', 'learning_rate_decay'),
+              'side_layer_sizes': ('adapter', 'side_layer_sizes'),
+              'all_layers_efficient': ('adapter', 'all_layers_efficient'), 'adapter_rank': ('adapter', 'rank'),
+              'adapter_mode': ('adapter', 'mode'), 'dro_eta': ('robust', 'dro_eta'),
+              'irm_penalty': ('robust', 'irm_penalty'), 'irm_anneal_steps': ('robust', 'irm_anneal_steps')}
+
+
 def read_config(path: str) -> dict:
-  """The run config dict written by `write_config`."""
+  """The run config dict written by `write_config` (an older one with its method keys moved into their sections)."""
   with open(path) as f:
-    return json.load(f)['config']
+    config = json.load(f)['config']
+  for old, (section, key) in MOVED_KEYS.items():
+    if old in config:
+      config.setdefault(section, {})[key] = config.pop(old)
+  return config
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
