@@ -1,7 +1,9 @@
 """The run configuration (ml_collections) and its validation.
 
-Every key can be overridden on the command line as `--config.KEY=VALUE`. `validate` is the one place that turns
-bad values into `UserError`s (one line naming the value and the valid choices).
+Every key can be overridden on the command line as `--config.KEY=VALUE`. This module holds the keys every run
+shares; each method family's section (`fine_tune`, `adapter`, `robust`, `joint`) comes from its own module through
+`s2f_jax.methods.CONFIG_SECTIONS`. `validate` is the one call that turns bad values into `UserError`s (one line
+naming the value and the valid choices): the shared keys here, then every section's own checks.
 """
 from __future__ import annotations
 
