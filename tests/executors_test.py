@@ -104,6 +104,7 @@ def test_cli_dry_run_prints_the_submission_and_writes_nothing(tmp_path):
   assert not root.exists()
 
 
+@pytest.mark.slow
 def test_slurm_array_through_submitit_equals_local(local, tmp_path):
   pytest.importorskip('submitit')
   root = str(tmp_path)

@@ -51,6 +51,7 @@ def test_one_row_per_radius_inside_its_ball(measured):
   assert rows[0]['distance'] < rows[1]['distance']  # the tight ball binds
 
 
+@pytest.mark.slow
 def test_top_eigenvalues_and_density(measured):
   _, _, rows = measured
   for row in rows:
@@ -86,6 +87,7 @@ def test_trace_estimators(measured):
     generalization.measure(workdir, config, trace_estimator='exact')
 
 
+@pytest.mark.slow
 def test_outputs_and_cli(measured, tmp_path):
   _, _, rows = measured
   paths = generalization.write(rows, str(tmp_path), 'tiny')
@@ -111,6 +113,7 @@ def _models(config, workdir):
   return ctx, start, [stored.load_variables(workdir, (row['Stage'][0], g)) for g in range(len(RADII))]
 
 
+@pytest.mark.slow
 def test_hdm_is_the_max_over_single_examples_and_the_gaps(measured):
   config, workdir, rows = measured
   ctx, start, models = _models(config, workdir)
@@ -146,6 +149,7 @@ def test_hdm_is_the_max_over_single_examples_and_the_gaps(measured):
     assert (row['noise_stability'], row['noise_antithetic']) == (noise['mean'], noise['antithetic_mean'])
 
 
+@pytest.mark.slow
 def test_seeds_mean_and_std_per_radius(tmp_path):
   h = generalization.hessian_config()
   h.num_probes, h.max_examples, h.density_steps, h.seeds = 4, 16, 0, (5, 6)

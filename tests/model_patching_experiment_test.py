@@ -44,6 +44,7 @@ def test_rows_hold_consistent_group_metrics(finished):
   assert sizes['even/recolor:recolor'] < sizes['even/clean'] and sizes['odd/clean'] < sizes['odd/recolor:recolor']
 
 
+@pytest.mark.slow
 def test_selection_uses_validation_worst_group_accuracy(finished):
   workdir, rows = finished
   with open(os.path.join(workdir, 'stage2', 'history.jsonl')) as f:
@@ -53,6 +54,7 @@ def test_selection_uses_validation_worst_group_accuracy(finished):
     assert r['valid_robust_accuracy'] == pytest.approx(max(h['valid_worst_group_accuracy'] for h in records))
 
 
+@pytest.mark.slow
 def test_stage1_views_are_stored_by_example_id(finished):
   workdir, _ = finished
   stored = np.load(os.path.join(workdir, 'stage1', 'augmentations.npz'))
@@ -61,6 +63,7 @@ def test_stage1_views_are_stored_by_example_id(finished):
   np.testing.assert_array_equal(stored['ids'], data.train.ids)
 
 
+@pytest.mark.slow
 def test_finished_experiment_is_read_back(finished, monkeypatch):
   workdir, rows = finished
   monkeypatch.setattr(experiment, 'stage1_views', lambda *a: pytest.fail('retrained a finished experiment'))

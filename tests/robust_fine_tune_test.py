@@ -32,6 +32,7 @@ def study(tmp_path_factory):
   return config, workdir, robust_fine_tune.run(config, workdir)
 
 
+@pytest.mark.slow
 def test_runs_measures_and_summary(study):
   config, workdir, summary = study
   folder = f'{workdir}/{robust_fine_tune.FOLDER}'

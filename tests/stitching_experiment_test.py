@@ -71,6 +71,7 @@ def test_specificity_by_hand():
   assert spec['pwcca_distance']['best_end_layer'] == {'a': 'a', 'b': 'a'}
 
 
+@pytest.mark.slow
 def test_sensitivity_at_full_rank_is_identity(finished):
   _, out = finished
   by_layer = {}
@@ -98,6 +99,7 @@ def test_indices_match_the_similarity_module():
   assert got['pwcca_distance'] == pytest.approx(1 - similarity.pwcca(x, y))
 
 
+@pytest.mark.slow
 def test_outputs_written_once_and_read_back(finished):
   workdir, out = finished
   final = os.path.join(workdir, 'stitching')
@@ -108,6 +110,7 @@ def test_outputs_written_once_and_read_back(finished):
   np.testing.assert_equal(layer_pairs.run(config(), workdir), out)  # NaN == NaN (unmeasured summary entries)
 
 
+@pytest.mark.slow
 def test_evaluation_split_is_held_out_from_donor_selection(finished):
   workdir, out = finished
   valid = experiment.prepare(config())[0].steps[0].valid
@@ -227,6 +230,7 @@ def test_cli_bad_input_exits_2(tmp_path):
     assert not (tmp_path / name).exists()
 
 
+@pytest.mark.slow
 def test_vit_donors_stitch_token_to_token(tmp_path):
   """Two ViT donors (tokens [n, 16, 32] between layers) through the whole study with the t2t stitching layer: the
   detector sees the tokens as their 4×4 patch grid, the indices their mean over tokens, and DM matches the two patch

@@ -131,6 +131,7 @@ def test_cli_writes_figures_and_rejects_bad_input(runs, tmp_path):
     assert not (tmp_path / 'bad').exists()
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(runs, monkeypatch):
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')
