@@ -11,7 +11,7 @@ import ml_collections
 
 from s2f_jax import distributed
 from s2f_jax.data.sources import is_source, source_names
-from s2f_jax.errors import UserError, check_non_negative_ints, check_positive_ints, choices_error
+from s2f_jax.errors import UserError, check_ints, choices_error
 from s2f_jax.methods import CONFIG_SECTIONS, METHODS, layers_spec
 from s2f_jax.methods.fine_tune import check_schedule
 from s2f_jax.models import registry as model_registry
@@ -145,12 +145,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise choices_error('dataset', name, source_names())
   if config.data.input_scaling not in INPUT_SCALINGS:
     raise choices_error('data.input_scaling', config.data.input_scaling, INPUT_SCALINGS)
-  check_positive_ints(config, 'model.num_blocks', 'model.width', 'data.image_size', 'train.batch_size',
-                      'train.eval_batch_size')
+  check_ints(config, 'model.num_blocks', 'model.width', 'data.image_size', 'train.batch_size',
+             'train.eval_batch_size', minimum=1)
   _validate_constraint(config)
   for section in CONFIG_SECTIONS.values():
     section.validate(config, methods)
-  check_non_negative_ints(config, 'seed', 'num_epochs', 'train.patience', 'train.parallel_runs', 'train.lanes')
+  check_ints(config, 'seed', 'num_epochs', 'train.patience', 'train.parallel_runs', 'train.lanes')
   if config.seed >= 2 ** 32:  # numpy's legacy seeding (original.md S2F §1.5) takes 32-bit seeds
     raise UserError(f'seed={config.seed} must be below 2**32 = {2 ** 32}')
   for key in ('learning_rate', 'weight_decay', 'dropout', 'adjacent'):

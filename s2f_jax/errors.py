@@ -21,17 +21,10 @@ def _lookup(config, dotted: str):
   return value
 
 
-def check_positive_ints(config, *keys: str) -> None:
-  """UserError unless every dotted config key holds an int ≥ 1."""
+def check_ints(config, *keys: str, minimum: int = 0) -> None:
+  """UserError unless every dotted config key holds an int ≥ `minimum` (0: non-negative, 1: positive)."""
+  kind = {0: 'a non-negative integer', 1: 'a positive integer'}.get(minimum, f'an integer ≥ {minimum}')
   for k in keys:
     v = _lookup(config, k)
-    if not isinstance(v, int) or v < 1:
-      raise UserError(f'{k}={v!r} must be a positive integer')
-
-
-def check_non_negative_ints(config, *keys: str) -> None:
-  """UserError unless every dotted config key holds an int ≥ 0."""
-  for k in keys:
-    v = _lookup(config, k)
-    if not isinstance(v, int) or v < 0:
-      raise UserError(f'{k}={v!r} must be a non-negative integer')
+    if not isinstance(v, int) or v < minimum:
+      raise UserError(f'{k}={v!r} must be {kind}')

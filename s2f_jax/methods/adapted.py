@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from s2f_jax.errors import UserError, check_positive_ints, choices_error
+from s2f_jax.errors import UserError, check_ints, choices_error
 from s2f_jax.methods.base import ConfigSection, RunContext, Selection, result_row, stage_of
 from s2f_jax.models import LowRank, adapter_ranks, make_side_tuned
 from s2f_jax.models.adapters import check_ranks
@@ -43,7 +43,7 @@ def defaults() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict, methods: list[str]) -> None:
   if config.adapter.mode not in MODES:
     raise choices_error('adapter.mode', config.adapter.mode, MODES)
-  check_positive_ints(config, 'adapter.rank')
+  check_ints(config, 'adapter.rank', minimum=1)
   side_layer_sizes(config)
 
 

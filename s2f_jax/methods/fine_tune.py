@@ -82,12 +82,12 @@ def validate(config: ml_collections.ConfigDict, methods: list[str]) -> None:
   spec = f.layers
   if not isinstance(spec, str) or not spec.strip():
     raise UserError(f'fine_tune.layers={spec!r} must be a non-empty string')
-  single = [m for m in methods if m.endswith('_fine_tune') and m != 'sequential_fine_tune']
+  single = [m for m in methods if m.endswith('_fine_tune') and m != 'sequential_fine_tune']  # erm/irm/dro_fine_tune
   if f.regularization == 'fisher_all' and single:
     raise UserError('fine_tune.regularization=fisher_all (EWC over earlier steps) applies to sequential_fine_tune '
                     'only; erm/irm/dro_fine_tune take standard, previous, previous_l1 or fisher')
-  if mirror != 'none' and (f.mode != 'standard' or any(
-      m.endswith('_fine_tune') and m != 'erm_fine_tune' for m in methods)):
+  if mirror != 'none' and (f.mode != 'standard' or 'sequential_fine_tune' in methods
+                           or any(m != 'erm_fine_tune' for m in single)):
     raise UserError(f'debug.joint_mirror={mirror} (erm_fine_tune through the frozen joint model) applies to '
                     f'erm_fine_tune with fine_tune.mode=standard only')
   if f.mode != 'standard' or mirror != 'none':
@@ -98,8 +98,7 @@ def validate(config: ml_collections.ConfigDict, methods: list[str]) -> None:
                       'their own new modules, and debug.joint_mirror sets them itself')
   options = [k for k, on in (('constraint.norm', config.constraint.norm != 'none'),
                               ('label_noise.correction', config.label_noise.correction != 'none')) if on]
-  if options and (f.mode != 'standard' or mirror != 'none' or not any(
-      m in ('erm_fine_tune', 'irm_fine_tune', 'dro_fine_tune') for m in methods)):
+  if options and (f.mode != 'standard' or mirror != 'none' or not single):
     raise UserError(f"{', '.join(options)} apply to the fine-tuning stage of erm/irm/dro_fine_tune with "
                     f'fine_tune.mode=standard; got method={config.method}, fine_tune.mode={f.mode}')
   parts = spec.split(':') if 'sequential_fine_tune' in methods else []

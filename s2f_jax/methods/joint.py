@@ -29,7 +29,7 @@ from s2f_jax.analysis.joint_weights import (adjacent_differences, change_norms, 
                                             save_weight_differences)
 from s2f_jax.data.loss_samples import MODES as LOSS_SAMPLES, save_usage_histogram, select_samples, usage_counts
 from s2f_jax.data.sequence import Split
-from s2f_jax.errors import UserError, check_non_negative_ints, choices_error
+from s2f_jax.errors import UserError, check_ints, choices_error
 from s2f_jax.methods.adapted import adapted_name, side_layer_sizes
 from s2f_jax.methods.base import ConfigSection, Method, RunContext, Selection, result_row
 from s2f_jax.methods.layers_spec import all_subsets, stage_tag
@@ -89,7 +89,7 @@ def validate(config: ml_collections.ConfigDict, methods: list[str]) -> None:
   w = j.last_step_loss_weight
   if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
     raise UserError(f'joint.last_step_loss_weight={w!r} must be a positive number')
-  check_non_negative_ints(config, 'joint.resume_epochs')
+  check_ints(config, 'joint.resume_epochs')
 
 
 CONFIG = ConfigSection('joint', defaults, validate)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from s2f_jax.errors import UserError, check_non_negative_ints
+from s2f_jax.errors import UserError, check_ints
 from s2f_jax.methods.base import ConfigSection, Method, RunContext, Selection, result_row
 from s2f_jax.methods.fine_tune import fine_tune_after, fine_tune_name
 from s2f_jax.training.robust import IRM, GroupDRO
@@ -26,7 +26,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict, methods: list[str]) -> None:
-  check_non_negative_ints(config, 'robust.irm_anneal_steps')
+  check_ints(config, 'robust.irm_anneal_steps')
   for key in ('dro_eta', 'irm_penalty'):
     value = config.robust[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:

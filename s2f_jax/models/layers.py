@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from s2f_jax import backend
-from s2f_jax.backend import window_slices
 from s2f_jax.errors import UserError
 
 PAPER_WIDTH = 64
@@ -69,7 +68,7 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   Same values as `nn.max_pool`; its gradient avoids XLA's select-and-scatter, which is slow on CPU.
   """
   x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  views = window_slices(x, 3, 2)
+  views = backend.window_slices(x, 3, 2)
   out = views[0]
   for v in views[1:]:
     out = jnp.maximum(out, v)
