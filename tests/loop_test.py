@@ -240,18 +240,23 @@ def test_grid_equals_serial_runs(parallel_runs):
 
 
 @pytest.mark.slow
-def test_lanes_equal_one_lane():
+def test_lanes_equal_one_lane(tmp_path):
   """3 runs cut into 2 concurrent lanes (padded to 2 + 2) train exactly as in one lane: the same trained variables
-  bit for bit (each run runs the same per-run program), accuracies and best epochs; losses to float rounding (the
-  evaluation vmaps 4 runs instead of 3)."""
+  bit for bit (each run runs the same per-run program), accuracies and best epochs; losses to float rounding (each
+  lane's evaluation vmaps 2 runs instead of 3). So does a fit checkpointed in 2 lanes and resumed in 1 (the
+  checkpoint holds one part per lane)."""
   rows = _grid_rows(GRID, [0, 1, 2])
+  ckpt = str(tmp_path / 'ckpt')
+  _fit(rows, lanes=2, num_epochs=2, checkpoint_dir=ckpt, checkpoint_every_s=0)
+  resumed = _fit(rows, lanes=1, checkpoint_dir=ckpt, checkpoint_every_s=3600)
   one, two = _fit(rows, lanes=1), _fit(rows, lanes=2)
-  for h1, h2 in zip(one.history, two.history, strict=True):
-    for key in h1:
-      np.testing.assert_allclose(h1[key], h2[key], rtol=0 if 'loss' not in key else 1e-6, err_msg=key)
-  np.testing.assert_array_equal(one.best_epoch, two.best_epoch)
-  for k, v in _leaves(one.best_variables).items():
-    np.testing.assert_array_equal(v, _leaves(two.best_variables)[k], err_msg=k)
+  for other in (two, resumed):
+    for h1, h2 in zip(one.history, other.history, strict=True):
+      for key in h1:
+        np.testing.assert_allclose(h1[key], h2[key], rtol=0 if 'loss' not in key else 1e-6, err_msg=key)
+    np.testing.assert_array_equal(one.best_epoch, other.best_epoch)
+    for k, v in _leaves(one.best_variables).items():
+      np.testing.assert_array_equal(v, _leaves(other.best_variables)[k], err_msg=k)
   assert len(set(two.best_valid_accuracy)) > 1  # the runs differ
 
 
@@ -272,6 +277,9 @@ def test_lanes_split_join_and_run_in_their_own_threads():
   assert backend.lane_count(3, 2, None) == 2 and backend.lane_count(1, 8, None) == 1
   assert backend.lane_count(0, 8, None) == min(8, len(os.sched_getaffinity(0)))
   assert sharding.padded_size(3, None, 2) == 4
+  shapes = backend.joined_shape(parts)  # what a checkpoint of the joined tree is restored into, per lane count
+  assert shapes['a'].shape == (6, 2) and shapes['b'].dtype == jnp.float32
+  assert [p['a'].shape for p in backend.split_shape(shapes, 2, 4)] == [(2, 2)] * 2
 
 
 def test_stopped_runs_skip_training_and_keep_their_metrics():

@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -78,9 +78,9 @@ class FitCheckpoint:
       finally:
         manager.close()
 
-  def restore(self, like: Any) -> tuple[int, Any, dict] | None:
-    """(epoch, device_state, host_state) of the latest save, or None if there is none; `like` gives the device
-    state's structure, shapes, dtypes and shardings."""
+  def restore(self, like: Callable[[dict], Any]) -> tuple[int, Any, dict] | None:
+    """(epoch, device_state, host_state) of the latest save, or None if there is none; `like(host_state)` gives the
+    device state's structure, shapes, dtypes and shardings."""
     if not os.path.isdir(self.directory):
       return None
     with _LOCK:
@@ -89,11 +89,12 @@ class FitCheckpoint:
         epoch = manager.latest_step()
         if epoch is None:
           return None
-        restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)),
-                                                                  host=ocp.args.JsonRestore()))
+        host = manager.restore(epoch, args=ocp.args.Composite(host=ocp.args.JsonRestore()))['host']
+        state = manager.restore(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(like(host)))))['state']
       finally:
         manager.close()
-    return epoch, restored['state'], restored['host']
+    return epoch, state, host
 
   def clear(self) -> None:
     shutil.rmtree(self.directory, ignore_errors=True)

@@ -44,5 +44,6 @@ def take(tree: Any, index) -> Any:
 
 
 def stack(tree: Any, n: int) -> Any:
-  """Repeats a single pytree n times along a new leading axis."""
-  return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)).copy(), tree)
+  """Repeats a single pytree n times along a new leading axis: read-only numpy views (no memory; copied where
+  they are placed on a device)."""
+  return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)

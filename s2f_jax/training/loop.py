@@ -439,17 +439,20 @@ def _compiled(learner: Learner, batch_size: int):
       return state, (jnp.float32(jnp.nan), jnp.float32(jnp.nan), jnp.bool_(True))
     return jax.lax.cond(active, train, skip, state)
 
-  @functools.partial(jax.jit, static_argnames=('sizes', 'groups', 'chunk', 'split_batch'))
+  # the state is donated: the new state reuses its buffers (half the training program's memory); `init_state`
+  # makes the first one in buffers of its own, so a caller's arrays are never donated
+  @functools.partial(jax.jit, static_argnames=('sizes', 'groups', 'chunk', 'split_batch'), donate_argnames='state')
   def train_epoch(state, hparams, keys, active, aux, slots, data, epoch, sizes, groups, chunk, split_batch=None):
     return over_runs(lambda args: one_run_epoch(*args, data, epoch, sizes, split_batch),
                      (state, hparams, keys, active, aux, slots), groups, chunk)
 
   @functools.partial(jax.jit, static_argnames='num_groups')
-  def init_state(params, learning_rates, radii, num_groups):
+  def init_state(variables, learning_rates, radii, num_groups):
+    params = variables['params']
     opt = jax.vmap(lambda p, lr, r: learner.optimizer(p, lr, r).init(p))(params, learning_rates, radii)
     obj = jnp.full((learning_rates.shape[0], num_groups), 1.0 / num_groups, jnp.float32)  # uniform group weights
     tracked = () if tracker is None else jax.vmap(tracker.init)(params)
-    return opt, obj, tracked
+    return params, variables['batch_stats'], opt, obj, tracked
 
   @jax.jit
   def keep_best(best, current, improved):
@@ -506,25 +509,24 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   valid_ids, num_valid_groups = _group_ids(valid)
   valid_sizes = np.bincount(valid_ids, minlength=num_valid_groups)
   eval_chunk = backend.eval_runs_per_chunk(options.parallel_runs, chunk, len(trains))
-  evaluator = functools.partial(_evaluator(programs_learner, options.eval_batch_size), groups=groups,
-                                chunk=eval_chunk, split_batch=sharding.batch_sharding(mesh, axis=0))
+  # the lanes evaluate their own runs concurrently, sharing the examples in flight
+  evaluator = functools.partial(_evaluator(programs_learner, max(1, options.eval_batch_size // num_lanes)),
+                                groups=groups, chunk=eval_chunk, split_batch=sharding.batch_sharding(mesh, axis=0))
 
   with backend.Lanes(num_lanes) as lanes:
     def evaluate(variables, data, is_valid=True):
-      """(mean CE, accuracy, selection metric) [R] numpy on the train or valid slots; variables of all lanes."""
+      """(mean CE, accuracy, selection metric) [R] numpy on the train or valid slots; variables: the lanes'."""
       num_groups = num_valid_groups if is_valid else 1
-      loss, acc, correct = map(sharding.to_host, evaluator(variables, all_slots, data, num_groups=num_groups))
+      outs = lanes.map(lambda v, r: evaluator(v, r, data, num_groups=num_groups), variables, run_slots)
+      loss, acc, correct = (np.concatenate([sharding.to_host(o[i]) for o in outs]) for i in range(3))
       if options.select == 'accuracy' or not is_valid:
         return loss, acc, acc
       return loss, acc, np.nanmin(_accuracy_by_group(correct, valid_sizes), axis=1)
 
     def placed(tree):  # run-axis values, padded and placed
       return sharding.shard_runs(sharding.pad_runs(tree, size), mesh)
-    init_variables = placed(init_variables)
     hp = lanes.split(placed({k: np.asarray(v, np.float32) for k, v in hparams.items()}))
-    all_slots = placed(slots)
-    keys, aux = (lanes.split(placed(x)) for x in (keys, aux))
-    variables, run_slots = lanes.split(init_variables), lanes.split(all_slots)
+    variables, keys, aux, run_slots = (lanes.split(placed(x)) for x in (init_variables, keys, aux, slots))
     data = sharding.replicate((_stack([t.images for t in trains]), _stack([t.labels for t in trains]),
                                _stack([t.weights for t in trains]), scales), mesh)
     valid_data = sharding.replicate((_stack([v.images for v in valids]), _stack([v.labels for v in valids]),
@@ -536,29 +538,33 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     state_groups = getattr(learner.objective, 'state_groups', lambda n: n)
 
     def initial_state(v, h):
-      return (v['params'], v['batch_stats'],
-              *init_state(v['params'], h['learning_rate'], h.get('radius', jnp.ones_like(h['learning_rate'])),
-                          num_groups=state_groups(len(sizes))))
+      return init_state(v, h['learning_rate'], h.get('radius', jnp.ones_like(h['learning_rate'])),
+                        num_groups=state_groups(len(sizes)))
     state = lanes.map(initial_state, variables, hp)
     best = variables
     # several processes (s2f_jax.distributed): no epoch checkpoints, the run resumes at its last finished stage
     checkpoint = FitCheckpoint(options.checkpoint_dir) if options.checkpoint_dir and jax.process_count() == 1 else None
-    restored = checkpoint.restore({'state': lanes.join(state), 'best': lanes.join(best)}) if checkpoint else None
+    # saved per lane (no joined copy of every run's state); one saved in other lanes (other padding) is re-split
+    like = backend.joined_shape([{'state': s, 'best': b} for s, b in zip(state, best)])
+    restored = (checkpoint.restore(lambda host: backend.split_shape(like, host['lanes'], host['runs']))
+                if checkpoint else None)
     if restored is None:
       epoch, examples, elapsed = 0, 0, 0.0
-      tr_loss, tr_acc, _ = evaluate(init_variables, train_eval, is_valid=False)
-      va_loss, va_acc, va_metric = evaluate(init_variables, valid_data)
+      tr_loss, tr_acc, _ = evaluate(variables, train_eval, is_valid=False)
+      va_loss, va_acc, va_metric = evaluate(variables, valid_data)
       history = [_record(0, tr_loss, tr_acc, va_loss, va_acc, num_runs, options.select, va_metric)]
       stopping = EarlyStopping.start(va_metric, options.patience, options.compat_early_stopping)
       on_epoch(history[-1])
     else:
-      epoch, device_state, host = restored
-      state, best = device_state['state'], device_state['best']
+      epoch, saved_lanes, host = restored
       if mesh is None:  # restored arrays come back committed to the device, which would recompile every jitted step
-        state, best = jax.device_put(jax.device_get((state, best)))
-      state, best = lanes.split(state), lanes.split(best)
+        saved_lanes = jax.device_put(jax.device_get(saved_lanes))
+      if len(saved_lanes) != lanes.count or host['runs'] != size:
+        saved_lanes = lanes.split(_resized(lanes.join(saved_lanes), size))
+      state, best = [s['state'] for s in saved_lanes], [s['best'] for s in saved_lanes]
       history, examples, elapsed = host['history'], host['examples'], host['seconds']
-      stopping = EarlyStopping(**{k: np.asarray(v) if isinstance(v, list) else v for k, v in host['stopping'].items()})
+      stopping = EarlyStopping(**{k: _resized(np.asarray(v), size) if isinstance(v, list) else v
+                                  for k, v in host['stopping'].items()})
     stopping.active[num_runs:] = False  # padding runs
     describe_run = describe_run or (lambda r: f'run {r}')
     last_save = time.time()
@@ -573,7 +579,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       state = [o[0] for o in outs]
       tr_loss, tr_acc, finite = (np.concatenate([sharding.to_host(o[1][i]) for o in outs]) for i in range(3))
       variables = [{'params': st[0], 'batch_stats': st[1]} for st in state]
-      va_loss, va_acc, va_metric = evaluate(lanes.join(variables), valid_data)
+      va_loss, va_acc, va_metric = evaluate(variables, valid_data)
       # runs that had stopped were not trained: their train metrics stay those of their last epoch
       tr_loss, tr_acc = (np.where(active, x, _padded(history[-1][k], len(x))) for x, k in
                          ((tr_loss, 'train_loss'), (tr_acc, 'train_accuracy')))
@@ -591,10 +597,12 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       bar.update(1)
       bar.set_postfix(best_valid=f'{stopping.best_acc[:num_runs].max():.3f}', running=int(stopping.active.sum()))
       if checkpoint and (time.time() - last_save >= options.checkpoint_every_s):
-        host = {'stopping': stopping.to_json(), 'history': history, 'examples': examples, 'seconds': elapsed}
-        checkpoint.save(epoch, {'state': lanes.join(state), 'best': lanes.join(best)}, host)
+        host = {'stopping': stopping.to_json(), 'history': history, 'examples': examples, 'seconds': elapsed,
+                'lanes': lanes.count, 'runs': size}
+        checkpoint.save(epoch, [{'state': s, 'best': b} for s, b in zip(state, best)], host)
         last_save = time.time()
     bar.close()
+    del state, variables  # freed before the lanes' best variables are joined
     best = lanes.join(best)
     if jax.process_count() > 1:  # every run's weights in every process, as plain host arrays for what follows
       best = jax.tree_util.tree_map(sharding.to_host, best)
@@ -603,6 +611,11 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
         best_valid_accuracy=stopping.best_acc[:num_runs], best_epoch=stopping.best_epoch[:num_runs],
         stop_epoch=stopping.stop_epoch[:num_runs],
         history=history, train_seconds=elapsed, examples_per_second=examples / max(elapsed, 1e-9))
+
+
+def _resized(tree: PyTree, size: int) -> PyTree:
+  """Every leaf's run axis cut or padded (repeating the last run) to `size`."""
+  return sharding.pad_runs(jax.tree_util.tree_map(lambda x: x[:size], tree), size)
 
 
 def _padded(values: list[float], size: int) -> np.ndarray:
