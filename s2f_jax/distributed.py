@@ -6,8 +6,7 @@ A benchmark run started in N processes (N hosts of a SLURM job step, or N proces
 the runs leave (data parallel, gradients and batch statistics reduced across processes); every process ends with
 every run's weights. Process 0 writes the run folder; the others write into a scratch copy of it
 that they delete at the end (they read what process 0 had finished when they started, so a rerun skips the same
-stages everywhere). Epoch checkpoints are off in a multi-process fit: an interrupted run resumes at its last
-finished stage.
+stages everywhere, and a fit restores the epoch checkpoint that process 0 wrote: `training.checkpoint`).
 """
 from __future__ import annotations
 

@@ -69,6 +69,15 @@ def run_scripts(commands: list[list[str]], env: dict[str, str] | None = None, ti
   return out
 
 
+def checkpointed_epoch(checkpoint_dir) -> int:
+  """The latest complete orbax step (= epoch) in the folder `checkpoint_dir` (a pathlib.Path), 0 if none; a step
+  being written has a temporary name."""
+  try:
+    return max((int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit()), default=0)
+  except FileNotFoundError:
+    return 0
+
+
 def run_script(script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600,
                cwd: str = ROOT) -> subprocess.CompletedProcess:
   """`python script args` through `run_scripts`."""

@@ -1,15 +1,20 @@
 """One run over two processes (jax.distributed on localhost, one CPU device each): every fit's runs or batches split
 across them, the same results as one process within 1e-5, and only process 0 writes the run folder."""
+import csv
 import json
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
 
-from conftest import run_script, run_scripts
+from conftest import ROOT, checkpointed_epoch, run_script, run_scripts
 from s2f_jax import config as config_lib, distributed
 from s2f_jax.errors import UserError
 
@@ -75,3 +80,55 @@ def test_bad_settings():
                     f'--workdir={tempfile.mkdtemp()}/w')
   assert done.returncode == 2 and done.stderr.strip() == (
       "error: experiment='stitching' runs in one process; distributed.* applies to the benchmark only")
+
+
+@pytest.mark.slow
+def test_two_processes_killed_mid_stage_resume_from_process_0s_checkpoint(tmp_path):
+  """Both processes SIGKILLed after an epoch checkpoint (process 0 wrote it, gathered from both), then started
+  again: they restore it (the run's recorded training time carries over) and end as one uninterrupted process."""
+  epochs = ['--config.num_epochs=6', '--config.train.patience=100', '--config.train.checkpoint_every_s=0']
+  args = [*ARGS, *GRIDS['runs split'], *epochs]
+  workdir = tmp_path / 'multi'
+  procs = []
+  port = _free_port()
+  for i in range(2):
+    with open(tmp_path / f'{i}.log', 'w') as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, 'experiments/main.py', *args, f'--workdir={workdir}',
+           f'--config.distributed.coordinator_address=localhost:{port}', '--config.distributed.num_processes=2',
+           f'--config.distributed.process_id={i}'], cwd=ROOT, env=dict(os.environ, CI='1', JAX_PLATFORMS='cpu'),
+          stdout=log, stderr=subprocess.STDOUT))
+  checkpoints = workdir / 'erm_final.partial' / 'checkpoints' / 'erm_final'
+  try:
+    deadline = time.time() + 300
+    while checkpointed_epoch(checkpoints) < 2 and all(p.poll() is None for p in procs) and time.time() < deadline:
+      time.sleep(0.05)
+    for p in procs:
+      p.send_signal(signal.SIGKILL)
+    assert [p.wait(timeout=60) for p in procs] == [-signal.SIGKILL] * 2, 'the run ended before a checkpoint'
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  killed_at = checkpointed_epoch(checkpoints)
+  assert 2 <= killed_at < 6 and not (workdir / 'erm_final').exists()
+  host_file = checkpoints / str(killed_at) / 'host' / 'metadata'  # orbax's JsonSave of the host state
+  host = json.loads(host_file.read_text())
+  host['seconds'] += 100_000.0  # a restarted fit would not carry this mark
+  host_file.write_text(json.dumps(host))
+  port = _free_port()
+  runs = run_scripts([['experiments/main.py', *args, f'--workdir={workdir}',
+                       f'--config.distributed.coordinator_address=localhost:{port}',
+                       '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}']
+                      for i in range(2)] + [['experiments/main.py', *args, f'--workdir={tmp_path / "single"}']],
+                     timeout=300)
+  for done in runs:
+    assert done.returncode == 0, done.stderr[-3000:]
+  with open(workdir / 'erm_final' / 'metrics.csv') as f:
+    assert float(next(csv.DictReader(f))['Train seconds']) >= 100_000.0
+  one, two = _history(tmp_path / 'single'), _history(workdir)
+  assert len(two) == 4 * 7 and [r['epoch'] for r in one] == [r['epoch'] for r in two]
+  for a, b in zip(one, two):
+    for key in ('train_loss', 'valid_loss', 'valid_accuracy'):
+      np.testing.assert_allclose(a[key], b[key], atol=1e-5)
+

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import run_script
+from conftest import checkpointed_epoch, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_EPOCHS = 6
@@ -44,14 +44,6 @@ def _finish(proc, workdir):
   assert proc.wait(timeout=300) == 0, open(f'{workdir}.log').read()[-3000:]
 
 
-def _checkpointed_epoch(checkpoint_dir) -> int:
-  """The latest complete orbax step (= epoch) in `checkpoint_dir`; a step being written has a temporary name."""
-  try:
-    return max((int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit()), default=0)
-  except FileNotFoundError:
-    return 0
-
-
 def _metrics(method_dir) -> dict:
   with open(method_dir / 'metrics.csv') as f:
     (row,) = csv.DictReader(f)
@@ -72,11 +64,11 @@ def test_run_killed_mid_stage_resumes_to_the_same_metrics(tmp_path, start):
   victim = start(killed_dir)
   checkpoint_dir = killed_dir / 'erm_final.partial' / 'checkpoints' / 'erm_final'
   deadline = time.time() + 300
-  while _checkpointed_epoch(checkpoint_dir) < 3 and victim.poll() is None and time.time() < deadline:
+  while checkpointed_epoch(checkpoint_dir) < 3 and victim.poll() is None and time.time() < deadline:
     time.sleep(0.05)
   victim.send_signal(signal.SIGKILL)
   assert victim.wait(timeout=60) == -signal.SIGKILL, 'the run ended before a mid-stage checkpoint was seen'
-  killed_at = _checkpointed_epoch(checkpoint_dir)
+  killed_at = checkpointed_epoch(checkpoint_dir)
   assert 3 <= killed_at < NUM_EPOCHS  # killed inside the stage, its epoch `killed_at` on disk
   assert not (killed_dir / 'erm_final.partial' / 'stages').exists() and not (killed_dir / 'erm_final').exists()
   assert (checkpoint_dir / str(killed_at) / 'state').is_dir()

@@ -11,6 +11,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from s2f_jax.io import write_atomic
+from s2f_jax.training import sharding
 
 _LOCK = threading.Lock()  # orbax checkpointers are not safe to run concurrently (runs side by side use threads)
 
@@ -19,16 +20,21 @@ def _abstract(tree: Any) -> Any:
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+  """Orbax's options for a checkpoint that this process alone reads or writes. In a run of several processes
+  (s2f_jax.distributed) each process uses its own folder (process 0 the run's, the others a scratch copy) with host
+  arrays, as the only active process (orbax's asynchronous checkpointer waits on signals across processes, which
+  stalled)."""
+  if jax.process_count() == 1:
+    return ocp.options.MultiprocessingOptions()
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                            barrier_sync_key_prefix=f'process{me}')
+
+
 def _checkpointer() -> ocp.Checkpointer:
-  """Orbax's synchronous checkpointer of pytrees. In a run of several processes (s2f_jax.distributed) each process
-  writes its own folder (process 0 the run's, the others a scratch copy) from host arrays, as the only active
-  process (orbax's asynchronous checkpointer waits on signals across processes, which stalled)."""
-  options = ocp.options.MultiprocessingOptions()
-  if jax.process_count() > 1:
-    me = jax.process_index()
-    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
-                                                 barrier_sync_key_prefix=f'process{me}')
-  return ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=options)
+  """Orbax's synchronous checkpointer of pytrees, this process's own (`_this_process_only`)."""
+  return ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=_this_process_only())
 
 
 def save_tree(path: str, tree: Any) -> None:
@@ -53,7 +59,12 @@ def write_json(path: str, obj: Any) -> None:
 
 class FitCheckpoint:
   """Latest-only checkpoint of a fit: an orbax `CheckpointManager` over `directory` whose step <epoch> holds the
-  device state (item 'state', a pytree of arrays) and the host state (item 'host', JSON)."""
+  device state (item 'state', a pytree of arrays) and the host state (item 'host', JSON).
+
+  In a fit over several processes every process gathers the whole state and writes it into its own folder, as the
+  stage checkpoints (process 0 the run's, the others a scratch copy of it: `s2f_jax.distributed.process_workdir`;
+  orbax's manager runs collectives, so all processes make the same calls), and restores it from there onto its
+  first local device, for the caller to place."""
 
   def __init__(self, directory: str):
     self.directory = directory
@@ -61,13 +72,17 @@ class FitCheckpoint:
   def _manager(self, **options) -> ocp.CheckpointManager:
     # synchronous: a save is complete on disk when `save` returns (the process may be killed right after)
     return ocp.CheckpointManager(os.path.abspath(self.directory), item_names=('state', 'host'),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
-                                                                      **options))
+                                 options=ocp.CheckpointManagerOptions(
+                                     max_to_keep=1, enable_async_checkpointing=False,
+                                     multiprocessing_options=_this_process_only(), **options))
 
   def save(self, epoch: int, device_state: Any, host_state: dict) -> None:
     """Saves `epoch`'s state and deletes the previous one (after the new one is complete)."""
+    if jax.process_count() > 1:
+      device_state = jax.tree_util.tree_map(sharding.to_host, device_state)  # collective: in every process
     with _LOCK:
-      manager = self._manager(cleanup_tmp_directories=True)  # removes what a killed save left
+      os.makedirs(self.directory, exist_ok=True)  # orbax creates none for a single active process of several
+      manager = self._manager(create=False, cleanup_tmp_directories=True)  # removes what a killed save left
       try:
         for step in manager.all_steps():
           if step >= epoch:  # orbax would keep a later step and skip this save; the latest save wins instead
@@ -90,8 +105,11 @@ class FitCheckpoint:
         if epoch is None:
           return None
         host = manager.restore(epoch, args=ocp.args.Composite(host=ocp.args.JsonRestore()))['host']
-        state = manager.restore(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(like(host)))))['state']
+        like = _abstract(like(host))
+        if jax.process_count() > 1:
+          local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+          like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), like)
+        state = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))['state']
       finally:
         manager.close()
     return epoch, state, host

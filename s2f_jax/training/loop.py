@@ -250,11 +250,16 @@ class EarlyStopping:
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-def over_runs(fn: Callable, tree: PyTree, groups: int = 1, chunk: int | None = None) -> PyTree:
+def over_runs(fn: Callable, tree: PyTree, groups: int = 1, chunk: int | None = None, in_place: bool = False
+              ) -> PyTree:
   """Maps `fn` over the leading run axis of `tree`: `groups` slices side by side (one per device, `vmap`), and
-  within each, `chunk` runs at a time `vmap`ed, the chunks in sequence (`lax.map`). chunk=None: all at once."""
+  within each, `chunk` runs at a time `vmap`ed, the chunks in sequence (`lax.map`). chunk=None: all at once.
+  in_place: tree = (first, *rest) and fn returns (new first, other outputs); runs in sequence (chunk 1) write their
+  new first element over their input (`_map_in_place`), so a donated state needs no second copy."""
   if chunk is None:
     per_group = jax.vmap(fn)
+  elif chunk == 1 and in_place:
+    per_group = functools.partial(_map_in_place, fn)
   else:  # chunk 1: a plain lax.map, so on one device each run sees unbatched values (its lax.conds really branch)
     per_group = functools.partial(jax.lax.map, fn, batch_size=None if chunk == 1 else chunk)
   if groups == 1:
@@ -262,6 +267,21 @@ def over_runs(fn: Callable, tree: PyTree, groups: int = 1, chunk: int | None = N
   split = jax.tree_util.tree_map(lambda x: x.reshape((groups, -1) + x.shape[1:]), tree)
   out = jax.vmap(per_group, spmd_axis_name='runs')(split)  # the groups are the mesh's runs axis
   return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+
+
+def _map_in_place(fn: Callable, tree: tuple) -> tuple:
+  """`lax.map(fn, tree)` for tree = (first, *rest) and fn(run's slices) = (new first, out): each run's new first
+  element is written into the loop's carry at its index (XLA updates it in place) instead of being stacked into
+  a new array; `out` is stacked as by `lax.map`."""
+  first, *rest = tree
+
+  def body(carry, xs):
+    i, run_rest = xs
+    new, out = fn((jax.tree_util.tree_map(lambda x: x[i], carry), *run_rest))
+    carry = jax.tree_util.tree_map(lambda c, v: jax.lax.dynamic_update_index_in_dim(c, v, i, 0), carry, new)
+    return carry, out
+  n = jax.tree_util.tree_leaves(first)[0].shape[0]
+  return jax.lax.scan(body, first, (jnp.arange(n), tuple(rest)))
 
 
 def _batch_plan(key: jax.Array, sizes: tuple[int, ...], batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -444,7 +464,7 @@ def _compiled(learner: Learner, batch_size: int):
   @functools.partial(jax.jit, static_argnames=('sizes', 'groups', 'chunk', 'split_batch'), donate_argnames='state')
   def train_epoch(state, hparams, keys, active, aux, slots, data, epoch, sizes, groups, chunk, split_batch=None):
     return over_runs(lambda args: one_run_epoch(*args, data, epoch, sizes, split_batch),
-                     (state, hparams, keys, active, aux, slots), groups, chunk)
+                     (state, hparams, keys, active, aux, slots), groups, chunk, in_place=True)
 
   @functools.partial(jax.jit, static_argnames='num_groups')
   def init_state(variables, learning_rates, radii, num_groups):
@@ -542,8 +562,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
                         num_groups=state_groups(len(sizes)))
     state = lanes.map(initial_state, variables, hp)
     best = variables
-    # several processes (s2f_jax.distributed): no epoch checkpoints, the run resumes at its last finished stage
-    checkpoint = FitCheckpoint(options.checkpoint_dir) if options.checkpoint_dir and jax.process_count() == 1 else None
+    checkpoint = FitCheckpoint(options.checkpoint_dir) if options.checkpoint_dir else None
     # saved per lane (no joined copy of every run's state); one saved in other lanes (other padding) is re-split
     like = backend.joined_shape([{'state': s, 'best': b} for s, b in zip(state, best)])
     restored = (checkpoint.restore(lambda host: backend.split_shape(like, host['lanes'], host['runs']))
@@ -559,6 +578,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       epoch, saved_lanes, host = restored
       if mesh is None:  # restored arrays come back committed to the device, which would recompile every jitted step
         saved_lanes = jax.device_put(jax.device_get(saved_lanes))
+      elif jax.process_count() > 1:  # the whole state in every process: each places its shards
+        saved_lanes = sharding.shard_runs(jax.device_get(saved_lanes), mesh)
       if len(saved_lanes) != lanes.count or host['runs'] != size:
         saved_lanes = lanes.split(_resized(lanes.join(saved_lanes), size))
       state, best = [s['state'] for s in saved_lanes], [s['best'] for s in saved_lanes]
@@ -596,7 +617,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       on_epoch(history[-1])
       bar.update(1)
       bar.set_postfix(best_valid=f'{stopping.best_acc[:num_runs].max():.3f}', running=int(stopping.active.sum()))
-      if checkpoint and (time.time() - last_save >= options.checkpoint_every_s):
+      if checkpoint and sharding.agreed(time.time() - last_save >= options.checkpoint_every_s):
         host = {'stopping': stopping.to_json(), 'history': history, 'examples': examples, 'seconds': elapsed,
                 'lanes': lanes.count, 'runs': size}
         checkpoint.save(epoch, [{'state': s, 'best': b} for s, b in zip(state, best)], host)

@@ -34,6 +34,14 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def agreed(flag: bool) -> bool:
+  """Process 0's `flag` in every process of a multi-process run (collective: every process calls it); `flag` alone."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
+
+
 def run_groups(mesh: Mesh | None) -> int:
   """Devices the run axis is split over (1 without a mesh)."""
   return 1 if mesh is None else mesh.shape['runs']
