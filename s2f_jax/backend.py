@@ -77,17 +77,9 @@ def lane_count(option: int, num_runs: int, mesh) -> int:
   return max(1, min(cores, num_runs))
 
 
-def joined_shape(parts: list[Any]) -> Any:
-  """`jax.ShapeDtypeStruct`s (with sharding) of `Lanes.join(parts)`, without joining anything."""
-  def joined(*xs):
-    return jax.ShapeDtypeStruct((sum(x.shape[0] for x in xs),) + xs[0].shape[1:], xs[0].dtype,
-                                sharding=getattr(xs[0], 'sharding', None))
-  return jax.tree_util.tree_map(joined, *parts)
-
-
-def split_shape(like: Any, count: int, total: int) -> list[Any]:
-  """The `jax.ShapeDtypeStruct`s of `count` lanes sharing `total` runs; the other axes, dtypes and shardings are
-  those of the leaves of `like` (shapes or arrays)."""
+def lane_shapes(like: Any, count: int, total: int) -> list[Any]:
+  """The `jax.ShapeDtypeStruct`s of `count` lanes sharing `total` runs (e.g. what a checkpoint saved per lane is
+  restored into); the other axes, dtypes and shardings are those of the leaves of `like` (one lane's arrays)."""
   def part(x):
     return jax.ShapeDtypeStruct((total // count,) + x.shape[1:], x.dtype, sharding=getattr(x, 'sharding', None))
   return [jax.tree_util.tree_map(part, like)] * count

@@ -6,7 +6,8 @@ A benchmark run started in N processes (N hosts of a SLURM job step, or N proces
 the runs leave (data parallel, gradients and batch statistics reduced across processes); every process ends with
 every run's weights. Process 0 writes the run folder; the others write into a scratch copy of it
 that they delete at the end (they read what process 0 had finished when they started, so a rerun skips the same
-stages everywhere, and a fit restores the epoch checkpoint that process 0 wrote: `training.checkpoint`).
+stages everywhere; each process also writes every epoch checkpoint into its folder and a restarted fit restores
+it from there: `training.checkpoint`).
 """
 from __future__ import annotations
 

@@ -564,8 +564,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     best = variables
     checkpoint = FitCheckpoint(options.checkpoint_dir) if options.checkpoint_dir else None
     # saved per lane (no joined copy of every run's state); one saved in other lanes (other padding) is re-split
-    like = backend.joined_shape([{'state': s, 'best': b} for s, b in zip(state, best)])
-    restored = (checkpoint.restore(lambda host: backend.split_shape(like, host['lanes'], host['runs']))
+    like = {'state': state[0], 'best': best[0]}
+    restored = (checkpoint.restore(lambda host: backend.lane_shapes(like, host['lanes'], host['runs']))
                 if checkpoint else None)
     if restored is None:
       epoch, examples, elapsed = 0, 0, 0.0
