@@ -52,6 +52,8 @@ def hessian_config() -> ml_collections.ConfigDict:
   """The `hessian` section of the study (`experiment=hessian`): the options of `measure`."""
   c = ml_collections.ConfigDict()
   c.num_probes = 50  # Rademacher probes of the traces (per layer for slq_psd)
+  c.lanczos_steps = 20  # Lanczos steps of HDM's quadratic forms (and of slq_psd's traces)
+  c.num_draws = 20  # Gaussian weight perturbations of noise stability
   c.trace_estimator = 'gauss_newton'  # gauss_newton (exact Tr H_ii for ReLU nets) | hutchinson | slq_psd (Tr H^+)
   c.max_examples = 500  # training examples the maxima (HDM) and mean losses (noise, eigenvalues) run over
   c.parallel_examples = 8  # single examples vmapped at a time in the per-example maxima (memory permitting)
@@ -69,7 +71,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
   if config.method != 'erm_fine_tune' or config.constraint.norm == 'none':
     raise UserError(f'the hessian study needs method=erm_fine_tune with a constraint.norm (frob or inf_op); '
                     f'got method={config.method}, constraint.norm={config.constraint.norm}')
-  for key in ('num_probes', 'max_examples', 'num_eigenvalues', 'parallel_examples'):
+  for key in ('num_probes', 'lanczos_steps', 'num_draws', 'max_examples', 'num_eigenvalues', 'parallel_examples'):
     if h.get(key, 1) < 1:
       raise UserError(f'hessian.{key}={h[key]} must be at least 1')
   if h.density_steps < 0:
@@ -98,7 +100,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | None) -> str:
 def _study_one(config: ml_collections.ConfigDict, h, workdir: str) -> str:
   """One seed of the study in `workdir`: train (or read back), measure, write; the table and the written paths."""
   experiment.run(config, workdir)
-  rows = measure(workdir, config, num_probes=h.num_probes, max_examples=h.max_examples,
+  rows = measure(workdir, config, num_probes=h.num_probes, lanczos_steps=h.get('lanczos_steps', 20),
+                 num_draws=h.get('num_draws', 20), max_examples=h.max_examples,
                  num_eigenvalues=h.num_eigenvalues, density_steps=h.density_steps, trace_estimator=h.trace_estimator,
                  parallel_examples=h.get('parallel_examples', 8))
   paths = write(rows, os.path.join(workdir, fine_tune_name(config)),

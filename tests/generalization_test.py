@@ -151,22 +151,28 @@ def test_hdm_is_the_max_over_single_examples_and_the_gaps(measured):
 
 @pytest.mark.slow
 def test_seeds_mean_and_std_per_radius(tmp_path):
+  # the fixture's shapes and options with other seeds, so the study reuses the fixture's compiled programs
   h = generalization.hessian_config()
-  h.num_probes, h.max_examples, h.density_steps, h.seeds = 4, 16, 0, (5, 6)
+  h.num_probes, h.lanczos_steps, h.num_draws, h.max_examples = 8, 5, 4, 64
+  h.num_eigenvalues, h.density_steps, h.trace_estimator, h.seeds = 2, 6, 'hutchinson', (5, 6)
   config = tiny_config({'hessian': h}, **{
       'experiment': 'hessian', 'method': 'erm_fine_tune', 'num_epochs': 1, 'data.shift_sequence': 'rotation:label_flip',
       'data.target_sizes': '150:200', 'grid.learning_rate': (3e-3,), 'grid.weight_decay': (1e-4,),
-      'grid.dropout': (0.0,), 'constraint.norm': 'frob', 'constraint.radius': (0.5,), 'label_noise.rate': 0.2})
+      'grid.dropout': (0.0,), 'constraint.norm': 'frob', 'constraint.radius': RADII, 'constraint.head_centre': 'init',
+      'label_noise.rate': 0.2})
   text = generalization.run_study(config, str(tmp_path))
   per_seed = []
   for seed in (5, 6):
     with open(tmp_path / f'seed{seed}' / 'erm_fine_tune_constrained_frob' / 'generalization.json') as f:
       per_seed += json.load(f)
     assert stored.methods(str(tmp_path / f'seed{seed}'))['erm_fine_tune_constrained_frob'].rows[0]['Seed'] == seed
-  (summary,) = [json.loads(line) for line in open(tmp_path / 'generalization_seeds.jsonl')]
+  summary, _ = [json.loads(line) for line in open(tmp_path / 'generalization_seeds.jsonl')]
   for key in generalization.SEED_METRICS:
-    values = [r[key] for r in per_seed]
+    values = [r[key] for r in per_seed if r['radius'] == 0.5]
     assert summary[key] == pytest.approx(np.mean(values)) and summary[key + '_std'] == pytest.approx(
         np.std(values, ddof=1))
-  assert summary['n'] == 2 and '| 0.5 | 2 |' in text and (tmp_path / 'generalization_seeds.md').exists()
-  assert per_seed[0]['hdm'] != per_seed[1]['hdm']  # the seeds draw different data and runs
+  assert summary['radius'] == 0.5 and summary['n'] == 2 and '| 0.5 | 2 |' in text
+  assert (tmp_path / 'generalization_seeds.md').exists()
+  assert per_seed[0]['hdm'] != per_seed[2]['hdm']  # the seeds draw different data and runs
+  for row in per_seed:  # hessian.num_draws = 4 reached the measure: σ‖∇ℓ‖/√4
+    assert row['first_order_stderr'] == pytest.approx(1e-3 * row['grad_norm'] / 2, rel=1e-9)

@@ -142,6 +142,28 @@ def test_learner_loss_holds_bn_statistics_and_other_params_fixed(x64):
     np.testing.assert_allclose(hv[n], diff[n], rtol=1e-6, atol=1e-9 * np.abs(hv[n]).max())
 
 
+def test_learners_differing_only_in_input_scaling_share_one_program():
+  """The input scaling is data of the loss, not a constant of its program: the seeds of a study (each with its own
+  standardisation) compile the Hessian programs once."""
+  model = make_model('convnet', 1, 3, 4)
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+  labels = np.array([0, 1, 2, 1])
+  variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+  sel = hs.select_leaves(variables['params'], hs.select_layers(variables['params']))
+  v = jax.tree.map(lambda a: np.ones_like(a) * 0.1, sel)
+  learners = [Learner(model, InputScaling((m,) * 3, (d,) * 3)) for m, d in ((128.0, 64.0), (90.0, 30.0))]
+  before = hs._quadratic_batches._cache_size()
+  values = []
+  for learner in learners:
+    loss = hs.batch_loss(learner, variables, images, labels)
+    hs.quadratic_form(loss, sel, v, 'block_psd', steps=2)
+    expected = cross_entropy(learner.apply(variables, jnp.asarray(images), train=False), jnp.asarray(labels)).mean()
+    np.testing.assert_allclose(loss(sel), expected, rtol=1e-6)
+    values.append(float(loss(sel)))
+  assert hs._quadratic_batches._cache_size() == before + 1 and values[0] != values[1]
+
+
 # ----- Hutchinson traces
 
 

@@ -117,11 +117,13 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class _LearnerEval:
-  """apply_fn of a `Learner`: its input scaling and eval-mode forward, the BN statistics as `state`."""
+  """apply_fn of an unscaled `Learner`: its eval-mode forward, with state {'batch_stats', 'scale': float32 [2, 3]
+  (the input scaling's mean, std)} passed as data, so that a program compiles once for every data sample."""
   learner: Learner
 
   def __call__(self, params: PyTree, state: PyTree, x: jax.Array) -> jax.Array:
-    return self.learner.apply({'params': params, 'batch_stats': state}, x, train=False)
+    return self.learner.apply({'params': params, 'batch_stats': state['batch_stats']}, x, train=False,
+                              scale=state['scale'])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +140,8 @@ class BatchLoss:
   """Weighted mean cross-entropy (nats) of one batch as a function of the selected leaves: `loss(sel)`.
 
   apply_fn(params, state, x) -> logits [B, C] (static); params: the full parameter tree (the leaves named in `sel`
-  are replaced); state: constants such as BN statistics; images [B, ...]; labels int [B]; weights [B] (zero marks
-  padding). Build it with `batch_loss`.
+  are replaced); state: constants such as BN statistics and the input scaling; images [B, ...]; labels int [B];
+  weights [B] (zero marks padding). Build it with `batch_loss`.
   """
   apply_fn: Callable = struct.field(pytree_node=False)
   params: PyTree
@@ -166,7 +168,9 @@ def batch_loss(model: Learner | Callable, variables: PyTree, images, labels, wei
     raise UserError(f'batch_loss: need images [B, ...], labels [B] and weights [B] with B > 0; got shapes '
                     f'{images.shape}, {labels.shape}, {weights.shape}')
   if isinstance(model, Learner):
-    return BatchLoss(_LearnerEval(model), variables['params'], variables['batch_stats'], images, labels, weights)
+    state = {'batch_stats': variables['batch_stats'],
+             'scale': jnp.asarray([model.scaling.mean, model.scaling.std], jnp.float32)}
+    return BatchLoss(_LearnerEval(model.unscaled()), variables['params'], state, images, labels, weights)
   return BatchLoss(_Plain(model), variables, None, images, labels, weights)
 
 
