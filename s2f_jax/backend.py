@@ -34,14 +34,25 @@ def window_slices(x: jax.Array, kernel: int, stride: int) -> list[jax.Array]:
           for i in range(kernel) for j in range(kernel)]
 
 
-def patches_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-                 feature_group_count=1, precision=None, **unused):
-  """`lax.conv_general_dilated` for NHWC × HWIO without dilation or groups, as im2col + one matmul."""
+def _patches_conv(lhs, rhs, window_strides, padding, precision):
   kh, kw, cin, cout = rhs.shape
-  assert kh == kw and window_strides[0] == window_strides[1] and feature_group_count == 1
+  assert kh == kw and window_strides[0] == window_strides[1]
   x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
   cols = jnp.concatenate(window_slices(x, kh, window_strides[0]), axis=-1)
   return jnp.einsum('nhwk,ko->nhwo', cols, rhs.reshape(kh * kw * cin, cout), precision=precision)
+
+
+# an eager call (e.g. a model initialised or applied outside jit) compiles one program, not one per window slice
+_patches_conv_eager = jax.jit(_patches_conv, static_argnames=('window_strides', 'padding', 'precision'))
+
+
+def patches_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                 feature_group_count=1, precision=None, **unused):
+  """`lax.conv_general_dilated` for NHWC × HWIO without dilation or groups, as im2col + one matmul."""
+  assert feature_group_count == 1
+  window_strides, padding = tuple(window_strides), tuple(tuple(p) for p in padding)
+  traced = isinstance(lhs, jax.core.Tracer) or isinstance(rhs, jax.core.Tracer)
+  return (_patches_conv if traced else _patches_conv_eager)(lhs, rhs, window_strides, padding, precision)
 
 
 def conv_general_dilated() -> Callable:
