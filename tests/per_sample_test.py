@@ -17,6 +17,7 @@ from s2f_jax.errors import UserError
 from s2f_jax.models import layer_names, make_model
 from s2f_jax.training.loop import Examples, Learner
 from s2f_jax.training.objective import InputScaling
+from s2f_jax.training import per_sample
 from s2f_jax.training.per_sample import empirical_fisher, layer_scores, per_sample_grads
 
 N = 20
@@ -175,6 +176,23 @@ def test_empirical_fisher_per_batch():
   for t, leaf in enumerate(got):
     want = sum((g[t] * size) ** 2 for g, size in zip(per_batch, sizes)) / N  # summed-CE gradient = size · mean's
     np.testing.assert_allclose(leaf, want, rtol=RTOL, atol=1e-12)
+
+
+def test_other_input_scaling_reuses_the_program():
+  """The input scaling is data of the compiled sum, so a second standardisation (another seed's sample) compiles
+  nothing new and still scales the inputs: its Fisher equals the reference of that learner."""
+  learner, variables = _setup()
+  empirical_fisher(learner, variables, _examples(), batch_size=BATCH, per_batch=True)
+  compiled = per_sample._compiled_sum._cache_size()
+  other = Learner(learner.model, InputScaling((60.0, 50.0, 40.0), (30.0, 20.0, 10.0)))
+  got = _leaves(empirical_fisher(other, variables, _examples(), batch_size=BATCH, per_batch=True))
+  assert per_sample._compiled_sum._cache_size() == compiled
+  grad, ex = _loss_fn(other, variables), _examples()
+  want = 0
+  for b in (slice(i, min(i + BATCH, N)) for i in range(0, N, BATCH)):  # summed-CE gradient = size · mean's
+    g = grad(variables['params'], ex.images[b], ex.labels[b])
+    want = want + np.concatenate([np.ravel(x) for x in _leaves(g)]) ** 2 * (b.stop - b.start) ** 2
+  np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in got]), want / N, rtol=RTOL, atol=1e-12)
 
 
 def test_layer_scores_keys_and_bad_metric():

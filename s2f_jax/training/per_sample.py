@@ -7,6 +7,7 @@ examples accumulated by a compiled `lax.scan`; the last block is zero-padded and
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 
 from s2f_jax.errors import UserError, choices_error
 from s2f_jax.training.loop import Examples, Learner
-from s2f_jax.training.objective import cross_entropy
+from s2f_jax.training.objective import InputScaling, cross_entropy
 
 PyTree = Any
 METRICS = ('rgn', 'snr')
@@ -96,10 +97,17 @@ def _batch_squares(learner, variables, aux, images, labels, mask):
   return tree_map(jnp.square, _batch_grad(learner, variables, images, labels, mask))
 
 
-@functools.partial(jax.jit, static_argnames=('learner', 'stat'))
 def _sum_over_blocks(learner: Learner, stat: Callable, variables: PyTree, aux: PyTree, images: jax.Array,
                      labels: jax.Array, mask: jax.Array) -> PyTree:
-  """Σ_k stat(learner, variables, aux, images[k], labels[k], mask[k]) over blocks k ([K, S, ...] inputs)."""
+  """Σ_k stat(learner, variables, aux, images[k], labels[k], mask[k]) over blocks k ([K, S, ...] inputs), compiled
+  once per unscaled learner: the input scaling goes in as data (a seed's own standardisation adds no program)."""
+  scale = jnp.asarray([learner.scaling.mean, learner.scaling.std], jnp.float32)
+  return _compiled_sum(learner.unscaled(), stat, scale, variables, aux, images, labels, mask)
+
+
+@functools.partial(jax.jit, static_argnames=('learner', 'stat'))
+def _compiled_sum(learner, stat, scale, variables, aux, images, labels, mask):
+  learner = dataclasses.replace(learner, scaling=InputScaling(scale[0], scale[1]))
   block_stat = functools.partial(stat, learner, variables, aux)
   shapes = jax.eval_shape(block_stat, images[0], labels[0], mask[0])
   init = tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
