@@ -176,3 +176,14 @@ def test_seeds_mean_and_std_per_radius(tmp_path):
   assert per_seed[0]['hdm'] != per_seed[2]['hdm']  # the seeds draw different data and runs
   for row in per_seed:  # hessian.num_draws = 4 reached the measure: σ‖∇ℓ‖/√4
     assert row['first_order_stderr'] == pytest.approx(1e-3 * row['grad_norm'] / 2, rel=1e-9)
+
+
+@pytest.mark.parametrize('key', ['num_probes', 'lanczos_steps', 'num_draws', 'max_examples'])
+def test_bad_study_option_is_a_user_error_before_anything_is_written(tmp_path, key):
+  h = generalization.hessian_config()
+  h[key] = 0
+  config = tiny_config({'hessian': h}, **{'experiment': 'hessian', 'method': 'erm_fine_tune',
+                                          'constraint.norm': 'frob'})
+  with pytest.raises(UserError, match=f'hessian.{key}=0 must be at least 1'):
+    generalization.run_study(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
