@@ -168,8 +168,7 @@ def batch_loss(model: Learner | Callable, variables: PyTree, images, labels, wei
     raise UserError(f'batch_loss: need images [B, ...], labels [B] and weights [B] with B > 0; got shapes '
                     f'{images.shape}, {labels.shape}, {weights.shape}')
   if isinstance(model, Learner):
-    state = {'batch_stats': variables['batch_stats'],
-             'scale': jnp.asarray([model.scaling.mean, model.scaling.std], jnp.float32)}
+    state = {'batch_stats': variables['batch_stats'], 'scale': model.scaling.as_array()}
     return BatchLoss(_LearnerEval(model.unscaled()), variables['params'], state, images, labels, weights)
   return BatchLoss(_Plain(model), variables, None, images, labels, weights)
 

@@ -399,7 +399,7 @@ def _shared_slot(slot: jax.Array, images: jax.Array) -> jax.Array | int:
 
 def _scales(scalings: Sequence[InputScaling]) -> np.ndarray:
   """float32 [D, 2, 3]: the (mean, std) of every data slot's input scaling."""
-  return np.asarray([[s.mean, s.std] for s in scalings], np.float32)
+  return np.stack([s.as_array() for s in scalings])
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -171,6 +172,10 @@ class InputScaling:
 
   def __call__(self, images: jax.Array) -> jax.Array:
     return (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+
+  def as_array(self) -> np.ndarray:
+    """float32 [2, 3]: (mean, std), the `scale` that `Learner.apply` takes as data instead of this constant."""
+    return np.asarray([self.mean, self.std], np.float32)
 
   @classmethod
   def raw(cls) -> 'InputScaling':

@@ -101,8 +101,7 @@ def _sum_over_blocks(learner: Learner, stat: Callable, variables: PyTree, aux: P
                      labels: jax.Array, mask: jax.Array) -> PyTree:
   """Σ_k stat(learner, variables, aux, images[k], labels[k], mask[k]) over blocks k ([K, S, ...] inputs), compiled
   once per unscaled learner: the input scaling goes in as data (a seed's own standardisation adds no program)."""
-  scale = jnp.asarray([learner.scaling.mean, learner.scaling.std], jnp.float32)
-  return _compiled_sum(learner.unscaled(), stat, scale, variables, aux, images, labels, mask)
+  return _compiled_sum(learner.unscaled(), stat, learner.scaling.as_array(), variables, aux, images, labels, mask)
 
 
 @functools.partial(jax.jit, static_argnames=('learner', 'stat'))
