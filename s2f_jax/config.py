@@ -53,6 +53,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.train.checkpoint_every_s = 60.0
   c.train.parallel_runs = 0  # runs (grid points) trained side by side per device; 0 = auto (CPU 1, GPU/TPU all)
   c.train.lanes = 0  # CPU: concurrent lanes the runs are cut into, one thread each; 0 = auto (one per core)
+  c.train.shard_data = True  # batches split over devices: each device/process holds only its share of the examples
 
   c.grid = ml_collections.ConfigDict()
   c.grid.learning_rate = (1e-3, 1e-4)

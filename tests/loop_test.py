@@ -4,11 +4,13 @@ divergence, frozen layers, the objective, batching, `over_runs`, `evaluate`, lea
 Compilation dominates the runtime, so the fits share one tiny model (convnet, 1 block, width 8, 16×16 digits), one
 learner and a few run counts; each distinct (learner, batch size, run count, chunk) compiles once per session.
 """
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -339,23 +341,60 @@ DEVICE_FITS = {'batch split': ([0, 1, 3], [0, 1, 1], BATCH), 'runs split': ([0, 
 
 
 def _device_summary() -> dict:
-  """The `DEVICE_FITS` on two data slots, summarised as JSON-able numbers."""
+  """The `DEVICE_FITS` on two data slots, summarised as JSON-able numbers; on several devices also the layout of
+  the batch-split fit's first training epoch (`_epoch_layout`)."""
   out = {'devices': jax.device_count()}
   other = _other_data()
   for name, (rows, slots, batch) in DEVICE_FITS.items():
     n = len(rows)
     mesh = sharding.run_mesh(n, batch)
-    result = fit(_learner(), grid_lib.stack(_init(0), n), _grid_rows(GRID, rows), jnp.stack([KEY] * n),
-                 [_data()[0], other[0]], [_data()[1], other[1]],
-                 FitOptions(num_epochs=2, patience=10, batch_size=batch), slots=np.array(slots),
-                 scalings=[_learner().scaling, InputScaling.standardise(other[0].images)])
+    with _first_epoch_recorded() as first_epoch:
+      result = fit(_learner(), grid_lib.stack(_init(0), n), _grid_rows(GRID, rows), jnp.stack([KEY] * n),
+                   [_data()[0], other[0]], [_data()[1], other[1]],
+                   FitOptions(num_epochs=2, patience=10, batch_size=batch), slots=np.array(slots),
+                   scalings=[_learner().scaling, InputScaling.standardise(other[0].images)])
     leaves = _leaves(result.best_variables)
     checksum = [[float(np.sum(v[r], dtype=np.float64)) for v in leaves.values()] +
                 [float(np.sum(np.square(v[r], dtype=np.float64))) for v in leaves.values()] for r in range(n)]
     out[name] = {'mesh': None if mesh is None else list(mesh.devices.shape),
                  'best_valid_accuracy': result.best_valid_accuracy.tolist(), 'best_epoch': result.best_epoch.tolist(),
                  'checksum': checksum, 'valid_loss': [h['valid_loss'] for h in result.history]}
+    if mesh is not None and name == 'batch split':
+      out[name]['layout'] = _epoch_layout(*first_epoch)
   return out
+
+
+@contextlib.contextmanager
+def _first_epoch_recorded():
+  """Within it, `fit`'s first call of the compiled training epoch is recorded as (jitted function, its arguments
+  as shapes with shardings, keyword arguments) in the yielded list."""
+  recorded, original = [], loop._compiled
+
+  def spy(learner, batch_size):
+    init_state, train_epoch, keep_best = original(learner, batch_size)
+
+    def epoch(*args, **kwargs):
+      if not recorded:
+        recorded.extend((train_epoch, jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x,
+            args), kwargs))
+      return train_epoch(*args, **kwargs)
+    return init_state, epoch, keep_best
+  loop._compiled = spy
+  try:
+    yield recorded
+  finally:
+    loop._compiled = original
+
+
+def _epoch_layout(train_epoch, args, kwargs) -> dict:
+  """Where the training images [D, N, ...] live (examples per device of each image array) and the shapes that
+  the compiled epoch all-gathers across devices."""
+  images = args[6][0]
+  text = train_epoch.lower(*args, **kwargs).compile().as_text()
+  return {'examples': images.shape[1], 'examples_per_device': images.sharding.shard_shape(images.shape)[1],
+          'all_gathered': [list(map(int, re.findall(r'\d+', shape))) for shape in
+                           re.findall(r'= \w+\[([\d,]*)\]\S* all-gather\(', text)]}
 
 
 _CHILD = """
@@ -417,6 +456,11 @@ def test_two_devices_equal_one_device():
     assert two[k]['best_epoch'] == one[k]['best_epoch'], k
     np.testing.assert_allclose(two[k]['valid_loss'], one[k]['valid_loss'], rtol=1e-4, err_msg=k)
     np.testing.assert_allclose(two[k]['checksum'], one[k]['checksum'], rtol=1e-4, atol=1e-5, err_msg=k)
+  # batches split: each device holds half of the training examples (two data slots of 256, padded to even) and the
+  # epoch gathers only batch-sized index arrays, never the data (a batch is all-reduced from where its rows live)
+  layout = two['batch split']['layout']
+  assert (layout['examples'], layout['examples_per_device']) == (NUM_TRAIN, NUM_TRAIN // 2)
+  assert layout['all_gathered'] and all(max(shape) <= BATCH for shape in layout['all_gathered'])
 
 
 # -------------------------------------------------------------------------------------------------------- 4. resume

@@ -176,6 +176,8 @@ class FitOptions:
   (the lowest per-group accuracy; needs `valid.groups`).
   parallel_runs: runs `vmap`ed side by side within a lane (`backend.runs_per_chunk`); lanes: concurrent lanes the
   runs are cut into on a single CPU device (`backend.lane_count`; 0 = auto, one per core). Neither changes results.
+  shard_data: when training batches are split over devices, each device (and process) holds only its share of the
+  examples (`sharding.place_examples`); False: every device holds all of them. Results do not change.
   """
   num_epochs: int = 100
   patience: int = 5
@@ -188,6 +190,7 @@ class FitOptions:
   lanes: int = 0
   description: str = 'fit'
   select: str = 'accuracy'
+  shard_data: bool = True
 
 
 @dataclasses.dataclass
@@ -315,27 +318,23 @@ def _batch_plan(key: jax.Array, sizes: tuple[int, ...], batch_size: int) -> tupl
 
 @functools.lru_cache(maxsize=None)
 def _evaluator(learner: Learner, eval_batch_size: int):
-  """Jitted evaluate(variables [R], slots [R], data) -> (mean CE [R], accuracy [R], correct predictions per group
-  [R, num_groups]) in eval mode, over every example (the last partial batch is padded and masked).
+  """Jitted evaluate(variables [R], slots [R], data, num_examples) -> (mean CE [R], accuracy [R], correct predictions
+  per group [R, num_groups]) in eval mode, over the first `num_examples` examples of every slot.
 
-  data = (images [D, N, ...], labels [D, N], group ids [D, N], scales [D, 2, 3]): D same-sized data slots; run r
-  is evaluated on slot slots[r]. `eval_batch_size` examples are in flight per device: runs evaluated side by side
-  (`vmap`ed) share it, each taking eval_batch_size / runs at a time. split_batch: the sharding of an evaluation
-  batch [b, ...] over the mesh's batch axis (`sharding.batch_sharding(mesh, 0)`), applied when it divides b."""
+  data = (images [D, N, ...], labels [D, N], group ids [D, N], scales [D, 2, 3]): D same-sized data slots (N ≥
+  num_examples: rows past it are padding, `sharding.place_examples`); run r is evaluated on slot slots[r].
+  `eval_batch_size` examples are in flight per device: runs evaluated side by side (`vmap`ed) share it, each taking
+  eval_batch_size / runs at a time; the last batch ends at the last example, its rows seen before masked. Batches
+  are gathered by index, so data split over devices is read where it lives. split_batch: the sharding of an
+  evaluation batch [b, ...] over the mesh's batch axis (`sharding.batch_sharding(mesh, 0)`), applied when it
+  divides b."""
 
-  @functools.partial(jax.jit, static_argnames=('num_groups', 'groups', 'chunk', 'split_batch'))
-  def evaluate(variables, slots, data, num_groups=1, groups=1, chunk=None, split_batch=None):
+  @functools.partial(jax.jit, static_argnames=('num_examples', 'num_groups', 'groups', 'chunk', 'split_batch'))
+  def evaluate(variables, slots, data, num_examples, num_groups=1, groups=1, chunk=None, split_batch=None):
     images, labels, group_ids, scales = data
-    n = labels.shape[1]
+    n = num_examples
     side_by_side = slots.shape[0] // groups if chunk is None else chunk
     b = min(max(1, eval_batch_size // side_by_side), n)
-    nb = -(-n // b)
-
-    def batched(a):  # [D, N, ...] → [D, nb, b, ...], zero-padded
-      a = jnp.concatenate([a, jnp.zeros((a.shape[0], nb * b - n) + a.shape[2:], a.dtype)], axis=1)
-      return a.reshape((a.shape[0], nb, b) + a.shape[2:])
-    xb, yb, gb = batched(images), batched(labels), batched(group_ids)
-    mb = (jnp.arange(nb * b) < n).reshape(nb, b)
     split = split_batch is not None and b % split_batch.mesh.shape['batch'] == 0
 
     def one_run(args):
@@ -343,12 +342,13 @@ def _evaluator(learner: Learner, eval_batch_size: int):
       slot = _shared_slot(slot, images)
 
       def body(_, i):
-        x, y, g, m = xb[slot, i], yb[slot, i], gb[slot, i], mb[i]
+        rows = jnp.minimum(i * b, n - b) + jnp.arange(b)
+        x, y, g, m = images[slot, rows], labels[slot, rows], group_ids[slot, rows], rows >= i * b
         x = jax.lax.with_sharding_constraint(x, split_batch) if split else x
         logits = learner.apply(v, x, train=False, scale=scales[slot])
         correct = ((jnp.argmax(logits, -1) == y) & m).astype(jnp.int32)
         return None, (jnp.sum(cross_entropy(logits, y) * m), jax.ops.segment_sum(correct, g, num_groups))
-      _, (losses, corrects) = jax.lax.scan(body, None, jnp.arange(nb))
+      _, (losses, corrects) = jax.lax.scan(body, None, jnp.arange(-(-n // b)))
       per_group = jnp.sum(corrects, axis=0)
       return jnp.sum(losses) / n, jnp.sum(per_group) / n, per_group
     return over_runs(one_run, (variables, slots), groups, chunk)
@@ -387,7 +387,7 @@ def _evaluate_all(learner, variables, examples, eval_batch_size):
   ids, num_groups = _group_ids(examples)
   data = (examples.images[None], examples.labels[None], ids[None], _scales([learner.scaling]))
   out = _evaluator(learner.unscaled(), eval_batch_size)(variables, np.zeros(num_runs, np.int32), data,
-                                                        num_groups=num_groups)
+                                                        num_examples=len(examples), num_groups=num_groups)
   return tuple(np.asarray(a) for a in out)
 
 
@@ -536,8 +536,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
   with backend.Lanes(num_lanes) as lanes:
     def evaluate(variables, data, is_valid=True):
       """(mean CE, accuracy, selection metric) [R] numpy on the train or valid slots; variables: the lanes'."""
-      num_groups = num_valid_groups if is_valid else 1
-      outs = lanes.map(lambda v, r: evaluator(v, r, data, num_groups=num_groups), variables, run_slots)
+      num_groups, num_examples = (num_valid_groups, len(valid)) if is_valid else (1, len(train))
+      outs = lanes.map(lambda v, r: evaluator(v, r, data, num_examples, num_groups=num_groups), variables, run_slots)
       loss, acc, correct = (np.concatenate([sharding.to_host(o[i]) for o in outs]) for i in range(3))
       if options.select == 'accuracy' or not is_valid:
         return loss, acc, acc
@@ -547,12 +547,14 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       return sharding.shard_runs(sharding.pad_runs(tree, size), mesh)
     hp = lanes.split(placed({k: np.asarray(v, np.float32) for k, v in hparams.items()}))
     variables, keys, aux, run_slots = (lanes.split(placed(x)) for x in (init_variables, keys, aux, slots))
-    data = sharding.replicate((_stack([t.images for t in trains]), _stack([t.labels for t in trains]),
-                               _stack([t.weights for t in trains]), scales), mesh)
-    valid_data = sharding.replicate((_stack([v.images for v in valids]), _stack([v.labels for v in valids]),
-                                     _stack([_group_ids(v)[0] for v in valids]), scales), mesh)
-    train_eval = sharding.replicate((data[0] if train.images.ndim == 4 else data[0][:, :, 0], data[1],
-                                     jnp.zeros(data[1].shape, jnp.int32), scales), mesh)
+    place = functools.partial(sharding.place_examples, mesh=mesh, split=options.shard_data)
+    scales_placed = sharding.replicate(scales, mesh)
+    data = (*place((_stack([t.images for t in trains]), _stack([t.labels for t in trains]),
+                       _stack([t.weights for t in trains]))), scales_placed)
+    valid_data = (*place((_stack([v.images for v in valids]), _stack([v.labels for v in valids]),
+                             _stack([_group_ids(v)[0] for v in valids]))), scales_placed)
+    train_eval = (data[0] if train.images.ndim == 4 else data[0][:, :, 0], data[1],
+                  place(np.zeros((len(trains), len(train)), np.int32)), scales_placed)
 
     # an objective may carry more weights than sampled groups (`Consistent.state_groups`: one per group and view)
     state_groups = getattr(learner.objective, 'state_groups', lambda n: n)

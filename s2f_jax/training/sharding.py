@@ -80,6 +80,32 @@ def shard_runs(tree: Any, mesh: Mesh | None) -> Any:
   return jax.device_put(tree, NamedSharding(mesh, P('runs')))
 
 
+def place_examples(tree: Any, mesh: Mesh | None, split: bool = True) -> Any:
+  """Puts data arrays [D, N, ...] (D data slots of N examples) on the devices.
+
+  When training batches are split over the mesh's batch axis (and `split`), every array is split along N over that
+  axis too, zero-padded to a multiple of its size: a device holds N / devices examples, and each process reads
+  (`jax.make_array_from_callback`) only the rows of its own devices. A batch indexed from it is gathered where its
+  rows live (XLA: a masked gather on each device and an all-reduce of the batch; no copy of the whole data).
+  Otherwise every device holds the whole arrays (`replicate`)."""
+  shard = batch_sharding(mesh, axis=1) if split else None
+  if shard is None:
+    return replicate(tree, mesh)
+  devices = mesh.shape['batch']
+
+  def put(x):
+    x = np.asarray(x)
+    shape = (x.shape[0], -(-x.shape[1] // devices) * devices) + x.shape[2:]
+
+    def rows(index):  # this device's block of examples; rows past the data are zeros
+      block = np.zeros([len(range(*s.indices(d))) for s, d in zip(index, shape)], x.dtype)
+      part = x[index]
+      block[:, :part.shape[1]] = part
+      return block
+    return jax.make_array_from_callback(shape, shard, rows)
+  return jax.tree_util.tree_map(put, tree)
+
+
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
   """Puts every leaf on all devices (data, constants)."""
   if mesh is None:
