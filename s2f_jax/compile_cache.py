@@ -18,10 +18,15 @@ ENV = 'S2F_JAX_CACHE_DIR'
 AUTO = 'auto'
 
 
-def default_dir() -> str:
-  """The user's cache folder for compiled programs: $XDG_CACHE_HOME (or ~/.cache) / s2f_jax / jax."""
+def user_cache_dir() -> str:
+  """This project's folder in the user's cache: $XDG_CACHE_HOME (or ~/.cache) / s2f_jax."""
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 's2f_jax', 'jax')
+  return os.path.join(base, 's2f_jax')
+
+
+def default_dir() -> str:
+  """The user's cache folder for compiled programs: `user_cache_dir()` / jax."""
+  return os.path.join(user_cache_dir(), 'jax')
 
 
 def resolve(directory: str = AUTO) -> str:

@@ -3,8 +3,10 @@ user error, and a fixture recording every stage of real training."""
 import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 # The suite is bound by XLA CPU compile time (tiny models, many distinct programs): the tests, and the experiment
 # scripts they start as subprocesses, compile with backend optimisation off (about 2.5x faster compiles) and with
@@ -19,11 +21,18 @@ import jax  # noqa: E402
 import pytest
 
 from s2f_jax import compile_cache, config as config_lib, experiment
+from s2f_jax.data import decoded_cache
 from s2f_jax.methods import base
 
 # Both workers, and the scripts the tests start, share the persistent compilation cache (S2F_JAX_CACHE_DIR, else
 # the user's cache folder): a program compiled once is read back by every later process that needs it.
 compile_cache.enable()
+
+# Decoded datasets (s2f_jax.data.decoded_cache) go to one folder per test session, shared by the workers and the
+# scripts they start (set here in the controller, inherited), removed at its end; the user's cache is left alone.
+if decoded_cache.ENV not in os.environ:
+  os.environ[decoded_cache.ENV] = tempfile.mkdtemp(prefix='s2f_jax_decoded_')
+  atexit.register(shutil.rmtree, os.environ[decoded_cache.ENV], True)
 
 @pytest.fixture(autouse=True, scope='module')
 def _fresh_compilation_caches():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from s2f_jax.data import cifar, portraits
+from s2f_jax.data import cifar, decoded_cache, portraits
 from s2f_jax.data.sources import BaseDataset, RealSequence, load_source
 from s2f_jax.errors import UserError
 
@@ -173,6 +173,43 @@ def test_cifar10_image_folder_needs_ten_classes(tmp_path):
   files, _ = _image_tree(np.random.default_rng(0), ['cat', 'dog'], {'train': 1, 'test': 1})
   _write(files, tmp_path)
   _assert_one_line_error('expected 10 class folders', cifar.load_cifar10, tmp_path, check_counts=False)
+
+
+@pytest.mark.parametrize('where', ['folder', 'archive'])
+def test_decoded_image_tree_is_read_back_until_its_files_change(tmp_path, monkeypatch, where):
+  """The first load decodes and stores the arrays; the next reads them without decoding a file; a changed file (or
+  archive) is decoded again; with the cache off nothing is stored."""
+  monkeypatch.setenv(decoded_cache.ENV, str(tmp_path / 'cache'))
+  decoded, original = [], cifar._decode
+  monkeypatch.setattr(cifar, '_decode', lambda source, what: decoded.append(what) or original(source, what))
+  files, expected = _image_tree(np.random.default_rng(0), list(cifar.CIFAR10_CLASSES), {'train': 2, 'test': 1})
+  root = tmp_path / 'data'
+  _write(files, root, 'cifar10-png.tar.gz' if where == 'archive' else None)
+  loads = []
+  for _ in range(2):
+    ds = cifar.load_cifar10(root, check_counts=False)
+    loads.append(len(decoded))
+    np.testing.assert_array_equal(ds.train_images, expected['train'])
+    np.testing.assert_array_equal(ds.test_images, expected['test'])
+    np.testing.assert_array_equal(ds.train_labels, np.repeat(np.arange(10), 2))
+    assert ds.class_names == cifar.CIFAR10_CLASSES and ds.train_fine_labels is None
+  assert loads == [30, 30] and len(os.listdir(tmp_path / 'cache')) == 1
+  changed = root / ('cifar10-png.tar.gz' if where == 'archive' else 'train/cat/9.png')
+  os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+  cifar.load_cifar10(root, check_counts=False)
+  assert len(decoded) == 60 and len(os.listdir(tmp_path / 'cache')) == 2
+  monkeypatch.setenv(decoded_cache.ENV, '')
+  cifar.load_cifar10(root, check_counts=False)
+  assert len(decoded) == 90 and len(os.listdir(tmp_path / 'cache')) == 2
+
+
+def test_decoding_error_stores_nothing(tmp_path, monkeypatch):
+  monkeypatch.setenv(decoded_cache.ENV, str(tmp_path / 'cache'))
+  files, _ = _image_tree(np.random.default_rng(0), list(cifar.CIFAR10_CLASSES), {'train': 1, 'test': 1})
+  files['test/dog/9.png'] = b'not a png'
+  _write(files, tmp_path / 'data')
+  _assert_one_line_error('cannot decode image', cifar.load_cifar10, tmp_path / 'data', check_counts=False)
+  assert not (tmp_path / 'cache').exists() or not os.listdir(tmp_path / 'cache')
 
 
 # ----------------------------------------------------------------------------------------------------- CIFAR-100

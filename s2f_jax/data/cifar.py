@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from s2f_jax.data import decoded_cache
 from s2f_jax.data.datasets import BaseDataset, resize_images
 from s2f_jax.errors import UserError
 
@@ -314,28 +315,43 @@ def _fine_label(folder: str, where: Path) -> int:
 
 
 def _load_image_tree(source: Path, fmt: _Format) -> tuple[_Split, _Split, tuple[str, ...]]:
-  """Train split, test split and class names (sorted folder names) from an image-folder tree (folder or archive).
+  """Train split, test split and class names (sorted folder names) from an image-folder tree (folder or archive),
+  decoded once and then read from the decoded-dataset cache (`decoded_cache`) while the files are unchanged.
 
   CIFAR-10: label = index of the class folder in sorted order. CIFAR-100: folders are fine classes, matched by name
   ('aquarium_fish' or 'aquarium fish'); the coarse label comes from the standard super-class table.
   """
-  tree = _tree_from_tar(source) if source.is_file() else _tree_from_dir(source)
+  listed = None if source.is_file() else _tree_from_dir(source)
+  files = [source] if listed is None else sorted(f for split in listed.values() for c in split.values() for _, f in c)
+  arrays = decoded_cache.cached_arrays(f'{fmt.name} image tree', files,
+                                       lambda: _decode_tree(listed or _tree_from_tar(source), source, fmt))
+  train, test = (_Split(arrays[f'{s}_images'], arrays[f'{s}_labels'], arrays.get(f'{s}_fine'))
+                 for s in ('train', 'test'))
+  return train, test, tuple(str(c) for c in arrays['classes'])
+
+
+def _decode_tree(tree: dict[str, dict[str, list[tuple[str, Any]]]], source: Path, fmt: _Format
+                 ) -> dict[str, np.ndarray]:
+  """The arrays of `_load_image_tree` ({split}_images, {split}_labels, {split}_fine for CIFAR-100, classes) decoded
+  from `tree` ({split: {class folder: [(file name, path or bytes), ...]}})."""
   classes = sorted(tree['train'])
   if sorted(tree['test']) != classes:
     raise UserError(f'train/ and test/ class folders differ in {source}')
   if not fmt.fine and len(classes) != 10:
     raise UserError(f'expected 10 class folders in {source} train/, found {len(classes)}')
   folder_labels = [_fine_label(c, source) for c in classes] if fmt.fine else list(range(len(classes)))
-  splits = []
+  arrays = {'classes': np.array(classes)}
   for split in ('train', 'test'):
     entries = [(f'{source} {split}/{c}/{name}', file, label) for c, label in zip(classes, folder_labels)
                for name, file in sorted(tree[split][c], key=lambda f: f[0])]
     if not entries:
       raise UserError(f'no image files in {source} {split}/<class>/ folders')
-    images = np.stack([_decode(file, what) for what, file, _ in entries])
+    arrays[f'{split}_images'] = np.stack([_decode(file, what) for what, file, _ in entries])
     labels = np.array([e[2] for e in entries], np.int32)
-    splits.append(_Split(images, CIFAR100_FINE_TO_COARSE[labels], labels) if fmt.fine else _Split(images, labels, None))
-  return splits[0], splits[1], tuple(classes)
+    arrays[f'{split}_labels'] = CIFAR100_FINE_TO_COARSE[labels] if fmt.fine else labels
+    if fmt.fine:
+      arrays[f'{split}_fine'] = labels
+  return arrays
 
 
 # -------------------------------------------------------------------------------------------------- entry points

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from s2f_jax.data import decoded_cache
 from s2f_jax.data.datasets import RealSequence
 from s2f_jax.errors import UserError
 
@@ -79,7 +80,8 @@ def decode_image(file: Path | str, image_size: int, dataset: str = 'portraits') 
 def load_portraits(root: str | Path, image_size: int = 32) -> RealSequence:
   """The Portraits sequence: 8 steps (1930s..2000s) of uint8 [N_t, image_size, image_size, 3] images.
 
-  Labels are int32, 0 = male and 1 = female. Greyscale images are repeated over 3 channels. Raises UserError (one
+  Labels are int32, 0 = male and 1 = female. Greyscale images are repeated over 3 channels; decoded once, then read
+  from the decoded-dataset cache (`decoded_cache`) while the files are unchanged. Raises UserError (one
   line) when no layout is found, a layout is incomplete, or a decade has no images.
   """
   root = Path(root)
@@ -98,8 +100,10 @@ def load_portraits(root: str | Path, image_size: int = 32) -> RealSequence:
   empty = [STEP_NAMES[t] for t, files in enumerate(steps) if not files]
   if empty:
     raise UserError(f"portraits: no images for {', '.join(empty)} under {time_folder or raw_folder}")
+  arrays = decoded_cache.cached_arrays(
+      f'portraits {image_size}', [f for files in steps for f, _ in files],
+      lambda: {f'images_{t}': np.stack([decode_image(f, image_size) for f, _ in files]) for t, files in enumerate(steps)})
   return RealSequence(
-      name='portraits',
-      images=[np.stack([decode_image(f, image_size) for f, _ in files]) for files in steps],
+      name='portraits', images=[arrays[f'images_{t}'] for t in range(len(steps))],
       labels=[np.array([label for _, label in files], np.int32) for files in steps],
       class_names=CLASS_NAMES, step_names=STEP_NAMES)
