@@ -4,8 +4,8 @@ A cell is one stage fit as the original does it (original.md S2F §3.2–§3.3):
 final step of a `source:rotation` sequence (train/valid split 80/20, so valid = train/4), raw 0–255 inputs, batch 100,
 patience 5 counted against the previous epoch, then the winner's test accuracy. Per cell, in one run:
 
-* ours cold: `experiments/main.py --config.method=erm_final ...` in a fresh process with a fresh, empty compilation
-  cache (S2F_JAX_CACHE_DIR); ours warm: the same again with that cache filled;
+* ours cold: `experiments/main.py --config.method=erm_final ...` in a fresh process with fresh, empty compilation and
+  decoded-dataset caches (S2F_JAX_CACHE_DIR, S2F_JAX_DATA_CACHE_DIR); ours warm: the same again with them filled;
 * torch: `benchmarks/torch_twin.py` in its own process, on the same final-step images, built here with
   `s2f_jax.experiment.load_sequence` from the same config and handed over as an .npz.
 
@@ -42,6 +42,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.train_benchmark import wait_for_quiet  # noqa: E402
 from configs import default  # noqa: E402
 from s2f_jax import experiment  # noqa: E402
+from s2f_jax.data import decoded_cache  # noqa: E402
 
 CELLS = {'convnet-1': ('convnet', 1), 'convnet-2': ('convnet', 2), 'convnet-4': ('convnet', 4),
          'resnet-1': ('resnet', 1), 'resnet-4': ('resnet', 4), 'densenet-1': ('densenet', 1),
@@ -124,10 +125,12 @@ def timed_process(cmd: list[str], env: dict, log: str) -> tuple[float, int]:
 
 
 def run_ours(overrides: dict, workdir: str, cache: str) -> Side:
-  """One CLI process in `workdir` with compilation cache `cache`; checks that it trained exactly the 8-point grid."""
+  """One CLI process in `workdir` with its compilation and decoded-dataset caches in folder `cache`; checks that it
+  trained exactly the 8-point grid."""
   cmd = [sys.executable, 'experiments/main.py', '--config=configs/default.py', f'--workdir={workdir}',
          *(f'--config.{k}={flag_value(v)}' for k, v in overrides.items())]
-  env = dict(os.environ, S2F_JAX_CACHE_DIR=cache, CI='1', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, S2F_JAX_CACHE_DIR=os.path.join(cache, 'jax'), CI='1', JAX_PLATFORMS='cpu',
+             **{decoded_cache.ENV: os.path.join(cache, 'datasets')})
   wall, rss = timed_process(cmd, env, workdir + '.log')
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     (row,) = [json.loads(line) for line in f]
@@ -158,7 +161,7 @@ def measure_cell(args: argparse.Namespace, cell: str, data: str, tmp: str) -> di
   folder = os.path.join(tmp, cell)
   os.makedirs(folder)
   overrides = cell_overrides(args, model, blocks)
-  cache = os.path.join(folder, 'cache')  # fresh per cell: the cold run compiles everything
+  cache = os.path.join(folder, 'cache')  # fresh per cell: the cold run compiles and decodes everything
   load = os.getloadavg()[0]
   cold = run_ours(overrides, os.path.join(folder, 'cold'), cache)
   warm = run_ours(overrides, os.path.join(folder, 'warm'), cache)
@@ -224,6 +227,7 @@ def main() -> None:
   load = os.getloadavg()[0] if args.tiny or args.no_wait else wait_for_quiet()
   records = []
   with tempfile.TemporaryDirectory() as tmp:
+    os.environ[decoded_cache.ENV] = os.path.join(tmp, 'decoded')  # "data s" below decodes; the user's cache untouched
     data = os.path.join(tmp, 'final_step.npz')
     data_s, sizes = final_step_npz(args, data)
     print(f'## One grid cell (8 runs, ≤ {args.epochs} epochs): this project\'s CLI vs a PyTorch eager twin, on CPU\n')
