@@ -26,7 +26,7 @@ from s2f_jax.methods.adapted import check_adapted
 from s2f_jax.methods.joint import check_joint
 from s2f_jax.models import make_model
 from s2f_jax.models.registry import check_input_size
-from s2f_jax.results import read_metrics, run_metadata, write_config, write_metrics
+from s2f_jax.results import format_table, read_metrics, run_metadata, write_config, write_metrics
 from s2f_jax.training.label_noise import inject_label_noise, symmetric_confusion
 from s2f_jax.training.merged import FitBatcher
 from s2f_jax.training.objective import InputScaling
@@ -92,6 +92,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, batcher: 
     return _run_methods(config, used, sequence, ctx, batcher)
   finally:
     distributed.release_workdir(workdir, used)
+
+
+def study(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
+  """`run`, its rows as the table the command line prints (the benchmark's entry in `s2f_jax.studies`)."""
+  return format_table(run(config, workdir))
 
 
 def _run_methods(config: ml_collections.ConfigDict, workdir: str, sequence: Sequence, ctx: RunContext,

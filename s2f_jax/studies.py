@@ -7,16 +7,13 @@ the package registers itself with `register_study` (docs/extending.md).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Callable
 
 import ml_collections
 
-from s2f_jax import config as config_lib, distributed, experiment, generalization, robust_fine_tune
+from s2f_jax import config as config_lib, distributed
 from s2f_jax.errors import UserError, choices_error
-from s2f_jax.patching import experiment as patching
-from s2f_jax.results import format_table
-from s2f_jax.stitching import layer_pairs
-from s2f_jax.transfer import pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,17 +26,30 @@ class Study:
   make_section: str = ''
 
 
+def _imported(module: str, function: str) -> Callable[[ml_collections.ConfigDict, str | None], str]:
+  """`module.function`, imported when a run calls it: a process loads only the study it runs (the companion studies
+  bring e.g. POT and their models; about 2 s of imports that the benchmark does not need)."""
+  def run(config, workdir):
+    return getattr(importlib.import_module(module), function)(config, workdir)
+  return run
+
+
 STUDIES: dict[str, Study] = {
-    'benchmark': Study(lambda config, workdir: format_table(experiment.run(config, workdir)),
+    'benchmark': Study(_imported('s2f_jax.experiment', 'study'),
                        "the Seq-to-Final methods of `method` on the configured sequence"),
-    'hessian': Study(generalization.run_study, 'constrained fine-tuning, then Hessian measures per radius'),
-    'robust_fine_tune': Study(robust_fine_tune.study, 'constrained + noise-corrected fine-tuning against its parts',
+    'hessian': Study(_imported('s2f_jax.generalization', 'run_study'),
+                     'constrained fine-tuning, then Hessian measures per radius'),
+    'robust_fine_tune': Study(_imported('s2f_jax.robust_fine_tune', 'study'),
+                              'constrained + noise-corrected fine-tuning against its parts',
                               'noise_study', 's2f_jax.robust_fine_tune.noise_study_config()'),
-    'stitching': Study(layer_pairs.study, 'model stitching between two donors at every layer pair', 'stitching',
+    'stitching': Study(_imported('s2f_jax.stitching.layer_pairs', 'study'),
+                       'model stitching between two donors at every layer pair', 'stitching',
                        's2f_jax.stitching.layer_pairs.stitching_config()'),
-    'transferability': Study(pairs.study, 'the task transferability bound per source → target pair', 'transfer',
+    'transferability': Study(_imported('s2f_jax.transfer.pairs', 'study'),
+                             'the task transferability bound per source → target pair', 'transfer',
                              's2f_jax.transfer.pairs.transfer_config()'),
-    'model_patching': Study(patching.study, 'ERM vs Group DRO vs IRM vs CAMEL on group data', 'patching',
+    'model_patching': Study(_imported('s2f_jax.patching.experiment', 'study'),
+                            'ERM vs Group DRO vs IRM vs CAMEL on group data', 'patching',
                             's2f_jax.patching.experiment.patching_config()'),
 }
 

@@ -24,7 +24,8 @@ import traceback
 
 # The slow imports, done once before forking (every study's runner and the other scripts' modules).
 for _module in ('s2f_jax.cli', 's2f_jax.experiment', 's2f_jax.studies', 's2f_jax.sweep', 's2f_jax.visualize',
-                'matplotlib.pyplot'):
+                's2f_jax.generalization', 's2f_jax.robust_fine_tune', 's2f_jax.stitching.layer_pairs',
+                's2f_jax.transfer.pairs', 's2f_jax.patching.experiment', 'matplotlib.pyplot'):
   importlib.import_module(_module)
 
 
