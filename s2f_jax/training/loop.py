@@ -550,9 +550,9 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     place = functools.partial(sharding.place_examples, mesh=mesh, split=options.shard_data)
     scales_placed = sharding.replicate(scales, mesh)
     data = (*place((_stack([t.images for t in trains]), _stack([t.labels for t in trains]),
-                       _stack([t.weights for t in trains]))), scales_placed)
+                    _stack([t.weights for t in trains]))), scales_placed)
     valid_data = (*place((_stack([v.images for v in valids]), _stack([v.labels for v in valids]),
-                             _stack([_group_ids(v)[0] for v in valids]))), scales_placed)
+                          _stack([_group_ids(v)[0] for v in valids]))), scales_placed)
     train_eval = (data[0] if train.images.ndim == 4 else data[0][:, :, 0], data[1],
                   place(np.zeros((len(trains), len(train)), np.int32)), scales_placed)
 
