@@ -68,6 +68,9 @@ def test_two_processes_train_one_run_like_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     if k < 2:
       assert f'process {k} of 2: every fit split over 2 devices' in done.stderr
+  # the data split as the batches: each process held only its half of the 80 final-step training examples
+  assert 'process 0 holds training examples [(0, 40)] of 80' in runs[0].stderr
+  assert 'process 1 holds training examples [(40, 80)] of 80' in runs[1].stderr
   one, two = _history(tmp_path / 'single'), _history(tmp_path / 'multi')
   assert len({r['run'] for r in one}) == 1
   _assert_same_histories(one, two, 'batches split')

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from typing import Any, Callable, Sequence
 
@@ -553,6 +554,9 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
                     _stack([t.weights for t in trains]))), scales_placed)
     valid_data = (*place((_stack([v.images for v in valids]), _stack([v.labels for v in valids]),
                           _stack([_group_ids(v)[0] for v in valids]))), scales_placed)
+    if jax.process_count() > 1:
+      logging.getLogger('s2f_jax').info('process %d holds training examples %s of %d', jax.process_index(),
+                                        sharding.process_rows(data[0]), data[0].shape[1])
     train_eval = (data[0] if train.images.ndim == 4 else data[0][:, :, 0], data[1],
                   place(np.zeros((len(trains), len(train)), np.int32)), scales_placed)
 

@@ -106,6 +106,11 @@ def place_examples(tree: Any, mesh: Mesh | None, split: bool = True) -> Any:
   return jax.tree_util.tree_map(put, tree)
 
 
+def process_rows(x: jax.Array) -> list[tuple[int, int]]:
+  """The [start, stop) ranges of examples (axis 1 of a data array [D, N, ...]) that this process's devices hold."""
+  return sorted({s.index[1].indices(x.shape[1])[:2] for s in x.addressable_shards})
+
+
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
   """Puts every leaf on all devices (data, constants)."""
   if mesh is None:
