@@ -33,7 +33,7 @@ from s2f_jax.errors import TrainingDiverged
 from s2f_jax.models import make_model
 from s2f_jax.models.layers import max_pool_3x3_s2
 from s2f_jax.training import grid as grid_lib
-from s2f_jax.training import loop, sharding
+from s2f_jax.training import checkpoint, loop, sharding
 from s2f_jax.training.loop import EarlyStopping, Examples, FitOptions, Learner, evaluate, fit, over_runs
 from s2f_jax.training.objective import InputScaling, cross_entropy, l2_penalty, masked_mean, reference_penalty
 
@@ -464,6 +464,41 @@ def test_two_devices_equal_one_device():
 
 
 # -------------------------------------------------------------------------------------------------------- 4. resume
+
+
+def _compressor(path, name: str):
+  """The zarr compressor recorded for array `name` of the orbax (OCDBT) checkpoint folder `path`."""
+  import tensorstore as ts
+  store = ts.open({'driver': 'zarr', 'kvstore': {'driver': 'ocdbt', 'base': f'file://{path}'}, 'path': name}).result()
+  return store.spec().to_json()['metadata'].get('compressor')
+
+
+def test_checkpoints_are_uncompressed_and_compressed_ones_still_restore(tmp_path):
+  """Stage variables and epoch checkpoints are written without compression (zarr's zstd kept copies of the state
+  while saving); checkpoints written compressed by earlier versions (orbax's standard handler) restore the same."""
+  tree = {'w': np.arange(12, dtype=np.float32).reshape(3, 4), 'n': np.arange(5, dtype=np.int32)}
+  checkpoint.save_tree(str(tmp_path / 'new'), tree)
+  assert _compressor(tmp_path / 'new', 'w') is None
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as old:
+    old.save(str(tmp_path / 'old'), args=ocp.args.StandardSave(tree))
+  assert _compressor(tmp_path / 'old', 'w') == {'id': 'zstd', 'level': 1}
+  for folder in ('new', 'old'):
+    restored = checkpoint.load_tree(str(tmp_path / folder), tree)
+    for key in tree:  # JAX arrays (a traced index into a restored leaf must work), like the numpy `like`
+      assert isinstance(restored[key], jax.Array)
+      np.testing.assert_array_equal(restored[key], tree[key])
+  # an epoch checkpoint of a fit, saved by this version and by the earlier one (orbax's standard handler)
+  fit_state = {'state': {'w': jnp.asarray(tree['w'])}}
+  checkpoint.FitCheckpoint(str(tmp_path / 'fit_new')).save(3, fit_state, {'epoch': 3})
+  assert _compressor(tmp_path / 'fit_new' / '3' / 'state', 'state.w') is None
+  with ocp.CheckpointManager(str(tmp_path / 'fit_old'), item_names=('state', 'host'), options=ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=False)) as manager:
+    manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(fit_state), host=ocp.args.JsonSave({'epoch': 3})))
+  for folder in ('fit_new', 'fit_old'):
+    epoch, state, host = checkpoint.FitCheckpoint(str(tmp_path / folder)).restore(lambda host: fit_state)
+    assert (epoch, host) == (3, {'epoch': 3})
+    np.testing.assert_array_equal(state['state']['w'], tree['w'])
+
 
 
 @pytest.fixture

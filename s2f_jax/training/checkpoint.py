@@ -32,24 +32,40 @@ def _this_process_only() -> ocp.options.MultiprocessingOptions:
                                             barrier_sync_key_prefix=f'process{me}')
 
 
-def _checkpointer() -> ocp.Checkpointer:
-  """Orbax's synchronous checkpointer of pytrees, this process's own (`_this_process_only`)."""
-  return ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=_this_process_only())
+def _arrays_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's handler of pytrees of arrays, this process's own (`_this_process_only`), writing uncompressed: zarr's
+  compression of float weights held a second copy of the state while saving and kept memory after it (a 640 MB
+  state: peak +520 MB, +345 MB resident afterwards; uncompressed: neither; docs/benchmarks.md). Checkpoints
+  written compressed by earlier versions restore the same."""
+  return ocp.PyTreeCheckpointHandler(use_compression=False, multiprocessing_options=_this_process_only())
+
+
+def _save_args(tree: Any) -> ocp.args.PyTreeSave:
+  return ocp.args.PyTreeSave(tree)
+
+
+def _restore_args(like: Any) -> ocp.args.PyTreeRestore:
+  """Restores into the structure, shapes, dtypes and shardings of `like` (arrays or their abstract shapes) as JAX
+  arrays; a leaf without a sharding (e.g. a numpy array) goes to this process's first device."""
+  like = _abstract(like)
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding or local, like)
+  return ocp.args.PyTreeRestore(item=like, restore_args=ocp.checkpoint_utils.construct_restore_args(like, shardings))
 
 
 def save_tree(path: str, tree: Any) -> None:
   """Writes a pytree of arrays to the directory `path` (replaced if present), blocking until done."""
   path = os.path.abspath(path)
-  with _LOCK, _checkpointer() as ckpt:
+  with _LOCK, ocp.Checkpointer(_arrays_handler(), multiprocessing_options=_this_process_only()) as ckpt:
     if os.path.exists(path):
       shutil.rmtree(path)
-    ckpt.save(path, args=ocp.args.StandardSave(tree))  # synchronous: complete on disk when it returns
+    ckpt.save(path, args=_save_args(tree))  # synchronous: complete on disk when it returns
 
 
 def load_tree(path: str, like: Any) -> Any:
   """Reads the pytree saved at `path`; `like` gives structure, shapes, dtypes and shardings."""
-  with _LOCK, _checkpointer() as ckpt:
-    return ckpt.restore(os.path.abspath(path), args=ocp.args.StandardRestore(_abstract(like)))
+  with _LOCK, ocp.Checkpointer(_arrays_handler(), multiprocessing_options=_this_process_only()) as ckpt:
+    return ckpt.restore(os.path.abspath(path), args=_restore_args(like))
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -71,7 +87,9 @@ class FitCheckpoint:
 
   def _manager(self, **options) -> ocp.CheckpointManager:
     # synchronous: a save is complete on disk when `save` returns (the process may be killed right after)
-    return ocp.CheckpointManager(os.path.abspath(self.directory), item_names=('state', 'host'),
+    return ocp.CheckpointManager(os.path.abspath(self.directory),
+                                 item_handlers={'state': _arrays_handler(), 'host': ocp.JsonCheckpointHandler(
+                                     multiprocessing_options=_this_process_only())},
                                  options=ocp.CheckpointManagerOptions(
                                      max_to_keep=1, enable_async_checkpointing=False,
                                      multiprocessing_options=_this_process_only(), **options))
@@ -87,8 +105,8 @@ class FitCheckpoint:
         for step in manager.all_steps():
           if step >= epoch:  # orbax would keep a later step and skip this save; the latest save wins instead
             manager.delete(step)
-        manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(device_state),
-                                                    host=ocp.args.JsonSave(host_state)), force=True)
+        manager.save(epoch, args=ocp.args.Composite(state=_save_args(device_state), host=ocp.args.JsonSave(host_state)),
+                     force=True)
         manager.wait_until_finished()
       finally:
         manager.close()
@@ -109,7 +127,7 @@ class FitCheckpoint:
         if jax.process_count() > 1:
           local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
           like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), like)
-        state = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))['state']
+        state = manager.restore(epoch, args=ocp.args.Composite(state=_restore_args(like)))['state']
       finally:
         manager.close()
     return epoch, state, host
