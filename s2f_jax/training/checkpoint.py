@@ -40,10 +40,6 @@ def _arrays_handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(use_compression=False, multiprocessing_options=_this_process_only())
 
 
-def _save_args(tree: Any) -> ocp.args.PyTreeSave:
-  return ocp.args.PyTreeSave(tree)
-
-
 def _restore_args(like: Any) -> ocp.args.PyTreeRestore:
   """Restores into the structure, shapes, dtypes and shardings of `like` (arrays or their abstract shapes) as JAX
   arrays; a leaf without a sharding (e.g. a numpy array) goes to this process's first device."""
@@ -53,18 +49,23 @@ def _restore_args(like: Any) -> ocp.args.PyTreeRestore:
   return ocp.args.PyTreeRestore(item=like, restore_args=ocp.checkpoint_utils.construct_restore_args(like, shardings))
 
 
+def _checkpointer() -> ocp.Checkpointer:
+  """Orbax's synchronous checkpointer of pytrees of arrays (`_arrays_handler`), this process's own."""
+  return ocp.Checkpointer(_arrays_handler(), multiprocessing_options=_this_process_only())
+
+
 def save_tree(path: str, tree: Any) -> None:
   """Writes a pytree of arrays to the directory `path` (replaced if present), blocking until done."""
   path = os.path.abspath(path)
-  with _LOCK, ocp.Checkpointer(_arrays_handler(), multiprocessing_options=_this_process_only()) as ckpt:
+  with _LOCK, _checkpointer() as ckpt:
     if os.path.exists(path):
       shutil.rmtree(path)
-    ckpt.save(path, args=_save_args(tree))  # synchronous: complete on disk when it returns
+    ckpt.save(path, args=ocp.args.PyTreeSave(tree))  # synchronous: complete on disk when it returns
 
 
 def load_tree(path: str, like: Any) -> Any:
   """Reads the pytree saved at `path`; `like` gives structure, shapes, dtypes and shardings."""
-  with _LOCK, ocp.Checkpointer(_arrays_handler(), multiprocessing_options=_this_process_only()) as ckpt:
+  with _LOCK, _checkpointer() as ckpt:
     return ckpt.restore(os.path.abspath(path), args=_restore_args(like))
 
 
@@ -105,7 +106,7 @@ class FitCheckpoint:
         for step in manager.all_steps():
           if step >= epoch:  # orbax would keep a later step and skip this save; the latest save wins instead
             manager.delete(step)
-        manager.save(epoch, args=ocp.args.Composite(state=_save_args(device_state), host=ocp.args.JsonSave(host_state)),
+        manager.save(epoch, args=ocp.args.Composite(state=ocp.args.PyTreeSave(device_state), host=ocp.args.JsonSave(host_state)),
                      force=True)
         manager.wait_until_finished()
       finally:
@@ -124,9 +125,8 @@ class FitCheckpoint:
           return None
         host = manager.restore(epoch, args=ocp.args.Composite(host=ocp.args.JsonRestore()))['host']
         like = _abstract(like(host))
-        if jax.process_count() > 1:
-          local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-          like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), like)
+        if jax.process_count() > 1:  # no sharding: the whole state onto this process's first device (`_restore_args`)
+          like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
         state = manager.restore(epoch, args=ocp.args.Composite(state=_restore_args(like)))['state']
       finally:
         manager.close()
