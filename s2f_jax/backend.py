@@ -14,6 +14,7 @@ None of them changes a result (tested against the plain path).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 from typing import Any, Callable
 
@@ -96,6 +97,31 @@ def lane_shapes(like: Any, count: int, total: int) -> list[Any]:
   return [jax.tree_util.tree_map(part, like)] * count
 
 
+def per_leaf(fn: Callable, items: list[Any], static: tuple = (), dynamic: tuple = ()) -> list[Any]:
+  """[fn(item, *static, *dynamic)] for every item (an array, or a tuple of arrays): numpy items by numpy, the
+  device ones all in one compiled program (`fn` and `static` hashable), instead of one eagerly compiled program per
+  array shape and operation."""
+  on_device = [i for i, x in enumerate(items) if isinstance(x[0] if isinstance(x, tuple) else x, jax.Array)]
+  out = [None if i in on_device else fn(x, *static, *dynamic) for i, x in enumerate(items)]
+  if on_device:
+    for i, y in zip(on_device, _per_leaf_compiled(fn, [items[i] for i in on_device], static, dynamic)):
+      out[i] = y
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _per_leaf_compiled(fn: Callable, items: list[Any], static: tuple, dynamic: tuple) -> list[Any]:
+  return [fn(x, *static, *dynamic) for x in items]
+
+
+def _cut(x, n: int, count: int) -> list[Any]:
+  return [x[i * n:(i + 1) * n] for i in range(count)]
+
+
+def _concatenate(xs: tuple) -> Any:
+  return (np if isinstance(xs[0], np.ndarray) else jnp).concatenate(xs)
+
+
 class Lanes:
   """The run axis cut into `count` equal contiguous lanes whose programs run concurrently, one thread per lane.
 
@@ -116,17 +142,19 @@ class Lanes:
 
   def split(self, tree: Any) -> list[Any]:
     """[count] pytrees, lane i holding runs [i·n, (i+1)·n) of `tree` (leading axis count·n)."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    if self.count == 1 or not leaves:
+    if self.count == 1 or not jax.tree_util.tree_leaves(tree):
       return [tree] * self.count
-    n = leaves[0].shape[0] // self.count
-    return [jax.tree_util.tree_map(lambda x: x[i * n:(i + 1) * n], tree) for i in range(self.count)]
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    parts = per_leaf(_cut, leaves, (leaves[0].shape[0] // self.count, self.count))
+    return [jax.tree_util.tree_unflatten(treedef, [p[i] for p in parts]) for i in range(self.count)]
 
   def join(self, parts: list[Any]) -> Any:
     """Inverse of `split` (numpy leaves stay numpy)."""
     if len(parts) == 1:
       return parts[0]
-    return jax.tree_util.tree_map(lambda *xs: (np if isinstance(xs[0], np.ndarray) else jnp).concatenate(xs), *parts)
+    lanes = [jax.tree_util.tree_leaves(p) for p in parts]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(parts[0]),
+                                        per_leaf(_concatenate, list(zip(*lanes))))
 
   def map(self, fn: Callable, *per_lane: list[Any]) -> list[Any]:
     """[fn(*lane i's arguments)] for every lane, the lanes concurrently; each result is ready when returned."""

@@ -198,8 +198,7 @@ class RunContext:
     """Mean cross-entropy (nats) and accuracy of one set of variables on `split` (default: the final step's test
     set), in eval mode."""
     split = self.sequence.steps[-1].test if split is None else split
-    stacked = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], variables)
-    loss, acc = evaluate(learner or self.learner(), stacked, Examples.concat([split]),
+    loss, acc = evaluate(learner or self.learner(), grid_lib.stack(variables, 1), Examples.concat([split]),
                          self.config.train.eval_batch_size)
     return float(loss[0]), float(acc[0])
 

@@ -1,6 +1,7 @@
 """Model construction by name, parameter masks and counts (original.md S2F §2.5–§2.6)."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -53,18 +54,27 @@ def make_model(name: str, num_blocks: int, num_classes: int, width: int = PAPER_
 def check_input_size(model: nn.Module, image_size: int) -> None:
   """UserError naming the valid block counts when block model `model` cannot run on image_size² inputs (e.g. a
   DenseNet whose transitions reach 1×1); shapes only, nothing is computed."""
-  def builds(m: nn.Module) -> bool:
-    try:
-      jax.eval_shape(lambda x: m.init(jax.random.key(0), x, train=False),
-                     jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
-    except UserError:
-      return False
-    return True
-  if not builds(model):
-    valid = [b for b in range(1, model.num_blocks) if builds(model.clone(num_blocks=b))]
+  builds = _builds
+  try:
+    hash(model)
+  except TypeError:  # a registered model with unhashable fields: checked without the cache
+    builds = _builds.__wrapped__
+  if not builds(model, image_size):
+    valid = [b for b in range(1, model.num_blocks) if builds(model.clone(num_blocks=b), image_size)]
     raise UserError(f'model.num_blocks={model.num_blocks} is too many for {type(model).__name__.lower()} on '
                     f'{image_size}×{image_size} images (valid: {", ".join(map(str, valid)) or "none"}); use fewer '
                     'blocks or a larger data.image_size')
+
+
+@functools.lru_cache(maxsize=None)  # every experiment.prepare asks; tracing a large model takes seconds
+def _builds(model: nn.Module, image_size: int) -> bool:
+  """Whether `model` initialises on [1, image_size, image_size, 3] inputs (traced shapes only)."""
+  try:
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                   jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+  except UserError:
+    return False
+  return True
 
 
 WEIGHT_LEAVES = ('kernel', 'a_in', 'a_out')  # conv/Dense kernels and low-rank adapter factors

@@ -7,6 +7,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from s2f_jax import backend
+
 
 def product_grid(axes: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
   """Cartesian product in `itertools.product` order over `axes` (dict order), as float32 arrays [R]."""
@@ -39,8 +41,16 @@ def best_per_group(valid_accuracy: np.ndarray, groups: np.ndarray) -> np.ndarray
 
 
 def take(tree: Any, index) -> Any:
-  """Selects entries of the leading axis of every leaf (an int drops the axis, an array keeps it)."""
-  return jax.tree_util.tree_map(lambda x: x[index], tree)
+  """Selects entries of the leading axis of every leaf (an int drops the axis, an array or slice keeps it); the
+  device arrays among the leaves in one compiled program (`backend.per_leaf`)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  if isinstance(index, slice) and leaves:
+    index = np.arange(len(leaves[0]))[index]
+  return jax.tree_util.tree_unflatten(treedef, backend.per_leaf(_index, leaves, dynamic=(index,)))
+
+
+def _index(x, index):
+  return x[index]
 
 
 def stack(tree: Any, n: int) -> Any:
