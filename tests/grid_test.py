@@ -1,4 +1,5 @@
 """`s2f_jax.training.grid`: the grid order and tie rule of original.md S2F §3.3, and the run-axis tree helpers."""
+import jax
 import numpy as np
 import pytest
 
@@ -97,3 +98,19 @@ def test_concat_take_and_stack_on_the_run_axis():
     stacked['w'][0, 0] = 9.0
   with pytest.raises(ValueError):  # trees of different structure do not join
     grid_lib.concat([a, {'params': a['params']}])
+
+
+def test_take_on_device_leaves_equals_numpy_in_one_program():
+  from s2f_jax import backend
+  host = {'w': np.arange(24, dtype=np.float32).reshape(4, 3, 2), 'b': np.arange(4, dtype=np.int32), 'h': np.ones(4)}
+  tree = {'w': jax.numpy.asarray(host['w']), 'b': jax.numpy.asarray(host['b']), 'h': host['h']}  # 'h' stays numpy
+  before = backend._per_leaf_compiled._cache_size()
+  for index in (2, np.asarray([3, 0, 3]), slice(1, 3)):
+    got = grid_lib.take(tree, index)
+    assert not isinstance(got['h'], jax.Array) and isinstance(got['w'], jax.Array)
+    for key in host:
+      np.testing.assert_array_equal(got[key], host[key][index], err_msg=f'{key} {index}')
+  # one program per kind of index (scalar, 3 indices, 2 indices), whatever the number and shapes of the leaves
+  assert backend._per_leaf_compiled._cache_size() - before == 3
+  grid_lib.take(tree, 1)
+  assert backend._per_leaf_compiled._cache_size() - before == 3  # another int index: the same program
