@@ -170,6 +170,9 @@ def test_digits_reach_high_clean_accuracy(tmp_path):
   # 10-way digits: chance is 0.1; valid comes from the base train split, test from the held-out writers' images.
   assert row['Validation accuracy'] >= 0.95
   assert row['Test accuracy'] >= 0.85
+  with open(tmp_path / 'erm_all' / 'history.jsonl') as f:
+    first = json.loads(next(f))
+  assert first['epoch'] == 0 and first['valid_accuracy'] < 0.3  # learnt by training, not at initialisation
 
 
 # ------------------------------------------------------------------------------------- fine-tuning variants
