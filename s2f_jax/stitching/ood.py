@@ -203,11 +203,11 @@ def _check_reps(name: str, reps) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=('arch', 'num_classes', 'pretrain_epochs', 'finetune_epochs', 'batch',
-                                             'half', 'drop_per_iteration'))
-def _fit(key, reps, labels, outliers, hyper, *, arch, num_classes, pretrain_epochs, finetune_epochs, batch, half,
-         drop_per_iteration=False):
+                                             'half'))
+def _fit(key, reps, labels, outliers, hyper, *, arch, num_classes, pretrain_epochs, finetune_epochs, batch, half):
   """(variables, phase-1 mean CE per epoch [pretrain_epochs], phase-2 mean loss per epoch [finetune_epochs]) of a
-  detector trained on device-resident reps [n, ...], labels int [n] and outliers [m, ...]."""
+  detector trained on device-resident reps [n, ...], labels int [n] and outliers [m, ...]; hyper: float32 scalars
+  and the bool 'drop_per_iteration' (data, so that both scheduler counters share one program)."""
   name, num_blocks, width, input_size = arch
   model = make_model(name, num_blocks, num_classes, width)
   k_init, k_pre, k_ft = jax.random.split(key, 3)
@@ -246,7 +246,7 @@ def _fit(key, reps, labels, outliers, hyper, *, arch, num_classes, pretrain_epoc
     idx_in = jax.random.permutation(k_in, reps.shape[0])[:steps * half].reshape(steps, half)
     idx_out = jax.random.permutation(k_out, outliers.shape[0])[:steps * half].reshape(steps, half)
     # the scheduler's counter: epochs, or (the original's mistake) iterations
-    count = epoch * steps + jnp.arange(steps) if drop_per_iteration else jnp.full(steps, epoch)
+    count = jnp.where(hyper['drop_per_iteration'], epoch * steps + jnp.arange(steps), epoch)
     lrs = hyper['learning_rate'] * jnp.where(count >= finetune_epochs // 2, LR_DROP, 1.0)
 
     def ft_step(state, io):
@@ -295,12 +295,12 @@ def train_detector(reps_train, labels, outliers, num_classes: int,
     raise UserError(f'detector labels must lie in [0, {num_classes}); got range [{y.min()}, {y.max()}]')
   hyper = {name: jnp.float32(getattr(options, name))
            for name in ('learning_rate', 'weight_decay', 'm_in', 'm_out', 'energy_weight')}
+  hyper['drop_per_iteration'] = jnp.bool_(options.compat_lr_drop_per_iteration)
   variables, pre_losses, ft_losses = _fit(
       jax.random.PRNGKey(options.seed), jnp.asarray(reps), jnp.asarray(y, jnp.int32), jnp.asarray(out), hyper,
       arch=options.arch(), num_classes=int(num_classes), pretrain_epochs=int(options.pretrain_epochs),
       finetune_epochs=int(options.finetune_epochs), batch=min(int(options.batch_size), reps.shape[0]),
-      half=min(int(options.batch_size) // 2, reps.shape[0], out.shape[0]),
-      drop_per_iteration=bool(options.compat_lr_drop_per_iteration))
+      half=min(int(options.batch_size) // 2, reps.shape[0], out.shape[0]))
   for phase, losses in (('pre-training', np.asarray(pre_losses)), ('energy fine-tuning', np.asarray(ft_losses))):
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
