@@ -101,12 +101,10 @@ def per_leaf(fn: Callable, items: list[Any], static: tuple = (), dynamic: tuple 
   """[fn(item, *static, *dynamic)] for every item (an array, or a tuple of arrays): numpy items by numpy, the
   device ones all in one compiled program (`fn` and `static` hashable), instead of one eagerly compiled program per
   array shape and operation."""
-  on_device = [i for i, x in enumerate(items) if isinstance(x[0] if isinstance(x, tuple) else x, jax.Array)]
-  out = [None if i in on_device else fn(x, *static, *dynamic) for i, x in enumerate(items)]
-  if on_device:
-    for i, y in zip(on_device, _per_leaf_compiled(fn, [items[i] for i in on_device], static, dynamic)):
-      out[i] = y
-  return out
+  device = [isinstance(x[0] if isinstance(x, tuple) else x, jax.Array) for x in items]
+  compiled = iter(_per_leaf_compiled(fn, [x for x, d in zip(items, device) if d], static, dynamic) if any(device)
+                  else ())
+  return [next(compiled) if d else fn(x, *static, *dynamic) for x, d in zip(items, device)]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -110,7 +110,7 @@ def test_take_on_device_leaves_equals_numpy_in_one_program():
     assert not isinstance(got['h'], jax.Array) and isinstance(got['w'], jax.Array)
     for key in host:
       np.testing.assert_array_equal(got[key], host[key][index], err_msg=f'{key} {index}')
-  # one program per kind of index (scalar, 3 indices, 2 indices), whatever the number and shapes of the leaves
+  # one program per kind of index (a scalar, 3 indices, the slice 1:3), whatever the number and shapes of leaves
   assert backend._per_leaf_compiled._cache_size() - before == 3
   grid_lib.take(tree, 1)
   assert backend._per_leaf_compiled._cache_size() - before == 3  # another int index: the same program

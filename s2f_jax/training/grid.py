@@ -44,13 +44,19 @@ def take(tree: Any, index) -> Any:
   """Selects entries of the leading axis of every leaf (an int drops the axis, an array or slice keeps it); the
   device arrays among the leaves in one compiled program (`backend.per_leaf`)."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  if isinstance(index, slice) and leaves:
-    index = np.arange(len(leaves[0]))[index]
-  return jax.tree_util.tree_unflatten(treedef, backend.per_leaf(_index, leaves, dynamic=(index,)))
+  if isinstance(index, slice):  # static bounds: numpy views, a plain slice on the device
+    taken = backend.per_leaf(_slice, leaves, static=(index.start, index.stop, index.step))
+  else:
+    taken = backend.per_leaf(_index, leaves, dynamic=(index,))
+  return jax.tree_util.tree_unflatten(treedef, taken)
 
 
 def _index(x, index):
   return x[index]
+
+
+def _slice(x, start, stop, step):
+  return x[start:stop:step]
 
 
 def stack(tree: Any, n: int) -> Any:

@@ -23,7 +23,7 @@ import optax
 
 from s2f_jax import backend
 from s2f_jax.errors import TrainingDiverged
-from s2f_jax.training import sharding
+from s2f_jax.training import grid as grid_lib, sharding
 from s2f_jax.training.checkpoint import FitCheckpoint
 from s2f_jax.training.constraint import constraint_transform
 from s2f_jax.training.objective import ERM, InputScaling, Penalty, cross_entropy
@@ -634,7 +634,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     if jax.process_count() > 1:  # every run's weights in every process, as plain host arrays for what follows
       best = jax.tree_util.tree_map(sharding.to_host, best)
     return FitResult(
-        best_variables=best if size == num_runs else jax.tree_util.tree_map(lambda x: x[:num_runs], best),
+        best_variables=best if size == num_runs else grid_lib.take(best, slice(num_runs)),
         best_valid_accuracy=stopping.best_acc[:num_runs], best_epoch=stopping.best_epoch[:num_runs],
         stop_epoch=stopping.stop_epoch[:num_runs],
         history=history, train_seconds=elapsed, examples_per_second=examples / max(elapsed, 1e-9))
