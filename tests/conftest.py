@@ -59,14 +59,16 @@ def _fork_server() -> subprocess.Popen:
 
 
 def run_scripts(commands: list[list[str]], env: dict[str, str] | None = None, timeout: float = 600,
-                cwd: str = ROOT) -> list[subprocess.CompletedProcess]:
+                cwd: str = ROOT, kill_when=None) -> list[subprocess.CompletedProcess]:
   """Every command [script, *args] (script: a path from the repo root) as a fresh `python script args` process
   would run it, all at the same time, with CI=1, JAX_PLATFORMS=cpu and `env` added to this environment, each in a
   child forked from a warm interpreter that has imported s2f_jax (tests/forked_script.py): about 4 s less per
-  command. TimeoutExpired when one runs past `timeout` s."""
+  command. kill_when: a glob pattern (str or path); the commands still running when a path matches it are
+  SIGKILLed (return code -9). TimeoutExpired when one runs past `timeout` s."""
   server = _fork_server()
   commands = [list(map(str, command)) for command in commands]
   request = {'commands': commands, 'cwd': str(cwd), 'timeout': timeout,
+             'kill_when': None if kill_when is None else str(kill_when),
              'env': dict(os.environ, CI='1', JAX_PLATFORMS='cpu', **(env or {}))}
   server.stdin.write(json.dumps(request) + '\n')
   server.stdin.flush()

@@ -6,15 +6,12 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, checkpointed_epoch, run_script, run_scripts
+from conftest import checkpointed_epoch, run_script, run_scripts
 from s2f_jax import config as config_lib, distributed
 from s2f_jax.errors import UserError
 
@@ -99,27 +96,14 @@ def test_two_processes_killed_mid_stage_resume_from_process_0s_checkpoint(tmp_pa
   epochs = ['--config.num_epochs=6', '--config.train.patience=100', '--config.train.checkpoint_every_s=0']
   args = [*ARGS, *GRIDS['runs split'], *epochs]
   workdir = tmp_path / 'multi'
-  procs = []
-  port = _free_port()
-  for i in range(2):
-    with open(tmp_path / f'{i}.log', 'w') as log:
-      procs.append(subprocess.Popen(
-          [sys.executable, 'experiments/main.py', *args, f'--workdir={workdir}',
-           f'--config.distributed.coordinator_address=localhost:{port}', '--config.distributed.num_processes=2',
-           f'--config.distributed.process_id={i}'], cwd=ROOT, env=dict(os.environ, CI='1', JAX_PLATFORMS='cpu'),
-          stdout=log, stderr=subprocess.STDOUT))
   checkpoints = workdir / 'erm_final.partial' / 'checkpoints' / 'erm_final'
-  try:
-    deadline = time.time() + 300
-    while checkpointed_epoch(checkpoints) < 2 and all(p.poll() is None for p in procs) and time.time() < deadline:
-      time.sleep(0.05)
-    for p in procs:
-      p.send_signal(signal.SIGKILL)
-    assert [p.wait(timeout=60) for p in procs] == [-signal.SIGKILL] * 2, 'the run ended before a checkpoint'
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  port = _free_port()
+  # both SIGKILLed once epoch 2 or later is on disk (orbax keeps the newest step only)
+  runs = run_scripts([['experiments/main.py', *args, f'--workdir={workdir}',
+                       f'--config.distributed.coordinator_address=localhost:{port}',
+                       '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}']
+                      for i in range(2)], kill_when=checkpoints / '[2-5]', timeout=300)
+  assert [done.returncode for done in runs] == [-signal.SIGKILL] * 2, 'the run ended before a checkpoint'
   killed_at = checkpointed_epoch(checkpoints)
   assert 2 <= killed_at < 6 and not (workdir / 'erm_final').exists()
   host_file = checkpoints / str(killed_at) / 'host' / 'metadata'  # orbax's JsonSave of the host state

@@ -1,18 +1,13 @@
-"""A real `experiments/main.py` run SIGKILLed inside a training stage resumes from its orbax checkpoint and ends with
-exactly the metrics of an uninterrupted run."""
+"""An `experiments/main.py` run (a forked child, as a fresh process) SIGKILLed inside a training stage resumes from
+its orbax checkpoint and ends with exactly the metrics of an uninterrupted run."""
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import checkpointed_epoch, run_script
+from conftest import checkpointed_epoch, run_scripts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_EPOCHS = 6
 ARGS = ['--config=configs/default.py', '--config.method=erm_final', '--config.model.width=8',
         f'--config.num_epochs={NUM_EPOCHS}', '--config.train.patience=100', '--config.train.checkpoint_every_s=0',
@@ -20,28 +15,6 @@ ARGS = ['--config=configs/default.py', '--config.method=erm_final', '--config.mo
         '--config.grid.weight_decay=(0.0001,)']  # 2 lr × 2 dropout runs
 TIMING = ('Wall seconds', 'Train seconds', 'Examples per second')
 MARK = 100_000.0  # seconds added to the checkpoint's recorded training time
-
-
-@pytest.fixture
-def start():
-  """Starts `experiments/main.py` with ARGS in a workdir (output in `<workdir>.log`); kills what is left at the end."""
-  procs = []
-
-  def start_in(workdir):
-    env = dict(os.environ, CI='1', JAX_PLATFORMS='cpu')
-    with open(f'{workdir}.log', 'w') as log:
-      procs.append(subprocess.Popen([sys.executable, 'experiments/main.py', f'--workdir={workdir}', *ARGS], cwd=ROOT,
-                                    env=env, stdout=log, stderr=subprocess.STDOUT))
-    return procs[-1]
-  yield start_in
-  for proc in procs:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-
-
-def _finish(proc, workdir):
-  assert proc.wait(timeout=300) == 0, open(f'{workdir}.log').read()[-3000:]
 
 
 def _metrics(method_dir) -> dict:
@@ -58,16 +31,13 @@ def _selection(method_dir) -> dict:
 
 
 @pytest.mark.slow
-def test_run_killed_mid_stage_resumes_to_the_same_metrics(tmp_path, start):
+def test_run_killed_mid_stage_resumes_to_the_same_metrics(tmp_path):
   reference_dir, killed_dir = tmp_path / 'reference', tmp_path / 'killed'
-  reference = start(reference_dir)
-  victim = start(killed_dir)
   checkpoint_dir = killed_dir / 'erm_final.partial' / 'checkpoints' / 'erm_final'
-  deadline = time.time() + 300
-  while checkpointed_epoch(checkpoint_dir) < 3 and victim.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  victim.send_signal(signal.SIGKILL)
-  assert victim.wait(timeout=60) == -signal.SIGKILL, 'the run ended before a mid-stage checkpoint was seen'
+  # SIGKILLed once epoch 3 or later is on disk (orbax keeps the newest step only)
+  (victim,) = run_scripts([['experiments/main.py', f'--workdir={killed_dir}', *ARGS]],
+                          kill_when=checkpoint_dir / f'[3-{NUM_EPOCHS - 1}]', timeout=300)
+  assert victim.returncode == -signal.SIGKILL, 'the run ended before a mid-stage checkpoint was seen'
   killed_at = checkpointed_epoch(checkpoint_dir)
   assert 3 <= killed_at < NUM_EPOCHS  # killed inside the stage, its epoch `killed_at` on disk
   assert not (killed_dir / 'erm_final.partial' / 'stages').exists() and not (killed_dir / 'erm_final').exists()
@@ -78,9 +48,9 @@ def test_run_killed_mid_stage_resumes_to_the_same_metrics(tmp_path, start):
   host['seconds'] += MARK
   host_file.write_text(json.dumps(host))
 
-  resume = run_script('experiments/main.py', f'--workdir={killed_dir}', *ARGS)  # forked: no import time
-  assert resume.returncode == 0, resume.stderr[-3000:]
-  _finish(reference, reference_dir)
+  resume, reference = run_scripts([['experiments/main.py', f'--workdir={workdir}', *ARGS]
+                                   for workdir in (killed_dir, reference_dir)], timeout=300)
+  assert resume.returncode == 0 and reference.returncode == 0, (resume.stderr + reference.stderr)[-3000:]
   resumed_dir, reference_dir = killed_dir / 'erm_final', reference_dir / 'erm_final'
   assert (resumed_dir / 'DONE').exists() and not (killed_dir / 'erm_final.partial').exists()
   assert not (resumed_dir / 'checkpoints').exists()

@@ -3,7 +3,8 @@ warm interpreter, which has imported s2f_jax (about 4 s per fresh process, more 
 started no XLA backend, so forking is safe.
 
   python tests/forked_script.py   # stdin: one JSON request per line {"commands": [[SCRIPT, ARG, ...], ...],
-                                  #   "env", "cwd", "timeout"}; the commands of a request run at the same time
+                                  #   "env", "cwd", "timeout", "kill_when"}; the commands of a request run at the
+                                  #   same time
                                   # stdout: one JSON line per request [[exit code, stdout, stderr], ...] (code None:
                                   #   timeout)
 
@@ -13,6 +14,7 @@ traceback and exit 1, `SystemExit` exits with its code, exit handlers run. Setti
 (JAX_PLATFORMS, JAX_ENABLE_X64) come from the server's environment; XLA_FLAGS and everything else from the request.
 """
 import atexit
+import glob
 import importlib
 import json
 import os
@@ -46,9 +48,11 @@ def _child(script: str, args: list[str]) -> int:
 
 
 def run(commands: list[list[str]], env: dict[str, str] | None = None, cwd: str | None = None,
-        timeout: float | None = None) -> list[tuple[int | None, str, str]]:
+        timeout: float | None = None, kill_when: str | None = None) -> list[tuple[int | None, str, str]]:
   """[(exit code, stdout, stderr)] of every command [SCRIPT, *ARGS], each in a forked child, all at once (e.g.
-  the processes of one multi-process run); exit code None for a child that ran past `timeout` s (killed)."""
+  the processes of one multi-process run); exit code None for a child that ran past `timeout` s (killed).
+  kill_when: a glob pattern; once a path matches it, every child still running is SIGKILLed (exit code -9), as a
+  machine failure would stop them (e.g. right after a checkpoint is written)."""
   children = []
   for script, *args in commands:
     out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
@@ -72,6 +76,11 @@ def run(commands: list[list[str]], env: dict[str, str] | None = None, cwd: str |
   deadline = None if timeout is None else time.monotonic() + timeout
   codes = {}
   while len(codes) < len(children):
+    if kill_when is not None and glob.glob(kill_when):
+      for pid, _, _ in children:
+        if pid not in codes:
+          os.kill(pid, 9)
+          codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     for pid, _, _ in children:
       if pid not in codes:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -98,7 +107,7 @@ def serve() -> None:
   for line in sys.stdin:
     request = json.loads(line)
     channel.write(json.dumps(run(request['commands'], request.get('env'), request.get('cwd'),
-                                 request.get('timeout'))) + '\n')
+                                 request.get('timeout'), request.get('kill_when'))) + '\n')
     channel.flush()
 
 
