@@ -11,11 +11,7 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
-import tempfile
 import threading
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,6 +22,7 @@ import pytest
 from flax import traverse_util
 from jax import lax
 
+from conftest import run_script
 from s2f_jax import backend
 from s2f_jax.backend import patches_conv
 from s2f_jax.data.sources import load_digits
@@ -403,46 +400,19 @@ print('SUMMARY ' + json.dumps(loop_test._device_summary()))
 """
 
 
-@functools.cache
-def _two_device_child() -> tuple[subprocess.Popen, Any, Any]:
-  """The subprocess (2 forced host devices) running `_device_summary`, with its stdout and stderr files."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2').strip())
-  out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
-  child = subprocess.Popen([sys.executable, '-c', _CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)))],
-                           env=env, stdout=out, stderr=err, text=True)
-  return child, out, err
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _start_two_device_child_early(request):
-  """Starts the 2-device subprocess at the beginning of the module when its test is selected, so that its
-  compilation overlaps with the other tests (compilation is mostly single-threaded)."""
-  if _single_cpu() and any(item.name == 'test_two_devices_equal_one_device' for item in request.session.items):
-    _two_device_child()
-  yield
-  if _two_device_child.cache_info().currsize:
-    child, out, err = _two_device_child()
-    if child.poll() is None:
-      child.kill()
-      child.wait()
-    out.close()
-    err.close()
-
-
 def _single_cpu() -> bool:
   return jax.default_backend() == 'cpu' and jax.device_count() == 1
 
 
-def test_two_devices_equal_one_device():
+def test_two_devices_equal_one_device(tmp_path):
   if not _single_cpu():
     pytest.skip('the in-process reference needs a single CPU device')
-  child, out, err = _two_device_child()
-  child.wait(timeout=600)
-  out.seek(0)
-  err.seek(0)
-  stdout, stderr = out.read(), err.read()
-  assert child.returncode == 0, stderr[-3000:]
+  script = tmp_path / 'two_devices.py'  # `_device_summary` in a child with 2 forced host devices
+  script.write_text(_CHILD.format(tests=os.path.dirname(os.path.abspath(__file__))))
+  flags = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2').strip()
+  done = run_script(str(script), env={'XLA_FLAGS': flags})
+  stdout, stderr = done.stdout, done.stderr
+  assert done.returncode == 0, stderr[-3000:]
   lines = [l for l in stdout.splitlines() if l.startswith('SUMMARY ')]
   assert lines, stdout[-3000:] + stderr[-3000:]
   two = json.loads(lines[-1][len('SUMMARY '):])
