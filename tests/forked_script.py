@@ -28,8 +28,9 @@ import traceback
 for _module in ('s2f_jax.cli', 's2f_jax.experiment', 's2f_jax.studies', 's2f_jax.sweep', 's2f_jax.visualize',
                 's2f_jax.generalization', 's2f_jax.robust_fine_tune', 's2f_jax.stitching.layer_pairs',
                 's2f_jax.transfer.pairs', 's2f_jax.patching.experiment', 'matplotlib.pyplot',
-                'tensorboardX', 'sklearn.datasets'):  # the event files' writer and the digits loader, imported lazily
+                'sklearn.datasets'):  # the digits loader, imported lazily
   importlib.import_module(_module)
+importlib.import_module('s2f_jax.results.tensorboard').summary_writer_class()  # the event files' writer, as runs do
 
 
 def _child(script: str, args: list[str]) -> int:

@@ -3,10 +3,12 @@ import glob
 import json
 import os
 import struct
+import subprocess
+import sys
 
 from tensorboardX.proto import event_pb2
 
-from conftest import run_small
+from conftest import ROOT, run_small
 
 
 def _scalars(folder: str) -> dict[tuple[str, int], float]:
@@ -48,3 +50,25 @@ def test_tensorboard_off_writes_no_event_files(tmp_path):
   run_small(tmp_path, tensorboard=False)
   assert not glob.glob(str(tmp_path / '**' / 'events.out.tfevents.*'), recursive=True)
   assert (tmp_path / 'erm_fine_tune' / 'history.jsonl').exists()
+
+
+def test_writer_leaves_torch_unimported(tmp_path):
+  """tensorboardX imports torch whenever it is installed; a stand-in torch package on the path shows that writing
+  event files does not load it, and that it still imports afterwards."""
+  (tmp_path / 'torch').mkdir()
+  (tmp_path / 'torch' / '__init__.py').write_text('Tensor = object\n')
+  code = ('import sys, numpy as np\n'
+          'from s2f_jax.results import tensorboard\n'
+          "writer = tensorboard.EpochWriter(sys.argv[1], {'learning_rate': np.array([1e-3])})\n"
+          "writer({'epoch': 0, 'train_loss': np.array([0.5])})\n"
+          'writer.close()\n'
+          "print('torch' in sys.modules)\n"
+          'import torch\n'
+          'print(torch.__file__)\n')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]), JAX_PLATFORMS='cpu')
+  done = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'events')], env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.splitlines() == ['False', str(tmp_path / 'torch' / '__init__.py')]
+  (folder,) = glob.glob(str(tmp_path / 'events' / 'run0_*'))
+  assert _scalars(folder) == {('train/loss', 0): 0.5}
