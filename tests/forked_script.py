@@ -77,20 +77,16 @@ def run(commands: list[list[str]], env: dict[str, str] | None = None, cwd: str |
   deadline = None if timeout is None else time.monotonic() + timeout
   codes = {}
   while len(codes) < len(children):
-    if kill_when is not None and glob.glob(kill_when):
-      for pid, _, _ in children:
-        if pid not in codes:
-          os.kill(pid, 9)
-          codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    matched = kill_when is not None and bool(glob.glob(kill_when))
+    timed_out = deadline is not None and time.monotonic() > deadline
     for pid, _, _ in children:
       if pid not in codes:
         done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-          codes[pid] = os.waitstatus_to_exitcode(status)
-        elif deadline is not None and time.monotonic() > deadline:
+        if not done and (matched or timed_out):
           os.kill(pid, 9)
-          os.waitpid(pid, 0)
-          codes[pid] = None
+          _, status = os.waitpid(pid, 0)
+        if done or matched or timed_out:
+          codes[pid] = None if timed_out and not done else os.waitstatus_to_exitcode(status)
     time.sleep(0.01)
   results = []
   for pid, out, err in children:
