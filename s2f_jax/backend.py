@@ -8,14 +8,19 @@ loop reads as jit + vmap over runs + `jax.sharding` (`training/sharding.py`). On
 - the runs of a fit go one after another inside the compiled program (`runs_per_chunk` = 1, a `lax.map`), because
   the vmapped activations of 8 runs overflow the caches;
 - the runs are cut into concurrent *lanes*, one thread each (`lane_count`, `Lanes`): XLA CPU executes one program's
-  operations one after another, but programs started from two threads run side by side.
+  operations one after another, but programs started from two threads run side by side;
+- a grid of large models trains in consecutive *passes* (`runs_per_pass`), so that the training state held at once
+  stays within `STATE_BUDGET_BYTES` (an eager loop holds one run's; the compiled grid would hold all of them);
+- freed buffers go back to the system (`fixed_mmap_threshold`), not into glibc's heap, where they stayed resident.
 None of them changes a result (tested against the plain path).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import functools
 import os
+import sys
 from typing import Any, Callable
 
 import jax
@@ -25,6 +30,26 @@ import numpy as np
 
 def is_cpu() -> bool:
   return jax.default_backend() == 'cpu'
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+@functools.cache
+def fixed_mmap_threshold() -> bool:
+  """On CPU under Linux's glibc, maps every allocation of at least `MMAP_THRESHOLD_BYTES` on its own, so it goes back
+  to the system when freed (once per process; not if the user set MALLOC_MMAP_THRESHOLD_). glibc's default raises
+  that threshold after each large free, up to 32 MiB, after which the compiled programs' freed buffers and outputs
+  stayed in its heaps, fragmented: a ResNet-4 grid cell peaked at 3.1 GiB instead of 1.9 GiB
+  (docs/benchmarks.md). Returns whether it is set."""
+  if not (sys.platform.startswith('linux') and is_cpu()) or 'MALLOC_MMAP_THRESHOLD_' in os.environ:
+    return False
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):  # not glibc
+    return False
+  return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
 
 
 def window_slices(x: jax.Array, kernel: int, stride: int) -> list[jax.Array]:
@@ -74,6 +99,23 @@ def eval_runs_per_chunk(option: int, chunk: int | None, num_slots: int) -> int |
   `option` is auto, so the first layer is one wide op (on CPU 3-6x faster than runs in sequence, with the same
   examples in flight; lanes do not help); else the training `chunk`."""
   return None if num_slots == 1 and option == 0 else chunk
+
+
+# CPU: the training state (weights, two optimiser moments, best-epoch copy) of the runs held at once, at most
+STATE_BUDGET_BYTES = 512 * 2**20
+STATE_COPIES = 4  # copies of a run's variables in its training state (Adam's two moments; SGD holds one fewer)
+
+
+def runs_per_pass(option: int, num_runs: int, variable_bytes: int, granule: int) -> int:
+  """Runs trained together in one pass of a fit: `option` if > 0; auto (0): all of them on GPU/TPU, and on CPU the
+  most whose training state (`STATE_COPIES` × `variable_bytes`, one run's variables) fits `STATE_BUDGET_BYTES`,
+  rounded down to a multiple of `granule` (the lanes × devices the runs are cut into), at least `granule`."""
+  if option > 0:
+    return min(option, num_runs)
+  if not is_cpu():
+    return num_runs
+  fits = int(STATE_BUDGET_BYTES // max(1, STATE_COPIES * variable_bytes))
+  return min(num_runs, max(granule, fits // granule * granule))
 
 
 def lane_count(option: int, num_runs: int, mesh) -> int:

@@ -53,6 +53,7 @@ def base_config(method: str = 'erm_fine_tune') -> ml_collections.ConfigDict:
   c.train.checkpoint_every_s = 60.0
   c.train.parallel_runs = 0  # runs (grid points) trained side by side per device; 0 = auto (CPU 1, GPU/TPU all)
   c.train.lanes = 0  # CPU: concurrent lanes the runs are cut into, one thread each; 0 = auto (one per core)
+  c.train.resident_runs = 0  # runs whose training state is held at once (the rest in later passes); 0 = auto
   c.train.shard_data = True  # batches split over devices: each device/process holds only its share of the examples
 
   c.grid = ml_collections.ConfigDict()
@@ -151,7 +152,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_constraint(config)
   for section in CONFIG_SECTIONS.values():
     section.validate(config, methods)
-  check_ints(config, 'seed', 'num_epochs', 'train.patience', 'train.parallel_runs', 'train.lanes')
+  check_ints(config, 'seed', 'num_epochs', 'train.patience', 'train.parallel_runs', 'train.lanes',
+             'train.resident_runs')
   if config.seed >= 2 ** 32:  # numpy's legacy seeding (original.md S2F §1.5) takes 32-bit seeds
     raise UserError(f'seed={config.seed} must be below 2**32 = {2 ** 32}')
   for key in ('learning_rate', 'weight_decay', 'dropout', 'adjacent'):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sys
 import threading
 
 import flax.linen as nn
@@ -255,6 +256,74 @@ def test_lanes_equal_one_lane(tmp_path):
     for k, v in _leaves(one.best_variables).items():
       np.testing.assert_array_equal(v, _leaves(other.best_variables)[k], err_msg=k)
   assert len(set(two.best_valid_accuracy)) > 1  # the runs differ
+
+
+@pytest.mark.slow
+def test_passes_equal_one_pass(tmp_path, trained_epochs):
+  """3 runs trained in passes of at most 2 (runs 0-1, then run 2, which stops early: lr 0, patience 1) give what one
+  pass gives: the same variables bit for bit, epochs and accuracies; losses to float rounding. The shorter pass's
+  history repeats its last record, as its stopped run reports in one pass. Killed after 2 epochs (each pass saved
+  as it ends) and resumed, no epoch before the checkpoint trains again and the result is the same."""
+  rows = _grid_rows(GRID, [0, 1, 0])
+  rows['learning_rate'] = np.array([1e-3, 3e-3, 0.0], np.float32)
+  options = dict(num_epochs=4, patience=1, lanes=1)
+  one, passes = _fit(rows, **options), _fit(rows, resident_runs=2, **options)
+  assert one.stop_epoch[2] < one.stop_epoch[:2].max()
+  ckpt = str(tmp_path / 'ckpt')
+  _fit(rows, resident_runs=2, checkpoint_dir=ckpt, checkpoint_every_s=3600, **(options | dict(num_epochs=2)))
+  assert sorted(os.listdir(ckpt)) == ['runs_0', 'runs_2']
+  trained_epochs.clear()
+  resumed = _fit(rows, resident_runs=2, checkpoint_dir=ckpt, checkpoint_every_s=3600, **options)
+  assert trained_epochs and min(trained_epochs) == 3
+  for other in (passes, resumed):
+    assert [h['epoch'] for h in other.history] == [h['epoch'] for h in one.history]
+    for h1, h2 in zip(one.history, other.history, strict=True):
+      for key in h1:
+        np.testing.assert_allclose(h1[key], h2[key], rtol=0 if 'loss' not in key else 1e-6, err_msg=key)
+    for key in ('best_valid_accuracy', 'best_epoch', 'stop_epoch'):
+      np.testing.assert_array_equal(getattr(one, key), getattr(other, key), err_msg=key)
+    for k, v in _leaves(one.best_variables).items():
+      np.testing.assert_array_equal(v, _leaves(other.best_variables)[k], err_msg=k)
+
+
+def test_runs_per_pass_fits_the_state_budget():
+  budget = backend.STATE_BUDGET_BYTES // backend.STATE_COPIES  # one run's variables that fill the budget
+  assert backend.runs_per_pass(3, 8, budget, 2) == 3  # as asked
+  assert backend.runs_per_pass(0, 8, budget // 100, 2) == 8  # small models: every run at once
+  assert backend.runs_per_pass(0, 8, budget // 5, 2) == 4  # 5 fit: a multiple of the 2 lanes
+  assert backend.runs_per_pass(0, 8, budget * 3, 2) == 2  # never fewer than one run per lane
+  assert backend.runs_per_pass(0, 1, budget * 3, 1) == 1
+
+
+_HEAP_PROBE = """
+import ctypes, sys
+from s2f_jax import backend
+print(backend.fixed_mmap_threshold() if sys.argv[1] == 'fixed' else False)
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+def resident():
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * 4096
+size = 4 << 20
+libc.free(libc.malloc(16 << 20))  # a large mapped block freed: glibc's default threshold rises above `size`
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+above = libc.malloc(64)  # a small chunk after it keeps the heap from being trimmed
+before = resident()
+libc.free(block)
+print(before - resident())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc')
+def test_fixed_mmap_threshold_returns_freed_buffers(tmp_path):
+  """With glibc's default, a freed 4 MiB buffer stays resident after a larger one was freed; once
+  `backend.fixed_mmap_threshold` has run it goes back to the system."""
+  script = tmp_path / 'probe.py'
+  script.write_text(_HEAP_PROBE)
+  default, fixed = (run_script(str(script), mode).stdout.split() for mode in ('default', 'fixed'))
+  assert default[0] == 'False' and int(default[1]) < 1 << 20
+  assert fixed[0] == 'True' and int(fixed[1]) >= 4 << 20
 
 
 def test_lanes_split_join_and_run_in_their_own_threads():

@@ -142,7 +142,7 @@ class RunContext:
         eval_batch_size=c.train.eval_batch_size, compat_early_stopping=c.compat.early_stopping_previous,
         checkpoint_dir=os.path.join(root, 'checkpoints', name),
         checkpoint_every_s=c.train.checkpoint_every_s, parallel_runs=c.train.parallel_runs,
-        lanes=c.train.lanes, shard_data=c.train.shard_data, description=name)
+        lanes=c.train.lanes, resident_runs=c.train.resident_runs, shard_data=c.train.shard_data, description=name)
     writer = tensorboard.EpochWriter(os.path.join(root, 'tensorboard', name), grid) if c.tensorboard else None
     request = FitRequest(learner or self.learner(), init, grid, jnp.stack([stage_key] * num_runs), train, valid,
                          options, aux, lambda r: f'seed {c.seed}, {grid_lib.describe(grid, r)}', writer)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -176,7 +177,9 @@ class FitOptions:
   select: the valid metric that picks the best epoch and drives early stopping: 'accuracy', or 'worst_group'
   (the lowest per-group accuracy; needs `valid.groups`).
   parallel_runs: runs `vmap`ed side by side within a lane (`backend.runs_per_chunk`); lanes: concurrent lanes the
-  runs are cut into on a single CPU device (`backend.lane_count`; 0 = auto, one per core). Neither changes results.
+  runs are cut into on a single CPU device (`backend.lane_count`; 0 = auto, one per core); resident_runs: runs whose
+  training state is held at once, the fit training its runs in consecutive passes of at most this many
+  (`backend.runs_per_pass`; 0 = auto: on CPU within a memory budget, else all). None of them changes results.
   shard_data: when training batches are split over devices, each device (and process) holds only its share of the
   examples (`sharding.place_examples`); False: every device holds all of them. Results do not change.
   """
@@ -189,6 +192,7 @@ class FitOptions:
   checkpoint_every_s: float = 60.0
   parallel_runs: int = 0
   lanes: int = 0
+  resident_runs: int = 0
   description: str = 'fit'
   select: str = 'accuracy'
   shard_data: bool = True
@@ -488,7 +492,8 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
         aux: PyTree = None, describe_run: Callable[[int], str] | None = None, slots: np.ndarray | None = None,
         scalings: Sequence[InputScaling] | None = None, on_epoch: Callable[[dict], None] | None = None
         ) -> FitResult:
-  """Trains R runs in one compiled program and returns each run's best epoch.
+  """Trains R runs in one compiled program and returns each run's best epoch. Runs too large to hold at once train
+  in consecutive passes (`FitOptions.resident_runs`), each checkpointed in `<checkpoint_dir>/runs_<first run>`.
 
   Args:
     learner: model, scaling, penalties and frozen layers.
@@ -503,8 +508,59 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     slots: int [R] data slot per run (default: all 0); scalings: the input scaling of every slot (default: the
       learner's).
     on_epoch: called with each new history record (see `FitResult.history`) as soon as it is measured (e.g. a
-      TensorBoard writer); a resumed fit does not repeat the records of the epochs before its checkpoint.
+      TensorBoard writer); a resumed fit does not repeat the records of the epochs before its checkpoint. A fit in
+      several passes calls it once all passes are done, with every record.
   """
+  backend.fixed_mmap_threshold()
+  num_runs = len(next(iter(hparams.values())))
+  mesh = sharding.run_mesh(num_runs, options.batch_size)
+  variable_bytes = sum(int(np.prod(np.shape(x)[1:])) * np.dtype(x.dtype).itemsize
+                       for x in jax.tree_util.tree_leaves(init_variables))
+  granule = backend.lane_count(options.lanes, num_runs, mesh) * sharding.run_groups(mesh)
+  per_pass = backend.runs_per_pass(options.resident_runs, num_runs, variable_bytes, granule)
+  if per_pass >= num_runs:
+    return _fit_pass(learner, init_variables, hparams, keys, train, valid, options, aux, describe_run, slots,
+                     scalings, on_epoch)
+  describe_run = describe_run or (lambda r: f'run {r}')
+  slots = np.zeros(num_runs, np.int32) if slots is None else np.asarray(slots, np.int32)
+  parts = []
+  for start in range(0, num_runs, per_pass):
+    part = slice(start, min(start + per_pass, num_runs))
+    part_options = dataclasses.replace(
+        options, description=f'{options.description} runs {start + 1}-{part.stop}/{num_runs}',
+        checkpoint_dir=options.checkpoint_dir and os.path.join(options.checkpoint_dir, f'runs_{start}'))
+    parts.append(_fit_pass(
+        learner, grid_lib.take(init_variables, part), {k: np.asarray(v)[part] for k, v in hparams.items()},
+        keys[part], train, valid, part_options, None if aux is None else grid_lib.take(aux, part),
+        lambda r, start=start: describe_run(r + start), slots[part], scalings, save_at_end=True))
+  result = _joined(parts)
+  for record in result.history:
+    (on_epoch or (lambda record: None))(record)
+  return result
+
+
+def _joined(parts: Sequence[FitResult]) -> FitResult:
+  """One fit's result from those of its passes (consecutive runs). A pass that stopped before the longest one
+  repeats its last history record, as its stopped runs would have reported (their variables no longer change)."""
+  length = max(len(p.history) for p in parts)
+  history = [{k: e if k == 'epoch' else sum((p.history[min(e, len(p.history) - 1)][k] for p in parts), [])
+              for k in parts[0].history[0]} for e in range(length)]
+  seconds = sum(p.train_seconds for p in parts)
+  examples = sum(p.examples_per_second * p.train_seconds for p in parts)
+  return FitResult(
+      best_variables=grid_lib.concat([p.best_variables for p in parts]),
+      best_valid_accuracy=np.concatenate([p.best_valid_accuracy for p in parts]),
+      best_epoch=np.concatenate([p.best_epoch for p in parts]),
+      stop_epoch=np.concatenate([p.stop_epoch for p in parts]),
+      history=history, train_seconds=seconds, examples_per_second=examples / max(seconds, 1e-9))
+
+
+def _fit_pass(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray], keys: jax.Array,
+              train: Examples | Sequence[Examples], valid: Examples | Sequence[Examples], options: FitOptions,
+              aux: PyTree = None, describe_run: Callable[[int], str] | None = None, slots: np.ndarray | None = None,
+              scalings: Sequence[InputScaling] | None = None, on_epoch: Callable[[dict], None] | None = None,
+              save_at_end: bool = False) -> FitResult:
+  """`fit`'s runs all held at once; save_at_end: checkpoint the finished fit too (a resumed pass then returns it)."""
   num_runs = len(next(iter(hparams.values())))
   trains, valids = ([x] if isinstance(x, Examples) else list(x) for x in (train, valid))
   slots = np.zeros(num_runs, np.int32) if slots is None else np.asarray(slots, np.int32)
@@ -573,6 +629,7 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     like = {'state': state[0], 'best': best[0]}
     restored = (checkpoint.restore(lambda host: backend.lane_shapes(like, host['lanes'], host['runs']))
                 if checkpoint else None)
+    saved_epoch = None if restored is None else restored[0]
     if restored is None:
       epoch, examples, elapsed = 0, 0, 0.0
       tr_loss, tr_acc, _ = evaluate(variables, train_eval, is_valid=False)
@@ -594,6 +651,13 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
                                   for k, v in host['stopping'].items()})
     stopping.active[num_runs:] = False  # padding runs
     describe_run = describe_run or (lambda r: f'run {r}')
+
+    def save():
+      nonlocal last_save, saved_epoch
+      host = {'stopping': stopping.to_json(), 'history': history, 'examples': examples, 'seconds': elapsed,
+              'lanes': lanes.count, 'runs': size}
+      checkpoint.save(epoch, [{'state': s, 'best': b} for s, b in zip(state, best)], host)
+      last_save, saved_epoch = time.time(), epoch
     last_save = time.time()
     bar = progress_bar(options.num_epochs, options.description)
     bar.update(epoch)
@@ -624,10 +688,9 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
       bar.update(1)
       bar.set_postfix(best_valid=f'{stopping.best_acc[:num_runs].max():.3f}', running=int(stopping.active.sum()))
       if checkpoint and sharding.agreed(time.time() - last_save >= options.checkpoint_every_s):
-        host = {'stopping': stopping.to_json(), 'history': history, 'examples': examples, 'seconds': elapsed,
-                'lanes': lanes.count, 'runs': size}
-        checkpoint.save(epoch, [{'state': s, 'best': b} for s, b in zip(state, best)], host)
-        last_save = time.time()
+        save()
+    if checkpoint and save_at_end and saved_epoch != epoch:
+      save()
     bar.close()
     del state, variables  # freed before the lanes' best variables are joined
     best = lanes.join(best)
