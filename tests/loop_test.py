@@ -304,8 +304,8 @@ libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p,
 def resident():
   with open('/proc/self/statm') as f:
     return int(f.read().split()[1]) * 4096
-size = 4 << 20
-libc.free(libc.malloc(16 << 20))  # a large mapped block freed: glibc's default threshold rises above `size`
+size = 20 << 20  # above backend.MMAP_THRESHOLD_BYTES
+libc.free(libc.malloc(30 << 20))  # a large mapped block freed: glibc's default threshold rises above `size`
 block = libc.malloc(size)
 ctypes.memset(block, 1, size)
 above = libc.malloc(64)  # a small chunk after it keeps the heap from being trimmed
@@ -317,13 +317,13 @@ print(before - resident())
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc')
 def test_fixed_mmap_threshold_returns_freed_buffers(tmp_path):
-  """With glibc's default, a freed 4 MiB buffer stays resident after a larger one was freed; once
+  """With glibc's default, a freed 20 MiB buffer stays resident after a larger one was freed; once
   `backend.fixed_mmap_threshold` has run it goes back to the system."""
   script = tmp_path / 'probe.py'
   script.write_text(_HEAP_PROBE)
   default, fixed = (run_script(str(script), mode).stdout.split() for mode in ('default', 'fixed'))
   assert default[0] == 'False' and int(default[1]) < 1 << 20
-  assert fixed[0] == 'True' and int(fixed[1]) >= 4 << 20
+  assert fixed[0] == 'True' and int(fixed[1]) >= 20 << 20
 
 
 def test_lanes_split_join_and_run_in_their_own_threads():
