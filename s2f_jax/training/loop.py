@@ -522,7 +522,6 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     return _fit_pass(learner, init_variables, hparams, keys, train, valid, options, aux, describe_run, slots,
                      scalings, on_epoch)
   describe_run = describe_run or (lambda r: f'run {r}')
-  slots = np.zeros(num_runs, np.int32) if slots is None else np.asarray(slots, np.int32)
   parts = []
   for start in range(0, num_runs, per_pass):
     part = slice(start, min(start + per_pass, num_runs))
@@ -532,10 +531,11 @@ def fit(learner: Learner, init_variables: PyTree, hparams: dict[str, np.ndarray]
     parts.append(_fit_pass(
         learner, grid_lib.take(init_variables, part), {k: np.asarray(v)[part] for k, v in hparams.items()},
         keys[part], train, valid, part_options, None if aux is None else grid_lib.take(aux, part),
-        lambda r, start=start: describe_run(r + start), slots[part], scalings, save_at_end=True))
+        lambda r, start=start: describe_run(r + start), None if slots is None else np.asarray(slots)[part],
+        scalings, save_at_end=True))
   result = _joined(parts)
-  for record in result.history:
-    (on_epoch or (lambda record: None))(record)
+  for record in result.history if on_epoch else ():
+    on_epoch(record)
   return result
 
 
