@@ -11,16 +11,20 @@ loop reads as jit + vmap over runs + `jax.sharding` (`training/sharding.py`). On
   operations one after another, but programs started from two threads run side by side;
 - a grid of large models trains in consecutive *passes* (`runs_per_pass`), so that the training state held at once
   stays within `STATE_BUDGET_BYTES` (an eager loop holds one run's; the compiled grid would hold all of them);
+- training steps keep a stride-1 convolution's input for the backward pass, not its k²× larger im2col columns
+  (`lean_conv_gradients`);
 - freed buffers go back to the system (`fixed_mmap_threshold`), not into glibc's heap, where they stayed resident.
 None of them changes a result (tested against the plain path).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import os
 import sys
+import threading
 from typing import Any, Callable
 
 import jax
@@ -61,12 +65,55 @@ def window_slices(x: jax.Array, kernel: int, stride: int) -> list[jax.Array]:
           for i in range(kernel) for j in range(kernel)]
 
 
+def _columns(x, kernel, stride, padding):
+  """im2col: [N, H, W, C] -> [N, OH, OW, kernel²·C], the padded windows' values, offset-major."""
+  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  return jnp.concatenate(window_slices(x, kernel, stride), axis=-1)
+
+
 def _patches_conv(lhs, rhs, window_strides, padding, precision):
   kh, kw, cin, cout = rhs.shape
   assert kh == kw and window_strides[0] == window_strides[1]
-  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  cols = jnp.concatenate(window_slices(x, kh, window_strides[0]), axis=-1)
+  cols = _columns(lhs, kh, window_strides[0], padding)
   return jnp.einsum('nhwk,ko->nhwo', cols, rhs.reshape(kh * kw * cin, cout), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _same_conv(lhs, rhs, window_strides, padding, precision):
+  """`_patches_conv` at stride 1 with padding k//2 (odd k), whose backward pass keeps the input instead of its k²×
+  larger columns: both gradients come from the columns of the output's cotangent g (a full correlation)."""
+  return _patches_conv(lhs, rhs, window_strides, padding, precision)
+
+
+def _same_conv_fwd(lhs, rhs, window_strides, padding, precision):
+  return _patches_conv(lhs, rhs, window_strides, padding, precision), (lhs, rhs)
+
+
+def _same_conv_bwd(window_strides, padding, precision, residuals, g):
+  lhs, rhs = residuals
+  k, _, cin, cout = rhs.shape
+  g_cols = _columns(g, k, 1, padding)  # channel block (a, b) holds g[h + k//2 - a, w + k//2 - b]
+  d_rhs = jnp.einsum('nhwc,nhwk->ck', lhs, g_cols, precision=precision).reshape(cin, k, k, cout)
+  flipped = rhs[::-1, ::-1].transpose(0, 1, 3, 2).reshape(k * k * cout, cin)
+  d_lhs = jnp.einsum('nhwk,kc->nhwc', g_cols, flipped, precision=precision)
+  return d_lhs, d_rhs[:, ::-1, ::-1, :].transpose(1, 2, 0, 3)
+
+
+_same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def lean_conv_gradients():
+  """While a training step is traced inside it, CPU's stride-1 k×k convolutions (padding k//2) keep their input
+  for the backward pass instead of its k²× larger im2col columns (`_same_conv`; the same gradients, summed in
+  another order). Functions traced so have no forward-mode derivative (`jax.jvp`), so only training steps use it."""
+  before = getattr(_tracing, 'lean', False)
+  _tracing.lean = True
+  try:
+    yield
+  finally:
+    _tracing.lean = before
 
 
 # an eager call (e.g. a model initialised or applied outside jit) compiles one program, not one per window slice
@@ -79,7 +126,12 @@ def patches_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
   assert feature_group_count == 1
   window_strides, padding = tuple(window_strides), tuple(tuple(p) for p in padding)
   traced = isinstance(lhs, jax.core.Tracer) or isinstance(rhs, jax.core.Tracer)
-  return (_patches_conv if traced else _patches_conv_eager)(lhs, rhs, window_strides, padding, precision)
+  if not traced:
+    return _patches_conv_eager(lhs, rhs, window_strides, padding, precision)
+  k = rhs.shape[0]
+  same = k > 1 and k % 2 == 1 and window_strides == (1, 1) and padding == ((k // 2, k // 2),) * 2
+  lean = same and getattr(_tracing, 'lean', False)
+  return (_same_conv if lean else _patches_conv)(lhs, rhs, window_strides, padding, precision)
 
 
 def conv_general_dilated() -> Callable:

@@ -834,6 +834,35 @@ def test_patches_conv_equals_xla_conv(size, kernel, stride):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.parametrize('size, kernel', [(9, 3), (8, 3), (6, 5)])
+def test_lean_conv_gradients_keep_the_input_not_its_columns(size, kernel):
+  rng = np.random.default_rng(size * 10 + kernel)
+  x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)) / kernel, jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(2, size, size, 5)), jnp.float32)
+  padding = ((kernel // 2, kernel // 2),) * 2
+
+  def ours(x, w):
+    return patches_conv(x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def kept_and_grads():  # the arrays the backward pass keeps (bytes), and the gradients of <conv, cot>
+    _, vjp = jax.vjp(ours, x, w)
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp)), vjp(cot)
+  want = jax.vjp(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=(
+      'NHWC', 'HWIO', 'NHWC'), precision=lax.Precision.HIGHEST), x, w)[1](cot)
+  plain_bytes, plain = kept_and_grads()
+  with backend.lean_conv_gradients():
+    lean_bytes, lean = kept_and_grads()
+  assert lean_bytes == x.nbytes + w.nbytes
+  assert plain_bytes >= kernel ** 2 * x.nbytes  # the im2col columns
+  for got in (plain, lean):
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a, b, atol=1e-4)
+  # outside the context the convolution keeps its forward-mode derivative (e.g. for Hessian-vector products)
+  _, tangent = jax.jvp(ours, (x, w), (x, w))
+  np.testing.assert_allclose(tangent, 2 * ours(x, w), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('size', [16, 15, 9, 8, 5, 2])
 def test_max_pool_equals_flax(size):
   rng = np.random.default_rng(size)

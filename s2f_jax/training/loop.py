@@ -418,8 +418,9 @@ def _compiled(learner: Learner, batch_size: int):
   def loss_fn(params, batch_stats, obj_state, tracked, images, labels, weights, mask, hparams, rng, aux, iteration,
               scale):
     lead = images.shape[:-3]
-    logits, new_stats = learner.forward({'params': params, 'batch_stats': batch_stats}, images, hparams=hparams,
-                                        rng=rng, mask=mask, scale=scale)
+    with backend.lean_conv_gradients():
+      logits, new_stats = learner.forward({'params': params, 'batch_stats': batch_stats}, images, hparams=hparams,
+                                          rng=rng, mask=mask, scale=scale)
     data_term, obj_state = learner.objective(logits, labels, weights, mask, obj_state, hparams, iteration)
     total = data_term + learner.penalty(params, hparams, aux, tracked)
     originals = logits if len(lead) == 2 else logits[:, :, 0]
