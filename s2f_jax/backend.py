@@ -13,7 +13,8 @@ loop reads as jit + vmap over runs + `jax.sharding` (`training/sharding.py`). On
   stays within `STATE_BUDGET_BYTES` (an eager loop holds one run's; the compiled grid would hold all of them);
 - training steps keep a stride-1 convolution's input for the backward pass, not its k²× larger im2col columns
   (`lean_conv_gradients`);
-- freed buffers go back to the system (`fixed_mmap_threshold`), not into glibc's heap, where they stayed resident.
+- freed buffers go back to the system (`fixed_mmap_threshold`, `trimmed_heap` after every program call), not into
+  glibc's heaps, where they stayed resident.
 None of them changes a result (tested against the plain path).
 """
 from __future__ import annotations
@@ -55,6 +56,53 @@ def fixed_mmap_threshold() -> bool:
   except (OSError, AttributeError):  # not glibc
     return False
   return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+
+
+# the bytes free in glibc's heaps above which a program call hands them back (`trimmed_heap`)
+TRIM_FREE_BYTES = 64 << 20
+
+
+class _Mallinfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in
+              ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
+
+
+@functools.cache
+def _glibc() -> Any:
+  """The C library if it is glibc ≥ 2.33 (has `mallinfo2`) under Linux, else None."""
+  if not sys.platform.startswith('linux'):
+    return None
+  try:
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _Mallinfo2
+    libc.malloc_trim  # noqa: B018 (present)
+  except (OSError, AttributeError):
+    return None
+  return libc
+
+
+def _resident_bytes() -> int:
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+_resident_after_trim = [0]
+
+
+def trimmed_heap() -> int:
+  """On CPU under glibc: when the process grew by at least `TRIM_FREE_BYTES` since the last trim and glibc's heaps
+  hold as much free, returns their free pages to the system (`malloc_trim`) and gives the bytes given back; else 0.
+  Buffers under the mmap threshold come from per-thread heaps that only shrink from the top, so between the program
+  calls of a DenseNet-4 cell gigabytes sat free in them (docs/benchmarks.md)."""
+  libc = _glibc() if is_cpu() else None
+  if libc is None:
+    return 0
+  before = _resident_bytes()
+  if before - _resident_after_trim[0] < TRIM_FREE_BYTES or libc.mallinfo2().fordblks < TRIM_FREE_BYTES:
+    return 0
+  libc.malloc_trim(0)
+  _resident_after_trim[0] = _resident_bytes()
+  return max(0, before - _resident_after_trim[0])
 
 
 def window_slices(x: jax.Array, kernel: int, stride: int) -> list[jax.Array]:
@@ -250,8 +298,12 @@ class Lanes:
                                         per_leaf(_concatenate, list(zip(*lanes))))
 
   def map(self, fn: Callable, *per_lane: list[Any]) -> list[Any]:
-    """[fn(*lane i's arguments)] for every lane, the lanes concurrently; each result is ready when returned."""
+    """[fn(*lane i's arguments)] for every lane, the lanes concurrently; each result is ready when returned, and
+    the heap's free memory is handed back (`trimmed_heap`)."""
     call = lambda *args: jax.block_until_ready(fn(*args))
     if self._pool is None:
-      return [call(*args) for args in zip(*per_lane)]
-    return list(self._pool.map(call, *per_lane))
+      out = [call(*args) for args in zip(*per_lane)]
+    else:
+      out = list(self._pool.map(call, *per_lane))
+    trimmed_heap()
+    return out

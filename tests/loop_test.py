@@ -326,6 +326,31 @@ def test_fixed_mmap_threshold_returns_freed_buffers(tmp_path):
   assert fixed[0] == 'True' and int(fixed[1]) >= 20 << 20
 
 
+_TRIM_PROBE = """
+import ctypes
+from s2f_jax import backend
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+blocks = [libc.malloc(4096) for _ in range(50_000)]  # 200 MiB in small chunks (under any mmap threshold)
+for b in blocks:
+  ctypes.memset(b, 1, 4096)
+above = libc.malloc(64)  # keeps the heap from shrinking at its top when the blocks are freed
+for b in blocks:
+  libc.free(b)
+print(backend.trimmed_heap(), backend.trimmed_heap())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc')
+def test_trimmed_heap_returns_free_chunks_once(tmp_path):
+  """200 MiB of freed small chunks stay resident in glibc's heap until `backend.trimmed_heap` hands them back; a
+  second call right after finds nothing new to give."""
+  script = tmp_path / 'probe.py'
+  script.write_text(_TRIM_PROBE)
+  first, second = map(int, run_script(str(script)).stdout.split())
+  assert first >= 150 << 20 and second == 0
+
+
 def test_lanes_split_join_and_run_in_their_own_threads():
   tree = {'a': np.arange(12).reshape(6, 2), 'b': jnp.arange(6.0)}
   with backend.Lanes(3) as lanes:
