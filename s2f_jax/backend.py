@@ -37,6 +37,27 @@ def is_cpu() -> bool:
   return jax.default_backend() == 'cpu'
 
 
+class _Mallinfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in
+              ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
+
+
+@functools.cache
+def _glibc() -> Any:
+  """The C library under Linux if it is glibc (has `mallopt` and `malloc_trim`), else None."""
+  if not sys.platform.startswith('linux'):
+    return None
+  try:
+    libc = ctypes.CDLL(None)
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.mallopt  # noqa: B018
+  except (OSError, AttributeError):  # not glibc
+    return None
+  if hasattr(libc, 'mallinfo2'):  # glibc ≥ 2.33
+    libc.mallinfo2.restype = _Mallinfo2
+  return libc
+
+
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 # ResNet-4's cell peaked at 1976 / 2248 / 3184 MiB with 1 / 4 / 16 MiB; ResNet-1 trained 8% / 5% / 6% slower
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -49,36 +70,14 @@ def fixed_mmap_threshold() -> bool:
   that threshold after each large free, up to 32 MiB, after which the compiled programs' freed buffers and outputs
   stayed in its heaps, fragmented: a ResNet-4 grid cell peaked at 3.2 GiB instead of 2.0 GiB
   (docs/benchmarks.md). Returns whether it is set."""
-  if not (sys.platform.startswith('linux') and is_cpu()) or 'MALLOC_MMAP_THRESHOLD_' in os.environ:
+  libc = _glibc()
+  if libc is None or not is_cpu() or 'MALLOC_MMAP_THRESHOLD_' in os.environ:
     return False
-  try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except (OSError, AttributeError):  # not glibc
-    return False
-  return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+  return libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
 
 
 # how much the process must have grown since the last trim, and glibc's heaps hold free, for a trim (`trimmed_heap`)
 TRIM_FREE_BYTES = 64 << 20
-
-
-class _Mallinfo2(ctypes.Structure):
-  _fields_ = [(name, ctypes.c_size_t) for name in
-              ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
-
-
-@functools.cache
-def _glibc() -> Any:
-  """The C library if it is glibc ≥ 2.33 (has `mallinfo2`) under Linux, else None."""
-  if not sys.platform.startswith('linux'):
-    return None
-  try:
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = _Mallinfo2
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-  except (OSError, AttributeError):
-    return None
-  return libc
 
 
 def _resident_bytes() -> int:
@@ -95,7 +94,7 @@ def trimmed_heap() -> int:
   Buffers under the mmap threshold come from per-thread heaps that only shrink from the top, so between the program
   calls of a DenseNet-4 cell gigabytes sat free in them (docs/benchmarks.md)."""
   libc = _glibc() if is_cpu() else None
-  if libc is None:
+  if libc is None or not hasattr(libc, 'mallinfo2'):
     return 0
   before = _resident_bytes()
   if before - _resident_after_trim[0] < TRIM_FREE_BYTES or libc.mallinfo2().fordblks < TRIM_FREE_BYTES:

@@ -295,12 +295,14 @@ def test_runs_per_pass_fits_the_state_budget():
   assert backend.runs_per_pass(0, 1, budget * 3, 1) == 1
 
 
-_HEAP_PROBE = """
+_LIBC = """
 import ctypes, sys
 from s2f_jax import backend
-print(backend.fixed_mmap_threshold() if sys.argv[1] == 'fixed' else False)
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+"""
+_HEAP_PROBE = _LIBC + """
+print(backend.fixed_mmap_threshold() if sys.argv[1] == 'fixed' else False)
 def resident():
   with open('/proc/self/statm') as f:
     return int(f.read().split()[1]) * 4096
@@ -326,11 +328,7 @@ def test_fixed_mmap_threshold_returns_freed_buffers(tmp_path):
   assert fixed[0] == 'True' and int(fixed[1]) >= 20 << 20
 
 
-_TRIM_PROBE = """
-import ctypes
-from s2f_jax import backend
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+_TRIM_PROBE = _LIBC + """
 blocks = [libc.malloc(4096) for _ in range(50_000)]  # 200 MiB in small chunks (under any mmap threshold)
 for b in blocks:
   ctypes.memset(b, 1, 4096)
