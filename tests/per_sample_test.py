@@ -22,7 +22,7 @@ from s2f_jax.training.per_sample import empirical_fisher, layer_scores, per_samp
 
 N = 20
 BATCH = 8
-RTOL = 1e-5
+RTOL = 5e-5  # float32 gradients summed in another order, then squared (relative errors to ~1.2e-5 on AVX2)
 _per_sample_grads = jax.jit(per_sample_grads, static_argnums=0)  # one compile serves two tests
 
 
