@@ -12,8 +12,9 @@
    one-run fits of the default grid model in one process alone, then in one process per core at the same time
    (each process starts timing once every process has compiled); with XLA's default CPU threading and with one
    thread per process.
-4. Kernels (on CPU): `patches_conv` vs `lax.conv_general_dilated` and `max_pool_3x3_s2` vs `nn.max_pool`,
-   forward+backward, single and vmapped over 8 runs.
+4. Kernels (on CPU): `patches_conv` vs `lax.conv_general_dilated`, forward+backward, single and vmapped over 8
+   runs; the 3×3 max pool (`max_pool_3x3_s2`, XLA's reduce-window) vs a max over its 9 strided views, alone and as
+   the stem's pool in a DenseNet-1 / ResNet-1 training step (gradients of a batch of 100, width 64, 32×32).
 
 Waits (at most 10 min) for the 1-minute load average to drop below 1.2 before measuring. Prints markdown tables.
 Run: python benchmarks/train_benchmark.py [--quick] [--sections throughput,grid,cores,kernels]
@@ -39,7 +40,7 @@ from s2f_jax import backend
 from s2f_jax.backend import patches_conv
 from s2f_jax.data.sources import load_digits
 from s2f_jax.models import make_model
-from s2f_jax.models.layers import max_pool_3x3_s2
+from s2f_jax.models import layers
 from s2f_jax.training import grid as grid_lib
 from s2f_jax.training import loop
 from s2f_jax.training.loop import Examples, FitOptions, Learner, fit
@@ -227,12 +228,13 @@ def _concurrent_children(procs: int, count: int, epochs: int, xla_flags: str) ->
 
 
 def kernels() -> None:
-  """Forward+backward (grads w.r.t. input and kernel) of the CPU conv and pool kernels against XLA's."""
+  """Forward+backward (grads w.r.t. input and kernel) of im2col convolution and the strided-views max pool against
+  XLA's convolution and reduce-window (the library uses im2col and reduce-window on CPU)."""
   rng = np.random.default_rng(0)
   cases = [('conv 3×3 s1, [100,8,8,64]→64', (100, 8, 8, 64), (3, 3, 64, 64), 1),
            ('stem conv 7×7 s2, [100,32,32,3]→64', (100, 32, 32, 3), (7, 7, 3, 64), 2)]
   print('\n## CPU kernels, forward+backward (ms, best of 3)\n')
-  print('| op | runs | ours (ms) | XLA (ms) | XLA / ours |')
+  print('| op | runs | im2col / strided views (ms) | XLA\'s op (ms) | XLA / views |')
   print('|---|---:|---:|---:|---:|')
 
   def row(label, ours, xla, args, runs):
@@ -256,9 +258,43 @@ def kernels() -> None:
       row(label, loss(patches_conv), loss(jax.lax.conv_general_dilated), args, runs)
   x = (rng.standard_normal((100, 16, 16, 64), np.float32),)
   for runs in (1, 8):
-    row('max-pool 3×3 s2, [100,16,16,64]', lambda x: jnp.sum(max_pool_3x3_s2(x) ** 2),
-        lambda x: jnp.sum(nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))) ** 2), x, runs)
+    row('max-pool 3×3 s2, [100,16,16,64]', lambda x: jnp.sum(views_max_pool(x) ** 2),
+        lambda x: jnp.sum(layers.max_pool_3x3_s2(x) ** 2), x, runs)
+  images = (rng.standard_normal((100, 32, 32, 3), np.float32), np.zeros(100, np.int32))
+  for name in ('densenet', 'resnet'):
+    steps = [training_step(name, pool) for pool in (views_max_pool, layers.max_pool_3x3_s2)]
+    for _ in range(2):  # the two programs timed in turn
+      t_views, t_xla = (best_time(lambda: step(*images)) for step in steps)
+    print(f'| {name}-1 training step, stem pool | 1 | {1000 * t_views:.2f} | {1000 * t_xla:.2f} | '
+          f'{t_xla / t_views:.2f}x |', flush=True)
 
+
+def views_max_pool(x: jax.Array) -> jax.Array:
+  """The 3×3 s2 max pool as a max over its 9 strided views (the CPU pool here until 2026-12-08), for comparison."""
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return functools.reduce(jnp.maximum, backend.window_slices(x, 3, 2))
+
+
+def training_step(name: str, pool: Callable) -> Callable:
+  """A compiled gradient of one training batch of the 1-block `name` model (width 64) whose stem pools with `pool`."""
+  original, layers.max_pool_3x3_s2 = layers.max_pool_3x3_s2, pool  # the stem looks it up as it is traced
+  try:
+    model = make_model(name, 1, 10, 64)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+    def loss(params, x, y):
+      logits, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.key(1)})
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+    def grad(x, y):
+      with backend.lean_conv_gradients():
+        return jax.grad(loss)(variables['params'], x, y)
+    step = jax.jit(grad)
+    jax.block_until_ready(step(jnp.zeros((100, 32, 32, 3)), jnp.zeros(100, jnp.int32)))  # traced with `pool`
+    return step
+  finally:
+    layers.max_pool_3x3_s2 = original
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -886,20 +886,20 @@ def test_lean_conv_gradients_keep_the_input_not_its_columns(size, kernel):
   np.testing.assert_allclose(tangent, 2 * ours(x, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('size', [16, 15, 9, 8, 5, 2])
-def test_max_pool_equals_flax(size):
-  rng = np.random.default_rng(size)
-  x = jnp.asarray(rng.normal(size=(2, size, size + 1, 4)), jnp.float32)
-
-  def flax_pool(x):
-    return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-  want, got = jax.jit(flax_pool)(x), jax.jit(max_pool_3x3_s2)(x)
-  assert got.shape == want.shape
-  np.testing.assert_array_equal(got, want)
-  cot = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
-  g_want = jax.jit(jax.grad(lambda x: jnp.sum(flax_pool(x) * cot)))(x)
-  g_got = jax.jit(jax.grad(lambda x: jnp.sum(max_pool_3x3_s2(x) * cot)))(x)
-  np.testing.assert_allclose(g_got, g_want, atol=1e-6)
+def test_max_pool_is_pytorchs_and_its_gradient_goes_to_the_first_maximum():
+  x = np.arange(2 * 5 * 4 * 3, dtype=np.float32).reshape(2, 5, 4, 3) % 7  # ties inside windows
+  got = np.asarray(jax.jit(max_pool_3x3_s2)(x))
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+  want = np.stack([np.stack([padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2)) for j in range(2)], 1)
+                   for i in range(3)], 1)
+  np.testing.assert_array_equal(got, want)  # [2, 3, 2, 3]: ceil(5/2) × ceil(4/2)
+  # All-equal input: every window's gradient lands on its first (top-left, unpadded) element, as PyTorch's.
+  grad = np.asarray(jax.grad(lambda x: jnp.sum(max_pool_3x3_s2(x)))(jnp.zeros((1, 5, 4, 1))))[0, :, :, 0]
+  want = np.zeros((5, 4))
+  for i in range(3):
+    for j in range(2):
+      want[max(0, 2 * i - 1), max(0, 2 * j - 1)] += 1
+  np.testing.assert_array_equal(grad, want)
 
 
 def test_augmentation_reaches_training_batches_only():

@@ -63,16 +63,14 @@ def conv(x: jax.Array, features: int, kernel: int, stride: int = 1, name: str | 
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-  """PyTorch MaxPool2d(3, stride 2, padding 1) (padding never wins) as a max over 9 strided views.
+  """PyTorch MaxPool2d(3, stride 2, padding 1) (padding never wins); like PyTorch, its gradient goes to the first
+  maximum of each window. [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C].
 
-  Same values as `nn.max_pool`; its gradient avoids XLA's select-and-scatter, which is slow on CPU.
+  XLA's reduce-window, on CPU too: a max over the 9 strided views had a 4x faster gradient alone, but in DenseNet
+  XLA CPU fused the dense block's whole backward pass into each of the views' 9 reads of the pool's cotangent
+  (a DenseNet-1 training step took 1.25x as long; docs/benchmarks.md).
   """
-  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  views = backend.window_slices(x, 3, 2)
-  out = views[0]
-  for v in views[1:]:
-    out = jnp.maximum(out, v)
-  return out
+  return nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
 
 def batch_norm(x: jax.Array, train: bool, mask: jax.Array | None, name: str | None = None) -> jax.Array:
