@@ -66,7 +66,7 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """PyTorch MaxPool2d(3, stride 2, padding 1) (padding never wins); like PyTorch, its gradient goes to the first
   maximum of each window. [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C].
 
-  XLA's reduce-window, on CPU too: a max over the 9 strided views had a 4x faster gradient alone, but in DenseNet
+  XLA's reduce-window, on CPU too: a max over the 9 strided views had a 4–7x faster gradient alone, but in DenseNet
   XLA CPU fused the dense block's whole backward pass into each of the views' 9 reads of the pool's cotangent
   (a DenseNet-1 training step took 1.25x as long; docs/benchmarks.md).
   """
