@@ -31,7 +31,6 @@ import tempfile
 import time
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
