@@ -118,11 +118,34 @@ def _columns(x, kernel, stride, padding):
   return jnp.concatenate(window_slices(x, kernel, stride), axis=-1)
 
 
+def _shifted_sum(y, kernel, padding, out_hw):
+  """col2im: [N, H, W, kernel²·C] offset-major blocks -> [N, OH, OW, C], out[:, h, w] = Σ_ab y_pad[:, h+a, w+b, ab]."""
+  y = jnp.pad(y, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  c, (oh, ow) = y.shape[-1] // kernel ** 2, out_hw
+  blocks = [y[:, a:a + oh, b:b + ow, (a * kernel + b) * c:(a * kernel + b + 1) * c]
+            for a in range(kernel) for b in range(kernel)]
+  return functools.reduce(jnp.add, blocks)
+
+
 def _patches_conv(lhs, rhs, window_strides, padding, precision):
   kh, kw, cin, cout = rhs.shape
   assert kh == kw and window_strides[0] == window_strides[1]
+  if kh > 1 and window_strides[0] == 1 and cout < cin:
+    # copy the narrower side k² times: one matmul to k²·cout channels, then their shifted sum (col2im), whose slices
+    # read a matmul's output, which XLA cannot recompute in them (DenseNet-1's evaluation 0.61x, docs/benchmarks.md)
+    y = jnp.einsum('nhwc,cq->nhwq', lhs, rhs.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout), precision=precision)
+    out_hw = tuple(lhs.shape[1 + i] + sum(padding[i]) - kh + 1 for i in (0, 1))
+    return _shifted_sum(y, kh, padding, out_hw)
   cols = _columns(lhs, kh, window_strides[0], padding)
   return jnp.einsum('nhwk,ko->nhwo', cols, rhs.reshape(kh * kw * cin, cout), precision=precision)
+
+
+def _materialized(x):
+  """x, computed once into a buffer: a matmul with the identity (exact). XLA CPU fuses a cheap elementwise producer
+  into each of the k² window slices that read it, so a DenseNet layer's cotangent (the sum of every later layer's
+  BN backward pass) was computed 9 times per 3×3 convolution; it cannot fuse into a matmul's output. Costs
+  cout/(k²·cin) of the input gradient's matmul: a DenseNet-1 step 0.77x, a ResNet-1 step (cout = cin) 1.02x."""
+  return jnp.einsum('...c,cd->...d', x, jnp.eye(x.shape[-1], dtype=x.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -139,7 +162,8 @@ def _same_conv_fwd(lhs, rhs, window_strides, padding, precision):
 def _same_conv_bwd(window_strides, padding, precision, residuals, g):
   lhs, rhs = residuals
   k, _, cin, cout = rhs.shape
-  g_cols = _columns(g, k, 1, padding)  # channel block (a, b) holds g[h + k//2 - a, w + k//2 - b]
+  # channel block (a, b) holds g[h + k//2 - a, w + k//2 - b]; g computed once where that is cheap (cout < cin)
+  g_cols = _columns(_materialized(g) if cout < cin else g, k, 1, padding)
   d_rhs = jnp.einsum('nhwc,nhwk->ck', lhs, g_cols, precision=precision).reshape(cin, k, k, cout)
   flipped = rhs[::-1, ::-1].transpose(0, 1, 3, 2).reshape(k * k * cout, cin)
   d_lhs = jnp.einsum('nhwk,kc->nhwc', g_cols, flipped, precision=precision)
@@ -169,7 +193,8 @@ _patches_conv_eager = jax.jit(_patches_conv, static_argnames=('window_strides', 
 
 def patches_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
                  feature_group_count=1, precision=None, **unused):
-  """`lax.conv_general_dilated` for NHWC × HWIO without dilation or groups, as im2col + one matmul."""
+  """`lax.conv_general_dilated` for NHWC × HWIO without dilation or groups, as im2col + one matmul (at stride 1 with
+  fewer output than input channels: one matmul + col2im)."""
   assert feature_group_count == 1
   window_strides, padding = tuple(window_strides), tuple(tuple(p) for p in padding)
   traced = isinstance(lhs, jax.core.Tracer) or isinstance(rhs, jax.core.Tracer)

@@ -829,12 +829,13 @@ def test_evaluate_matches_numpy_argmax():
 # --------------------------------------------------------------------------------------------------- 11. kernels
 
 
-@pytest.mark.parametrize('size, kernel, stride', [(9, 3, 1), (8, 3, 1), (9, 3, 2), (8, 3, 2), (16, 7, 2),
-                                                  (15, 7, 2)])
-def test_patches_conv_equals_xla_conv(size, kernel, stride):
+@pytest.mark.parametrize('size, kernel, stride, cin, cout', [
+    (9, 3, 1, 3, 5), (8, 3, 1, 3, 5), (9, 3, 2, 3, 5), (8, 3, 2, 3, 5), (16, 7, 2, 3, 5), (15, 7, 2, 3, 5),
+    (9, 3, 1, 6, 2), (8, 5, 1, 6, 2), (8, 3, 2, 6, 2)])  # cout < cin at stride 1: col2im
+def test_patches_conv_equals_xla_conv(size, kernel, stride, cin, cout):
   rng = np.random.default_rng(size * 100 + kernel * 10 + stride)
-  x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)) / kernel, jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, size, size, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)) / kernel, jnp.float32)
   pad = kernel // 2
   padding = ((pad, pad), (pad, pad))
 
@@ -847,7 +848,7 @@ def test_patches_conv_equals_xla_conv(size, kernel, stride):
   def ours(x, w):
     return patches_conv(x, w, (stride, stride), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   want, got = xla(x, w), ours(x, w)
-  assert got.shape == want.shape == (2, math.ceil(size / stride), math.ceil(size / stride), 5)
+  assert got.shape == want.shape == (2, math.ceil(size / stride), math.ceil(size / stride), cout)
   np.testing.assert_allclose(got, want, atol=1e-4)
   cot = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
   g_want = jax.jit(jax.grad(lambda x, w: jnp.sum(xla(x, w) * cot), argnums=(0, 1)))(x, w)
@@ -856,12 +857,12 @@ def test_patches_conv_equals_xla_conv(size, kernel, stride):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize('size, kernel', [(9, 3), (8, 3), (6, 5)])
-def test_lean_conv_gradients_keep_the_input_not_its_columns(size, kernel):
+@pytest.mark.parametrize('size, kernel, cin, cout', [(9, 3, 3, 5), (8, 3, 3, 5), (6, 5, 3, 5), (8, 3, 6, 2)])
+def test_lean_conv_gradients_keep_the_input_not_its_columns(size, kernel, cin, cout):
   rng = np.random.default_rng(size * 10 + kernel)
-  x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)) / kernel, jnp.float32)
-  cot = jnp.asarray(rng.normal(size=(2, size, size, 5)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, size, size, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)) / kernel, jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(2, size, size, cout)), jnp.float32)
   padding = ((kernel // 2, kernel // 2),) * 2
 
   def ours(x, w):
@@ -876,13 +877,39 @@ def test_lean_conv_gradients_keep_the_input_not_its_columns(size, kernel):
   with backend.lean_conv_gradients():
     lean_bytes, lean = kept_and_grads()
   assert lean_bytes == x.nbytes + w.nbytes
-  assert plain_bytes >= kernel ** 2 * x.nbytes  # the im2col columns
+  if cout < cin:  # col2im's matmul keeps the input (and kernel) either way, no k²-wide array
+    assert plain_bytes < lean_bytes + cot.nbytes
+  else:
+    assert plain_bytes >= kernel ** 2 * x.nbytes  # the im2col columns
   for got in (plain, lean):
     for a, b in zip(got, want):
       np.testing.assert_allclose(a, b, atol=1e-4)
   # outside the context the convolution keeps its forward-mode derivative (e.g. for Hessian-vector products)
   _, tangent = jax.jvp(ours, (x, w), (x, w))
   np.testing.assert_allclose(tangent, 2 * ours(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('cin, cout', [(3, 5), (6, 2)])
+def test_patches_conv_copies_the_narrower_side_kernel_squared_times(cin, cout):
+  """A stride-1 3×3 convolution builds k²·cin-wide im2col columns, or with fewer output than input channels one
+  k²·cout-wide matmul output (col2im); nothing k²·max(cin, cout) wide. The lean backward pass copies only the
+  cotangent (cout channels) k² times."""
+  x, w = jnp.zeros((2, 8, 8, cin)), jnp.zeros((3, 3, cin, cout))
+
+  def widths(fn, *args):  # last-axis sizes of every value in the (unoptimised) program, recursively
+    def walk(jaxpr):
+      for eqn in jaxpr.eqns:
+        yield from (v.aval.shape[-1] for v in eqn.outvars if v.aval.shape)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+          yield from walk(sub)
+    return set(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+  conv = lambda x, w: patches_conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  forward = widths(conv, x, w)
+  assert 9 * min(cin, cout) in forward and 9 * max(cin, cout) not in forward
+  with backend.lean_conv_gradients():
+    backward = widths(jax.vjp(conv, x, w)[1], jnp.zeros((2, 8, 8, cout)))  # the backward pass alone
+  assert 9 * cout in backward and 9 * cin not in backward
 
 
 def test_max_pool_is_pytorchs_and_its_gradient_goes_to_the_first_maximum():
