@@ -227,10 +227,12 @@ def _concurrent_children(procs: int, count: int, epochs: int, xla_flags: str) ->
 
 
 def kernels() -> None:
-  """Forward+backward (grads w.r.t. input and kernel) of im2col convolution and the strided-views max pool against
-  XLA's convolution and reduce-window (the library uses im2col and reduce-window on CPU)."""
+  """Forward+backward (grads w.r.t. input and kernel) of im2col convolution (col2im where cout < cin) and the
+  strided-views max pool against XLA's convolution and reduce-window (the library's CPU convolution is the first,
+  its pool the second)."""
   rng = np.random.default_rng(0)
   cases = [('conv 3×3 s1, [100,8,8,64]→64', (100, 8, 8, 64), (3, 3, 64, 64), 1),
+           ('conv 3×3 s1, [100,8,8,128]→32 (col2im)', (100, 8, 8, 128), (3, 3, 128, 32), 1),
            ('stem conv 7×7 s2, [100,32,32,3]→64', (100, 32, 32, 3), (7, 7, 3, 64), 2)]
   print('\n## CPU kernels, forward+backward (ms, best of 3)\n')
   print('| op | runs | im2col / strided views (ms) | XLA\'s op (ms) | XLA / views |')

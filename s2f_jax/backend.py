@@ -127,17 +127,37 @@ def _shifted_sum(y, kernel, padding, out_hw):
   return functools.reduce(jnp.add, blocks)
 
 
+def _im2col_conv(lhs, rhs, window_strides, padding, precision):
+  kh, kw, cin, cout = rhs.shape
+  cols = _columns(lhs, kh, window_strides[0], padding)
+  return jnp.einsum('nhwk,ko->nhwo', cols, rhs.reshape(kh * kw * cin, cout), precision=precision)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _col2im_conv(lhs, rhs, window_strides, padding, precision):
+  """Stride 1: one matmul to k²·cout channels, then their shifted sum. Its derivatives are im2col's: autodiff of
+  the shifted sum transposes into k² pads, which XLA CPU runs 3x slower than im2col's backward pass."""
+  k, _, cin, cout = rhs.shape
+  y = jnp.einsum('nhwc,cq->nhwq', lhs, rhs.transpose(2, 0, 1, 3).reshape(cin, k * k * cout), precision=precision)
+  out_hw = tuple(lhs.shape[1 + i] + sum(padding[i]) - k + 1 for i in (0, 1))
+  return _shifted_sum(y, k, padding, out_hw)
+
+
+@_col2im_conv.defjvp
+def _col2im_conv_jvp(window_strides, padding, precision, primals, tangents):
+  (lhs, rhs), (d_lhs, d_rhs) = primals, tangents
+  return (_col2im_conv(lhs, rhs, window_strides, padding, precision),
+          _im2col_conv(d_lhs, rhs, window_strides, padding, precision)
+          + _im2col_conv(lhs, d_rhs, window_strides, padding, precision))
+
+
 def _patches_conv(lhs, rhs, window_strides, padding, precision):
   kh, kw, cin, cout = rhs.shape
   assert kh == kw and window_strides[0] == window_strides[1]
-  if kh > 1 and window_strides[0] == 1 and cout < cin:
-    # copy the narrower side k² times: one matmul to k²·cout channels, then their shifted sum (col2im), whose slices
-    # read a matmul's output, which XLA cannot recompute in them (DenseNet-1's evaluation 0.61x, docs/benchmarks.md)
-    y = jnp.einsum('nhwc,cq->nhwq', lhs, rhs.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout), precision=precision)
-    out_hw = tuple(lhs.shape[1 + i] + sum(padding[i]) - kh + 1 for i in (0, 1))
-    return _shifted_sum(y, kh, padding, out_hw)
-  cols = _columns(lhs, kh, window_strides[0], padding)
-  return jnp.einsum('nhwk,ko->nhwo', cols, rhs.reshape(kh * kw * cin, cout), precision=precision)
+  # with fewer output than input channels, copy the narrower side k² times (col2im), whose slices read a matmul's
+  # output, which XLA cannot recompute in them (DenseNet-1's evaluation 0.61x, docs/benchmarks.md)
+  use_col2im = kh > 1 and window_strides[0] == 1 and cout < cin
+  return (_col2im_conv if use_col2im else _im2col_conv)(lhs, rhs, window_strides, padding, precision)
 
 
 def _materialized(x):
