@@ -118,13 +118,12 @@ def _columns(x, kernel, stride, padding):
   return jnp.concatenate(window_slices(x, kernel, stride), axis=-1)
 
 
-def _shifted_sum(y, kernel, padding, out_hw):
-  """col2im: [N, H, W, kernel²·C] offset-major blocks -> [N, OH, OW, C], out[:, h, w] = Σ_ab y_pad[:, h+a, w+b, ab]."""
+def _shifted_sum(y, kernel, padding):
+  """col2im, stride 1: [N, H, W, kernel²·C] offset-major blocks -> [N, OH, OW, C], the sum over offsets i of block i
+  of the padded y's i-th window view (`window_slices`)."""
   y = jnp.pad(y, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  c, (oh, ow) = y.shape[-1] // kernel ** 2, out_hw
-  blocks = [y[:, a:a + oh, b:b + ow, (a * kernel + b) * c:(a * kernel + b + 1) * c]
-            for a in range(kernel) for b in range(kernel)]
-  return functools.reduce(jnp.add, blocks)
+  c = y.shape[-1] // kernel ** 2
+  return functools.reduce(jnp.add, [v[..., i * c:(i + 1) * c] for i, v in enumerate(window_slices(y, kernel, 1))])
 
 
 def _im2col_conv(lhs, rhs, window_strides, padding, precision):
@@ -139,8 +138,7 @@ def _col2im_conv(lhs, rhs, window_strides, padding, precision):
   the shifted sum transposes into k² pads, which XLA CPU runs 3x slower than im2col's backward pass."""
   k, _, cin, cout = rhs.shape
   y = jnp.einsum('nhwc,cq->nhwq', lhs, rhs.transpose(2, 0, 1, 3).reshape(cin, k * k * cout), precision=precision)
-  out_hw = tuple(lhs.shape[1 + i] + sum(padding[i]) - k + 1 for i in (0, 1))
-  return _shifted_sum(y, k, padding, out_hw)
+  return _shifted_sum(y, k, padding)
 
 
 @_col2im_conv.defjvp
